@@ -1,0 +1,30 @@
+"""The ``cogbert-bench`` command. Each suite prints a table, or one JSON object with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import edge
+
+SUITES = {"edge": edge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cogbert-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="suite", required=True)
+    for module in SUITES.values():
+        module.register(sub)
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    if getattr(args, "json", False):
+        json.dump(result, sys.stdout)
+        print()
+    else:
+        print(SUITES[args.suite].table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

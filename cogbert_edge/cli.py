@@ -1,0 +1,115 @@
+"""Edge commands of the ``cogbert`` CLI: ``cogbert bundle init|quantize|inspect``.
+
+Registered into the top-level parser by :mod:`cogbert_cloud.cli`; kept here because they
+only need the edge SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from .bundle import Bundle, load_bundle
+from .errors import BundleError
+from .model import ActionSpace, ModelConfig, init_params
+from .quant import plan, quantize_params
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bundle = sub.add_parser("bundle", help="create, quantize and inspect model bundles")
+    bsub = bundle.add_subparsers(dest="bundle_cmd", required=True)
+
+    init = bsub.add_parser("init", help="write a randomly initialised fp32 model bundle")
+    init.add_argument("out", type=Path)
+    init.add_argument("--obs-dim", type=int, default=64)
+    init.add_argument("--hidden", type=int, default=256)
+    init.add_argument("--encoder", default="256", help="comma-separated encoder widths ('' for none)")
+    init.add_argument("--actions", type=int, default=8, help="number of discrete actions")
+    init.add_argument("--continuous", type=int, default=None, metavar="DIM",
+                      help="a continuous action space of DIM dimensions instead of --actions")
+    init.add_argument("--obs-clip", type=float, default=10.0)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--policy-gain", type=float, default=0.01,
+                      help="initial scale of the policy head (0.01: near-uniform, as PPO starts)")
+    init.add_argument("--model-id", default=None)
+    init.set_defaults(func=_init)
+
+    quant = bsub.add_parser("quantize", help="quantize an fp32 bundle to int8 or int4")
+    quant.add_argument("input", type=Path)
+    quant.add_argument("out", type=Path)
+    quant.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    quant.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    quant.set_defaults(func=_quantize)
+
+    insp = bsub.add_parser("inspect", help="validate a bundle and describe it")
+    insp.add_argument("file", type=Path)
+    insp.add_argument("--json", action="store_true", help="print one JSON object")
+    insp.set_defaults(func=_inspect)
+
+
+def _init(args: argparse.Namespace) -> int:
+    action = (ActionSpace.of_continuous(args.continuous) if args.continuous
+              else ActionSpace.of_discrete(args.actions))
+    encoder = tuple(int(w) for w in args.encoder.split(",") if w.strip())
+    config = ModelConfig(obs_dim=args.obs_dim, action=action, encoder=encoder,
+                         hidden=args.hidden, obs_clip=args.obs_clip)
+    params = init_params(config, args.seed, policy_gain=args.policy_gain)
+    bundle = Bundle.create(config, params, model_id=args.model_id)
+    size = bundle.save(args.out)
+    print(f"wrote {args.out} ({size} bytes, model {bundle.model_id}, fp32)")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    src = load_bundle(args.input)
+    if src.quant:
+        raise BundleError(f"{args.input} is already quantized ({src.quant_label}); quantize from the fp32 bundle")
+    layers = plan(src.config, args.bits, args.group_size)
+    out = Bundle.create(src.config, quantize_params(dict(src.tensors), layers), quant=layers,
+                        parent=src.model_id, extra=dict(src.extra))
+    size = out.save(args.out)
+    print(f"wrote {args.out} ({size} bytes, model {out.model_id}, {out.quant_label}, parent {src.model_id})")
+    return 0
+
+
+def describe(path: Path) -> dict:
+    """What ``bundle inspect --json`` prints."""
+    data = path.read_bytes()
+    b = load_bundle(data)
+    return {
+        "file": str(path),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "model_id": b.model_id,
+        "parent": b.parent,
+        "created_at": b.created_at,
+        "format_version": 1,
+        "config": {**b.config.to_dict(), "obs_clip": b.config.obs_clip},
+        "quantization": {"label": b.quant_label,
+                         "layers": {k: q.to_dict() for k, q in sorted(b.quant.items())}},
+        "macs_per_step": b.config.macs_per_step(),
+        "tensors": [{"name": n, "dtype": "F32" if t.dtype.kind == "f" else "U32",
+                     "shape": list(t.shape), "bytes": int(t.nbytes)}
+                    for n, t in sorted(b.tensors.items())],
+        "extra": dict(b.extra),
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = describe(args.file)
+    if args.json:
+        json.dump(info, sys.stdout)
+        print()
+        return 0
+    c = info["config"]
+    print(f"{info['file']}: Cogbert bundle v1, {info['bytes']} bytes, sha256 {info['sha256'][:16]}…")
+    print(f"  model {info['model_id']}  parent {info['parent'] or '-'}  created {info['created_at']}")
+    print(f"  obs {c['obs_dim']} -> encoder {c['encoder']} -> LSTM {c['hidden']} -> "
+          f"{c['action']['kind']} {c['action']['size']}  (clip {c['obs_clip']})")
+    print(f"  quantization {info['quantization']['label']}, {info['macs_per_step']} MACs per step")
+    for t in info["tensors"]:
+        print(f"    {t['name']:<20} {t['dtype']}  {str(t['shape']):<14} {t['bytes']:>9} B")
+    return 0

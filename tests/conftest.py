@@ -1,0 +1,41 @@
+"""Shared fixtures: the reference model in fp32, int8 and int4, as bundles and as files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cogbert_edge import Bundle, ModelConfig, init_params
+from cogbert_edge.quant import plan, quantize_params
+
+@pytest.fixture(scope="session")
+def config() -> ModelConfig:
+    return ModelConfig.reference()
+
+
+@pytest.fixture(scope="session")
+def params(config) -> dict[str, np.ndarray]:
+    # A full-scale policy head, so that actions depend on the weights as in a trained model.
+    return init_params(config, seed=0, policy_gain=1.0)
+
+
+@pytest.fixture(scope="session")
+def bundles(config, params) -> dict[str, Bundle]:
+    out = {"fp32": Bundle.create(config, params, model_id="ref-fp32")}
+    for bits in (8, 4):
+        layers = plan(config, bits, 64)
+        out[f"int{bits}"] = Bundle.create(config, quantize_params(params, layers), quant=layers,
+                                          model_id=f"ref-int{bits}", parent="ref-fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_files(bundles, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bundles")
+    paths = {}
+    for k, b in bundles.items():
+        paths[k] = d / f"{k}.safetensors"
+        b.save(paths[k])
+    return paths

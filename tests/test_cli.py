@@ -1,0 +1,84 @@
+"""The commands, run as real processes the way users run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cogbert_edge import load_bundle
+
+
+def run(*args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent
+    cmd = [str(exe / args[0]), *args[1:]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **(env or {})})
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_bundle_init_quantize_inspect(tmp_path):
+    fp32, int4 = tmp_path / "m.safetensors", tmp_path / "m4.safetensors"
+    run("cogbert", "bundle", "init", "--obs-dim", "64", "--hidden", "256", "--actions", "8", "--seed", "3",
+        str(fp32))
+    run("cogbert", "bundle", "quantize", str(fp32), str(int4), "--bits", "4", "--group-size", "32")
+    info = json.loads(run("cogbert", "bundle", "inspect", str(int4), "--json").stdout)
+    src = load_bundle(fp32)
+    assert info["parent"] == src.model_id
+    assert info["quantization"]["label"] == "int4"
+    assert info["quantization"]["layers"]["lstm.hh"] == {"bits": 4, "group_size": 32}
+    assert info["config"]["hidden"] == 256 and info["bytes"] == int4.stat().st_size
+    assert "lstm.hh" in run("cogbert", "bundle", "inspect", str(int4)).stdout
+
+
+def test_same_seed_gives_the_same_weights(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for p in (a, b):
+        run("cogbert", "bundle", "init", "--seed", "9", "--model-id", "same", str(p))
+    ta, tb = load_bundle(a).tensors, load_bundle(b).tensors
+    assert all((ta[k] == tb[k]).all() for k in ta)
+
+
+def test_broken_bundle_is_a_clear_error_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    p = run("cogbert", "bundle", "inspect", str(bad), ok=False)
+    assert p.returncode == 2 and "header claims 16 bytes" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_quantizing_a_quantized_bundle_is_refused(tmp_path):
+    fp32, q = tmp_path / "m.safetensors", tmp_path / "q.safetensors"
+    run("cogbert", "bundle", "init", "--obs-dim", "8", "--hidden", "32", "--encoder", "32", str(fp32))
+    run("cogbert", "bundle", "quantize", str(fp32), str(q), "--bits", "8", "--group-size", "32")
+    p = run("cogbert", "bundle", "quantize", str(q), str(tmp_path / "x.safetensors"), "--bits", "4", ok=False)
+    assert p.returncode == 2 and "already quantized" in p.stderr
+
+
+def test_bench_edge_json_has_a_row_per_backend_quant_and_batch():
+    p = run("cogbert-bench", "edge", "--backends", "numpy", "--quant", "fp32,int8", "--batch", "1,4",
+            "--steps", "30", "--warmup", "5", "--json")
+    out = json.loads(p.stdout)
+    assert out["suite"] == "edge" and out["model"]["hidden"] == 256
+    rows = {(r["backend"], r["quant"], r["batch"]) for r in out["results"]}
+    assert rows == {("numpy", q, b) for q in ("fp32", "int8") for b in (1, 4)}
+    for r in out["results"]:
+        assert set(r) >= {"backend", "quant", "batch", "p50_us", "p95_us", "p99_us", "decisions_per_s",
+                          "bundle_bytes"}
+        assert 0 < r["p50_us"] <= r["p95_us"] <= r["p99_us"] and r["decisions_per_s"] > 0
+
+
+def test_bench_peer_rows_compute_the_same_model():
+    p = run("cogbert-bench", "edge", "--backends", "onnxruntime", "--quant", "fp32", "--batch", "1",
+            "--steps", "20", "--warmup", "2", "--json")
+    (row,) = json.loads(p.stdout)["results"]
+    assert row["backend"] == "onnxruntime" and row["max_abs_diff_vs_numpy"] < 1e-4
+
+
+def test_demo_runs_a_decision_loop():
+    out = json.loads(run("cogbert", "demo", "--steps", "20", "--sessions", "2", "--json").stdout)
+    assert {r["quant"] for r in out["rows"]} == {"fp32", "int8", "int4"}
+    assert all(sum(r["action_histogram"]) == 40 for r in out["rows"])
