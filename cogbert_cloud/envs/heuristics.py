@@ -124,7 +124,7 @@ class MemoryHeuristicPolicy:
     """The rule on filtered estimates: Kalman-filtered wear, HMM-filtered demand regime."""
 
     def __init__(self, config: ProductionChainConfig | None = None, *,
-                 base_stock: tuple[float, float] = (10, 12), threshold: float = 0.2) -> None:
+                 base_stock: tuple[float, float] = (8, 12), threshold: float = 0.2) -> None:
         self.cfg = config or ProductionChainConfig()
         self.base_stock = base_stock
         self.threshold = threshold
