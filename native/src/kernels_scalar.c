@@ -1,0 +1,98 @@
+/* Portable kernels: plain C99 on the same packed layouts as the SIMD kernels (see internal.h).
+ * They define the arithmetic the SIMD kernels reproduce: each output starts from the bias (or
+ * the previous y when accumulating) and adds the products in input order; a quantized layer adds,
+ * per group g, (scale * xs_g) * sum_j q_j xq_j + qbias * sum_j x_j. */
+#include "internal.h"
+
+#include <math.h>
+
+static void linear_f32(const cb_layer *L, size_t B, const float *x, size_t ldx, float *y, size_t ldy, int acc) {
+    size_t b, r, j;
+    for (b = 0; b < B; b++) {
+        const float *xb = x + b * ldx;
+        float *yb = y + b * ldy;
+        for (r = 0; r < L->rows; r++) {
+            const float *w = L->w + (r / CB_PANEL) * L->cols * CB_PANEL + r % CB_PANEL;
+            float s = acc ? yb[r] : 0.0f;
+            if (L->bias)
+                s += L->bias[r];
+            for (j = 0; j < L->cols; j++)
+                s += w[j * CB_PANEL] * xb[j];
+            yb[r] = s;
+        }
+    }
+}
+
+static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq, const float *xs,
+                     const float *xsum, size_t ldg, float *y, size_t ldy, int acc) {
+    size_t b, r, g, j;
+    for (b = 0; b < B; b++) {
+        const int16_t *qb = xq + b * ldq;
+        float *yb = y + b * ldy;
+        for (r = 0; r < L->rows; r++) {
+            size_t p = r / CB_PANEL, lane = r % CB_PANEL;
+            const uint8_t *w = L->q + p * L->cols * CB_PANEL + lane * 2;
+            float s = acc ? yb[r] : 0.0f;
+            if (L->bias)
+                s += L->bias[r];
+            for (g = 0; g < L->groups; g++) {
+                int32_t dot = 0;
+                float sc = L->scale[(p * L->groups + g) * CB_PANEL + lane];
+                float qb0 = L->qbias[(p * L->groups + g) * CB_PANEL + lane];
+                for (j = g * L->group; j < (g + 1) * L->group; j++)
+                    dot += (int32_t)w[(j / 2) * 2 * CB_PANEL + (j & 1)] * qb[j];
+                s += (sc * xs[b * ldg + g]) * (float)dot;
+                s += qb0 * xsum[b * ldg + g];
+            }
+            yb[r] = s;
+        }
+    }
+}
+
+static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                     float *xs, float *xsum, size_t ldg) {
+    size_t b, g, j;
+    for (b = 0; b < B; b++) {
+        for (g = 0; g < cols / group; g++) {
+            const float *v = x + b * ldx + g * group;
+            int16_t *q = xq + b * ldq + g * group;
+            float m = 0.0f, s = 0.0f, inv;
+            for (j = 0; j < group; j++) {
+                float a = fabsf(v[j]);
+                m = a > m ? a : m;
+                s += v[j];
+            }
+            inv = m > 0.0f ? CB_ACT_LEVELS / m : 0.0f;
+            for (j = 0; j < group; j++) {
+                float t = v[j] * inv;
+                t = t > CB_ACT_LEVELS ? CB_ACT_LEVELS : t < -CB_ACT_LEVELS ? -CB_ACT_LEVELS : t;
+                q[j] = (int16_t)lrintf(t);
+            }
+            xs[b * ldg + g] = m / CB_ACT_LEVELS;
+            xsum[b * ldg + g] = s;
+        }
+    }
+}
+
+static float sigmoidf(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+static void cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out) {
+    size_t b, k;
+    for (b = 0; b < B; b++) {
+        const float *z = gates + b * ldg;
+        for (k = 0; k < H; k++) {
+            float i = sigmoidf(z[k]), f = sigmoidf(z[H + k]), g = tanhf(z[2 * H + k]), o = sigmoidf(z[3 * H + k]);
+            float c = f * c_in[b * H + k] + i * g;
+            c_out[b * H + k] = c;
+            h_out[b * H + k] = o * tanhf(c);
+        }
+    }
+}
+
+void cb_kernels_scalar(cb_kernels *k) {
+    k->id = COGBERT_KERNEL_SCALAR;
+    k->linear_f32 = linear_f32;
+    k->linear_q = linear_q;
+    k->quantize = quantize;
+    k->cell = cell;
+}
