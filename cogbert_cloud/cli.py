@@ -13,7 +13,7 @@ from cogbert_edge import CogbertError
 from cogbert_edge import cli as edge_cli
 from cogbert_edge._log import setup_logging
 
-from . import demo
+from . import broker, demo, pki
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="log level of the JSON logs on stderr")
     sub = parser.add_subparsers(dest="cmd", required=True)
     edge_cli.register(sub)
+    pki.register(sub)
+    broker.register(sub)
     demo.register(sub)
     return parser
 

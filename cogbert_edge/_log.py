@@ -33,7 +33,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.propagate = False
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
+def event(logger: logging.Logger, name: str, /, level: int = logging.INFO, **fields: object) -> None:
     """Log event ``name`` with ``fields`` (never pass secrets here)."""
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": {"event": name, **fields}})

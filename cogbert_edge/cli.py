@@ -18,7 +18,15 @@ from .model import ActionSpace, ModelConfig, init_params
 from .quant import plan, quantize_params
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the edge commands; returns the ``device`` group so the cloud can add to it."""
+    device = sub.add_parser("device", help="device-side tools")
+    dsub = device.add_subparsers(dest="device_cmd", required=True)
+    csr = dsub.add_parser("csr", help="make this device's private key and a signing request for the CA")
+    csr.add_argument("out", type=Path, help="directory for key.pem (0600) and csr.pem")
+    csr.add_argument("device_id")
+    csr.set_defaults(func=_csr)
+
     bundle = sub.add_parser("bundle", help="create, quantize and inspect model bundles")
     bsub = bundle.add_subparsers(dest="bundle_cmd", required=True)
 
@@ -48,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     insp.add_argument("file", type=Path)
     insp.add_argument("--json", action="store_true", help="print one JSON object")
     insp.set_defaults(func=_inspect)
+    return dsub
+
+
+def _csr(args: argparse.Namespace) -> int:
+    from .identity import make_key_and_csr
+    key, csr = make_key_and_csr(args.device_id, args.out)
+    print(f"wrote {key} (keep it on the device) and {csr} (send it to the fleet CA)")
+    return 0
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -12,6 +12,11 @@ __all__ = [
     "BundleError",
     "ObservationError",
     "BackendUnavailableError",
+    "LinkError",
+    "LinkTimeout",
+    "LinkClosedError",
+    "PublishDeniedError",
+    "SubscribeDeniedError",
 ]
 
 
@@ -37,3 +42,31 @@ class ObservationError(CogbertError, ValueError):
 
 class BackendUnavailableError(CogbertError, RuntimeError):
     """The requested inference backend cannot run here (not installed or not built)."""
+
+
+class LinkError(CogbertError, RuntimeError):
+    """Something went wrong on the MQTT link to the cloud."""
+
+
+class LinkTimeout(LinkError, TimeoutError):
+    """An operation on the link did not complete in time (the link may be down)."""
+
+
+class LinkClosedError(LinkError):
+    """The link was closed; the operation can no longer complete."""
+
+
+class PublishDeniedError(LinkError):
+    """The broker refused a publish (PUBACK reason code >= 0x80), e.g. not authorized."""
+
+    def __init__(self, topic: str, reason: str, code: int) -> None:
+        super().__init__(f"broker refused publish to {topic!r}: {reason} (0x{code:02x})")
+        self.topic, self.reason, self.code = topic, reason, code
+
+
+class SubscribeDeniedError(LinkError):
+    """The broker refused a subscription (SUBACK reason code >= 0x80)."""
+
+    def __init__(self, topic_filter: str, reason: str, code: int) -> None:
+        super().__init__(f"broker refused subscription to {topic_filter!r}: {reason} (0x{code:02x})")
+        self.topic_filter, self.reason, self.code = topic_filter, reason, code

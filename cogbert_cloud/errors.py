@@ -1,0 +1,15 @@
+"""Errors of the cloud service, in the one hierarchy rooted at ``CogbertError``."""
+
+from __future__ import annotations
+
+from cogbert_edge.errors import CogbertError
+
+__all__ = ["PKIError", "BrokerError"]
+
+
+class PKIError(CogbertError):
+    """The fleet PKI directory is missing, inconsistent, or an operation on it is refused."""
+
+
+class BrokerError(CogbertError):
+    """The Mosquitto broker could not be configured, started or signalled."""

@@ -1,0 +1,139 @@
+"""The fleet PKI and the generated broker configuration (no broker needed here)."""
+
+from __future__ import annotations
+
+import logging
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cogbert_cloud.broker import BrokerConfig, write_config
+from cogbert_cloud.errors import PKIError
+from cogbert_cloud.pki import PKI
+from cogbert_edge import ConfigError
+from cogbert_edge.identity import make_key_and_csr
+
+
+def cert(path):
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def cn(c):
+    return c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+@pytest.fixture
+def pki(tmp_path):
+    p = PKI.init(tmp_path / "pki")
+    p.issue_server(["localhost", "127.0.0.1"])
+    return p
+
+
+def test_layout_scripts_can_rely_on_with_private_keys_0600(pki):
+    dev = pki.issue_device("dev-1")
+    svc = pki.issue_service("ingest-0")
+    root = pki.root
+    for f in ("ca.pem", "crl.pem", "server/cert.pem", "server/key.pem", "devices/dev-1/cert.pem",
+              "devices/dev-1/key.pem", "services/ingest-0/cert.pem", "services/ingest-0/key.pem"):
+        assert (root / f).is_file(), f
+    for key in (root / "private/ca-key.pem", root / "server/key.pem", dev.key, svc.key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert stat.S_IMODE((root / "private").stat().st_mode) == 0o700
+
+
+def test_certificates_chain_to_the_ca_with_the_right_names_and_usages(pki):
+    ca = cert(pki.ca_cert_path)
+    server = cert(pki.root / "server/cert.pem")
+    device = cert(pki.issue_device("dev-1").cert)
+    service = cert(pki.issue_service("rollout").cert)
+    for c in (server, device, service):
+        c.verify_directly_issued_by(ca)
+        assert c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert cn(device) == "dev-1" and cn(service) == "svc:rollout"
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(i) for i in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    eku = lambda c: list(c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)  # noqa: E731
+    assert eku(server) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert eku(device) == eku(service) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_sign_csr_issues_for_a_device_that_keeps_its_own_key(pki, tmp_path):
+    key, csr = make_key_and_csr("dev-7", tmp_path / "device")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    ident = pki.sign_csr(csr.read_bytes())
+    assert ident.key is None and cn(cert(ident.cert)) == "dev-7"
+    assert not (pki.root / "devices/dev-7/key.pem").exists(), "the CA never holds a device's own key"
+    with pytest.raises(PKIError, match="not a PEM"):
+        pki.sign_csr(b"garbage")
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "+", "#", "svc:x", "a.b", "x" * 65, "-lead"])
+def test_identities_that_would_break_topics_or_acls_are_refused(pki, bad):
+    with pytest.raises(ConfigError):
+        pki.issue_device(bad)
+
+
+def test_revoke_publishes_a_crl_and_the_revoked_list(pki):
+    serial = pki.issue_device("dev-1").serial
+    pki.issue_device("dev-2")
+    assert pki.revoke("dev-1") == [serial]
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    crl.is_signature_valid(cert(pki.ca_cert_path).public_key())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert pki.revoked_path.read_text() == "dev-1\n"
+    with pytest.raises(PKIError, match="no unrevoked certificate"):
+        pki.revoke("dev-1")
+    pki.issue_device("dev-1")          # re-issued: the name may connect again with the new key
+    assert pki.revoked_path.read_text() == ""
+
+
+def test_a_name_shared_by_a_device_and_a_service_needs_a_kind(pki):
+    pki.issue_device("ingest")
+    pki.issue_service("ingest")
+    with pytest.raises(PKIError, match="--kind"):
+        pki.revoke("ingest")
+    pki.revoke("ingest", kind="service")
+    assert pki.revoked_path.read_text() == "svc:ingest\n"
+
+
+def test_init_refuses_to_overwrite_and_open_refuses_a_non_pki(pki, tmp_path):
+    with pytest.raises(PKIError, match="already holds"):
+        PKI.init(pki.root)
+    with pytest.raises(PKIError, match="not a PKI directory"):
+        PKI.open(tmp_path / "elsewhere")
+
+
+def test_nothing_secret_is_logged(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    p = PKI.init(tmp_path / "p")
+    p.issue_server(["localhost"])
+    p.issue_device("d")
+    keys = [f.read_text() for f in (tmp_path / "p").rglob("*key.pem")]
+    assert caplog.records, "issuing should be logged"
+    for rec in caplog.records:
+        text = rec.getMessage() + str(getattr(rec, "fields", ""))
+        assert "PRIVATE KEY" not in text
+        assert not any(k.splitlines()[1][:40] in text for k in keys)
+
+
+def test_broker_config_has_every_security_setting(pki, tmp_path):
+    pki.issue_service("ingest-0")
+    pki.issue_service("rollout")
+    conf = write_config(pki.root, tmp_path / "conf", BrokerConfig(port=18883, autosave_interval=3))
+    text = conf.read_text()
+    for line in ("tls_version tlsv1.2", "require_certificate true", "use_identity_as_username true",
+                 "use_username_as_clientid true", "allow_anonymous false",
+                 f"crlfile {pki.crl_path.resolve()}", "persistence true", "autosave_interval 3",
+                 "max_packet_size", "max_queued_messages", "listener 18883", "listener 18884",
+                 "plugin_opt_revoked_file"):
+        assert line in text, line
+    assert text.count("require_certificate true") == 2, "both listeners require a client certificate"
+    acl = (tmp_path / "conf/acl").read_text()
+    assert "%c" not in acl
+    assert "pattern write cogbert/v1/+/%u/exp" in acl and "pattern read cogbert/v1/+/%u/ack" in acl
+    assert "user svc:ingest-0\ntopic read cogbert/v1/+/+/exp\ntopic write cogbert/v1/+/+/ack" in acl
+    assert "user svc:rollout" in acl
+    assert (tmp_path / "conf/cogbert_acl.so").exists()
