@@ -6,13 +6,23 @@ numpy arrays; it returns new arrays and never keeps per-call state, so one backe
 any number of sessions and threads.
 
 ``auto`` picks the first available of ``AUTO_ORDER``. The order is the measured speed on
-CPUs for single decisions (``cogbert-bench edge``): numpy beats MLX at batch 1 on every CPU
-we measured because MLX hands each evaluation to another thread (see docs/architecture.md).
+CPUs for single decisions (``cogbert-bench edge``):
+
+- ``native`` (the C runtime, ``native/``) comes first where it has SIMD kernels for the CPU:
+  x86-64 with AVX2+FMA (or AVX512-VNNI) and arm64 (NEON). There it is several times faster
+  than numpy at batch 1 and at batch 64. Elsewhere (other CPUs, or x86-64 without AVX2, where it
+  falls back to scalar C) it comes last, and is used only when asked for by name.
+- numpy beats MLX at batch 1 on every CPU we measured because MLX hands each evaluation to
+  another thread (see docs/architecture.md).
+
+``native`` is available when its extension is built and loads (``make -C native``, which
+``./run`` does); the rule is evaluated once, when this module is imported.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from typing import Callable
 
 from ..bundle import Bundle
@@ -36,11 +46,30 @@ def _mlx_available() -> bool:
     return import_mlx() is not None
 
 
+def _native(bundle: Bundle):
+    from .native_backend import NativeBackend
+    return NativeBackend(bundle)
+
+
+def _native_available() -> bool:
+    from .native_backend import native_available
+    return native_available()
+
+
+def _native_first() -> bool:
+    """Native first where it is measured fastest: a SIMD build on x86-64 or arm64."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "arm64", "aarch64"):
+        return False
+    from .native_backend import native_simd
+    return native_simd()
+
+
 BACKENDS: dict[str, tuple[Callable[[Bundle], object], Callable[[], bool]]] = {
     "numpy": (_numpy, lambda: True),
     "mlx": (_mlx, _mlx_available),
+    "native": (_native, _native_available),
 }
-AUTO_ORDER = ("numpy", "mlx")
+AUTO_ORDER = ("native", "numpy", "mlx") if _native_first() else ("numpy", "mlx", "native")
 
 
 def available_backends() -> list[str]:

@@ -59,13 +59,17 @@ enum {
     COGBERT_ERR_NONFINITE = 8     /* an observation holds NaN or +/-Inf; nothing was computed or changed */
 };
 
-/* Kernels. AUTO picks the fastest the CPU supports at open time (AVX2+FMA on x86-64, NEON on
- * arm64, else SCALAR). Forcing one is for tests and benchmarks. */
+/* Kernels. AUTO picks the fastest the CPU supports at open time: AVX512-VNNI, then AVX2+FMA on
+ * x86-64, NEON on arm64, else SCALAR. Forcing one is for tests and benchmarks.
+ * SCALAR, AVX2 and NEON quantize activations of int8/int4 layers to int16 (near-exact); VNNI
+ * to int8 (faster, within a looser stated bound; it runs fp32 layers like AVX2). */
 enum {
     COGBERT_KERNEL_AUTO = 0,
     COGBERT_KERNEL_SCALAR = 1,
     COGBERT_KERNEL_AVX2 = 2,
-    COGBERT_KERNEL_NEON = 3
+    COGBERT_KERNEL_NEON = 3,
+    COGBERT_KERNEL_VNNI = 4,
+    COGBERT_KERNEL_SCALAR_INT8 = 5  /* portable C with VNNI's arithmetic (int8 activations): a test reference */
 };
 
 enum { COGBERT_ACTION_DISCRETE = 0, COGBERT_ACTION_CONTINUOUS = 1 };
@@ -118,6 +122,8 @@ COGBERT_API uint32_t cogbert_version(void);
 COGBERT_API const char *cogbert_version_string(void);
 /* A static English description of a status code; never NULL (unknown codes get a generic text). */
 COGBERT_API const char *cogbert_strerror(int status);
+/* The COGBERT_KERNEL_* that AUTO selects on this CPU with this build. */
+COGBERT_API int cogbert_best_kernel(void);
 /* Fill *options with the defaults (malloc, no log, kernel AUTO). */
 COGBERT_API void cogbert_options_init(cogbert_options *options);
 

@@ -14,6 +14,8 @@
 #define CB_MAX_DIM 65536u
 /* Activations of quantized layers are quantized per group to int16 with this many levels a side. */
 #define CB_ACT_LEVELS 32767.0f
+/* Position of input j%4 inside its quad of xq. */
+#define CB_QPOS(j) (((j) & ~(size_t)3) + (((j) & 1) << 1) + (((j) >> 1) & 1))
 
 typedef struct {
     cogbert_alloc_fn alloc;
@@ -108,7 +110,7 @@ typedef struct {
     size_t rows, cols, panels;
     size_t group, groups;       /* CB_L_Q */
     const float *w;             /* F32: [panels][cols][8] (row r of panel p is output p*8+r) */
-    const uint8_t *q;           /* Q: [panels][cols/2][8][2] unsigned codes, column pairs adjacent */
+    const uint8_t *q;           /* Q: [panels][cols/4][8][4] unsigned codes, 4 adjacent inputs per row */
     const float *scale;         /* Q: [panels][groups][8] */
     const float *qbias;         /* Q: [panels][groups][8] */
     const float *bias;          /* [panels*8], zero padded, or NULL */
@@ -122,7 +124,9 @@ typedef void (*cb_linear_f32_fn)(const cb_layer *L, size_t B, const float *x, si
 typedef void (*cb_linear_q_fn)(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
                                const float *xs, const float *xsum, size_t ldg,
                                float *y, size_t ldy, int acc);
-/* Per row and group of `group` columns: xs = max|x| / 32767, xq = round(x / xs), xsum = sum x. */
+/* Per row and group of `group` columns: xs = max|x| / 32767, xq = round(x / xs), xsum = sum x.
+ * xq keeps each quad of inputs in the order (x0, x2, x1, x3): the kernels multiply the even and
+ * the odd bytes of a weight quad by the int16 pairs (x0, x2) and (x1, x3) (see kernels_avx2.c). */
 typedef void (*cb_quantize_fn)(size_t B, size_t cols, size_t group, const float *x, size_t ldx,
                                int16_t *xq, size_t ldq, float *xs, float *xsum, size_t ldg);
 /* gates [B][4H] (i, f, g, o pre-activations), c_in [B][H] -> h_out, c_out [B][H]. */
@@ -137,9 +141,13 @@ typedef struct {
     cb_cell_fn cell;
 } cb_kernels;
 
-void cb_kernels_scalar(cb_kernels *k);
-int cb_kernels_avx2(cb_kernels *k);   /* 0 if not compiled in */
-int cb_kernels_neon(cb_kernels *k);   /* 0 if not compiled in */
+/* Kernel tables are data, not code: reading one runs no instruction of its ISA, so the library
+ * can look at a table on any CPU and call into it only after the CPU check. id 0: not built. */
+extern const cb_kernels cb_scalar_kernels, cb_scalar8_kernels, cb_avx2_kernels, cb_vnni_kernels, cb_neon_kernels;
+/* The AVX2 fp32 product and LSTM cell, shared by the VNNI table. */
+void cb_avx2_linear_f32(const cb_layer *L, size_t B, const float *x, size_t ldx, float *y, size_t ldy, int acc);
+void cb_avx2_cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out);
 int cb_cpu_has_avx2_fma(void);
+int cb_cpu_has_avx512_vnni(void);
 
 #endif

@@ -115,16 +115,12 @@ static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
     }
 }
 
-int cb_kernels_neon(cb_kernels *k) {
-    k->id = COGBERT_KERNEL_NEON;
-    k->linear_f32 = linear_f32;
-    k->linear_q = linear_q;
-    return 1;
-}
+void cb_scalar_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                        float *xs, float *xsum, size_t ldg);
+void cb_scalar_cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out);
+
+const cb_kernels cb_neon_kernels = {COGBERT_KERNEL_NEON, linear_f32, linear_q, cb_scalar_quantize, cb_scalar_cell};
 
 #else
-int cb_kernels_neon(cb_kernels *k) {
-    (void)k;
-    return 0;
-}
+const cb_kernels cb_neon_kernels = {0, NULL, NULL, NULL, NULL};
 #endif

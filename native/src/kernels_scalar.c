@@ -31,7 +31,7 @@ static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
         float *yb = y + b * ldy;
         for (r = 0; r < L->rows; r++) {
             size_t p = r / CB_PANEL, lane = r % CB_PANEL;
-            const uint8_t *w = L->q + p * L->cols * CB_PANEL + lane * 2;
+            const uint8_t *w = L->q + p * L->cols * CB_PANEL + lane * 4;
             float s = acc ? yb[r] : 0.0f;
             if (L->bias)
                 s += L->bias[r];
@@ -40,7 +40,7 @@ static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
                 float sc = L->scale[(p * L->groups + g) * CB_PANEL + lane];
                 float qb0 = L->qbias[(p * L->groups + g) * CB_PANEL + lane];
                 for (j = g * L->group; j < (g + 1) * L->group; j++)
-                    dot += (int32_t)w[(j / 2) * 2 * CB_PANEL + (j & 1)] * qb[j];
+                    dot += (int32_t)w[(j / 4) * 4 * CB_PANEL + (j & 3)] * qb[CB_QPOS(j)];
                 s += (sc * xs[b * ldg + g]) * (float)dot;
                 s += qb0 * xsum[b * ldg + g];
             }
@@ -49,8 +49,8 @@ static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
     }
 }
 
-static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
-                     float *xs, float *xsum, size_t ldg) {
+static void quantize_levels(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq,
+                            size_t ldq, float *xs, float *xsum, size_t ldg, float levels) {
     size_t b, g, j;
     for (b = 0; b < B; b++) {
         for (g = 0; g < cols / group; g++) {
@@ -62,16 +62,28 @@ static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t
                 m = a > m ? a : m;
                 s += v[j];
             }
-            inv = m > 0.0f ? CB_ACT_LEVELS / m : 0.0f;
+            inv = m > 0.0f ? levels / m : 0.0f;
             for (j = 0; j < group; j++) {
                 float t = v[j] * inv;
-                t = t > CB_ACT_LEVELS ? CB_ACT_LEVELS : t < -CB_ACT_LEVELS ? -CB_ACT_LEVELS : t;
-                q[j] = (int16_t)lrintf(t);
+                t = t > levels ? levels : t < -levels ? -levels : t;
+                q[CB_QPOS(j)] = (int16_t)lrintf(t);
             }
-            xs[b * ldg + g] = m / CB_ACT_LEVELS;
+            xs[b * ldg + g] = m / levels;
             xsum[b * ldg + g] = s;
         }
     }
+}
+
+static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                     float *xs, float *xsum, size_t ldg) {
+    quantize_levels(B, cols, group, x, ldx, xq, ldq, xs, xsum, ldg, CB_ACT_LEVELS);
+}
+
+/* int8 activations (127 levels), as the VNNI kernels quantize them: a portable reference that
+ * lets tests hold the VNNI kernels to a tight bound. */
+static void quantize8(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                      float *xs, float *xsum, size_t ldg) {
+    quantize_levels(B, cols, group, x, ldx, xq, ldq, xs, xsum, ldg, 127.0f);
 }
 
 static float sigmoidf(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -89,10 +101,15 @@ static void cell(size_t B, size_t H, const float *gates, size_t ldg, const float
     }
 }
 
-void cb_kernels_scalar(cb_kernels *k) {
-    k->id = COGBERT_KERNEL_SCALAR;
-    k->linear_f32 = linear_f32;
-    k->linear_q = linear_q;
-    k->quantize = quantize;
-    k->cell = cell;
+const cb_kernels cb_scalar_kernels = {COGBERT_KERNEL_SCALAR, linear_f32, linear_q, quantize, cell};
+const cb_kernels cb_scalar8_kernels = {COGBERT_KERNEL_SCALAR_INT8, linear_f32, linear_q, quantize8, cell};
+
+/* The NEON table borrows these; see kernels_neon.c. */
+void cb_scalar_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                        float *xs, float *xsum, size_t ldg) {
+    quantize(B, cols, group, x, ldx, xq, ldq, xs, xsum, ldg);
+}
+
+void cb_scalar_cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out) {
+    cell(B, H, gates, ldg, c_in, h_out, c_out);
 }

@@ -95,6 +95,15 @@ int cb_cpu_has_avx2_fma(void) {
 #endif
 }
 
+int cb_cpu_has_avx512_vnni(void) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && defined(COGBERT_HAVE_VNNI)
+    __builtin_cpu_init();
+    return cb_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
 static int cpu_has_neon(void) {
 #if defined(__aarch64__) && (defined(__ARM_NEON) || defined(__ARM_NEON__))
     return 1; /* NEON (AdvSIMD) is mandatory on arm64. */
@@ -201,7 +210,7 @@ static int build_layer(cogbert_policy *P, cb_layer *L, const cb_src_layer *a, co
                 const size_t p = r / CB_PANEL, lane = r % CB_PANEL;
                 for (j = 0; j < s->in; j++) {
                     const size_t col = off + j;
-                    q[p * cols * CB_PANEL + (col / 2) * 2 * CB_PANEL + lane * 2 + (col & 1)] = code_at(s, r, j);
+                    q[p * cols * CB_PANEL + (col / 4) * 4 * CB_PANEL + lane * 4 + (col & 3)] = code_at(s, r, j);
                 }
                 for (g = 0; g < sg; g++) {
                     sc[(p * L->groups + goff + g) * CB_PANEL + lane] = cb_le_f32(s->scales + 4 * (r * sg + g));
@@ -238,32 +247,55 @@ static void log_msg(const cogbert_options *o, int level, const char *msg) {
         o->log(o->log_ctx, level, msg);
 }
 
+static const char *kernel_name(int id) {
+    switch (id) {
+    case COGBERT_KERNEL_SCALAR: return "scalar";
+    case COGBERT_KERNEL_AVX2: return "AVX2/FMA";
+    case COGBERT_KERNEL_NEON: return "NEON";
+    case COGBERT_KERNEL_VNNI: return "AVX512-VNNI";
+    case COGBERT_KERNEL_SCALAR_INT8: return "scalar-int8";
+    default: return "unknown";
+    }
+}
+
+/* AUTO: the fastest kernels this build has and this CPU runs. */
+static const cb_kernels *best(void) {
+    if (cb_vnni_kernels.id && cb_cpu_has_avx512_vnni())
+        return &cb_vnni_kernels;
+    if (cb_avx2_kernels.id && cb_cpu_has_avx2_fma())
+        return &cb_avx2_kernels;
+    if (cb_neon_kernels.id && cpu_has_neon())
+        return &cb_neon_kernels;
+    return &cb_scalar_kernels;
+}
+
+int cogbert_best_kernel(void) {
+    return best()->id;
+}
+
 static int choose_kernels(cogbert_policy *P, int want, cogbert_error *err) {
-    cb_kernels_scalar(&P->k);
-    if (want == COGBERT_KERNEL_SCALAR)
-        return COGBERT_OK;
-    if (want == COGBERT_KERNEL_AVX2 || want == COGBERT_KERNEL_AUTO) {
-        if (cb_cpu_has_avx2_fma() && cb_kernels_avx2(&P->k))
-            return COGBERT_OK;
-        if (want == COGBERT_KERNEL_AVX2) {
-            cb_set_error(err, COGBERT_ERR_UNSUPPORTED, "AVX2/FMA kernels requested, but %s",
-                         cb_kernels_avx2(&P->k) ? "this CPU lacks AVX2 or FMA" : "this build has none");
-            cb_kernels_scalar(&P->k);
-            return COGBERT_ERR_UNSUPPORTED;
-        }
-    }
-    if (want == COGBERT_KERNEL_NEON || want == COGBERT_KERNEL_AUTO) {
-        if ((want == COGBERT_KERNEL_NEON || cpu_has_neon()) && cb_kernels_neon(&P->k))
-            return COGBERT_OK;
-        if (want == COGBERT_KERNEL_NEON) {
-            cb_set_error(err, COGBERT_ERR_UNSUPPORTED, "NEON kernels requested, but this build has none");
-            return COGBERT_ERR_UNSUPPORTED;
-        }
-    }
-    if (want != COGBERT_KERNEL_AUTO) {
+    const cb_kernels *t = NULL;
+    int cpu_ok = 0;
+    switch (want) {
+    case COGBERT_KERNEL_AUTO:
+        t = best();
+        cpu_ok = 1;
+        break;
+    case COGBERT_KERNEL_SCALAR: t = &cb_scalar_kernels; cpu_ok = 1; break;
+    case COGBERT_KERNEL_SCALAR_INT8: t = &cb_scalar8_kernels; cpu_ok = 1; break;
+    case COGBERT_KERNEL_AVX2: t = &cb_avx2_kernels; cpu_ok = cb_cpu_has_avx2_fma(); break;
+    case COGBERT_KERNEL_VNNI: t = &cb_vnni_kernels; cpu_ok = cb_cpu_has_avx512_vnni(); break;
+    case COGBERT_KERNEL_NEON: t = &cb_neon_kernels; cpu_ok = 1; break; /* 32-bit ARM: the caller vouches */
+    default:
         cb_set_error(err, COGBERT_ERR_ARGUMENT, "unknown kernel %d", want);
         return COGBERT_ERR_ARGUMENT;
     }
+    if (!t->id || !cpu_ok) {
+        cb_set_error(err, COGBERT_ERR_UNSUPPORTED, "%s kernels requested, but %s", kernel_name(want),
+                     t->id ? "this CPU lacks them" : "this build has none");
+        return COGBERT_ERR_UNSUPPORTED;
+    }
+    P->k = *t;
     return COGBERT_OK;
 }
 
@@ -354,8 +386,7 @@ int cogbert_open_buffer(const void *data, size_t size, const cogbert_options *op
     }
     P->bytes += sizeof *P;
     snprintf(msg, sizeof msg, "opened model %s: %lu multiply-adds per step, %s kernels, %lu bytes", P->model_id,
-             (unsigned long)P->macs, P->k.id == COGBERT_KERNEL_AVX2 ? "AVX2/FMA" : P->k.id == COGBERT_KERNEL_NEON ? "NEON" : "scalar",
-             (unsigned long)P->bytes);
+             (unsigned long)P->macs, kernel_name(P->k.id), (unsigned long)P->bytes);
     log_msg(options, COGBERT_LOG_INFO, msg);
     *out = P;
     return COGBERT_OK;
