@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from . import edge
+from . import edge, link
 
-SUITES = {"edge": edge}
+SUITES = {"edge": edge, "link": link}
 
 
 def main(argv: list[str] | None = None) -> int:
