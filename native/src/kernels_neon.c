@@ -10,7 +10,6 @@
 
 #if defined(__ARM_NEON) || defined(__ARM_NEON__)
 #include <arm_neon.h>
-#include <string.h>
 
 #if defined(__aarch64__) || defined(__ARM_FEATURE_FMA)
 #define FMA4(acc, a, b) vfmaq_f32(acc, a, b)
@@ -68,7 +67,7 @@ static void linear_f32(const cb_layer *L, size_t B, const float *x, size_t ldx, 
 static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq, const float *xs,
                      const float *xsum, size_t ldg, float *y, size_t ldy, int acc) {
     size_t b, p, g, t;
-    const size_t half = L->group / 2;
+    const size_t quads = L->group / 4;
     for (b = 0; b < B; b++) {
         const int16_t *qb = xq + b * ldq;
         float *yb = y + b * ldy;
@@ -77,26 +76,29 @@ static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
             float32x4_t lo, hi;
             init_acc(L, p, yb, acc, &lo, &hi);
             for (g = 0; g < L->groups; g++) {
-                /* 16 bytes = rows 0..7 x inputs (2jp, 2jp+1); products land per row pair. */
+                /* 32 bytes = rows 0..7 x inputs j..j+3. As uint16 lanes, the low bytes are inputs
+                 * j, j+2 of a row and the high bytes j+1, j+3 (as in the AVX2 kernel); they meet
+                 * the activation pairs (x_j, x_j+2) and (x_j+1, x_j+3) stored side by side. */
                 int32x4_t a01 = vdupq_n_s32(0), a23 = a01, a45 = a01, a67 = a01;
                 const size_t at = (p * L->groups + g) * CB_PANEL;
+                const uint16x8_t lo8 = vdupq_n_u16(0x00FF);
                 float32x4_t s_lo, s_hi;
-                for (t = 0; t < half; t++) {
-                    const size_t jp = g * half + t;
-                    const uint8x16_t raw = vld1q_u8(w + jp * 2 * CB_PANEL);
-                    const int16x8_t w03 = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(raw)));
-                    const int16x8_t w47 = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(raw)));
-                    int16x4_t xv;
-                    int32_t pair;
-                    memcpy(&pair, qb + 2 * jp, sizeof pair);
-                    xv = vreinterpret_s16_s32(vdup_n_s32(pair));
-                    a01 = vmlal_s16(a01, vget_low_s16(w03), xv);
-                    a23 = vmlal_s16(a23, vget_high_s16(w03), xv);
-                    a45 = vmlal_s16(a45, vget_low_s16(w47), xv);
-                    a67 = vmlal_s16(a67, vget_high_s16(w47), xv);
+                for (t = 0; t < quads; t++) {
+                    const size_t jq = g * quads + t;
+                    const uint8_t *wj = w + jq * 4 * CB_PANEL;
+                    const uint16x8_t r03 = vreinterpretq_u16_u8(vld1q_u8(wj)), r47 = vreinterpretq_u16_u8(vld1q_u8(wj + 16));
+                    const int16x8_t e03 = vreinterpretq_s16_u16(vandq_u16(r03, lo8)), o03 = vreinterpretq_s16_u16(vshrq_n_u16(r03, 8));
+                    const int16x8_t e47 = vreinterpretq_s16_u16(vandq_u16(r47, lo8)), o47 = vreinterpretq_s16_u16(vshrq_n_u16(r47, 8));
+                    const int32x2_t pairs = vreinterpret_s32_s16(vld1_s16(qb + 4 * jq)); /* (x0,x2),(x1,x3) */
+                    const int16x4_t x02 = vreinterpret_s16_s32(vdup_lane_s32(pairs, 0));
+                    const int16x4_t x13 = vreinterpret_s16_s32(vdup_lane_s32(pairs, 1));
+                    a01 = vmlal_s16(vmlal_s16(a01, vget_low_s16(e03), x02), vget_low_s16(o03), x13);
+                    a23 = vmlal_s16(vmlal_s16(a23, vget_high_s16(e03), x02), vget_high_s16(o03), x13);
+                    a45 = vmlal_s16(vmlal_s16(a45, vget_low_s16(e47), x02), vget_low_s16(o47), x13);
+                    a67 = vmlal_s16(vmlal_s16(a67, vget_high_s16(e47), x02), vget_high_s16(o47), x13);
                 }
                 {
-                    /* [r0 j, r0 j+1, r1 j, r1 j+1] -> per-row sums. */
+                    /* [r0, r0, r1, r1] partial sums -> per-row sums. */
                     const int32x4_t d_lo = vcombine_s32(vpadd_s32(vget_low_s32(a01), vget_high_s32(a01)),
                                                         vpadd_s32(vget_low_s32(a23), vget_high_s32(a23)));
                     const int32x4_t d_hi = vcombine_s32(vpadd_s32(vget_low_s32(a45), vget_high_s32(a45)),

@@ -203,7 +203,7 @@ static void test_allocator_and_no_allocation_on_the_decision_path(void) {
     cogbert_options o;
     cogbert_policy *p = NULL;
     cogbert_state *s = NULL;
-    float obs[64] = {0}, head[8], v, h[256], cc[256];
+    float obs[4 * 64] = {0}, head[4 * 8], v, h[256], cc[256];
     int32_t a;
     double lp;
     cogbert_options_init(&o);
@@ -238,7 +238,6 @@ static void test_errors_and_arguments(void) {
     cogbert_error err;
     float obs[64] = {0}, head[8], v, h0[256], h1[256];
     int code, rejected = 0, tried = 0;
-    uint64_t hl = 0;
     const char *seen[16];
 
     for (code = 0; code <= COGBERT_ERR_NONFINITE; code++) {
@@ -278,8 +277,6 @@ static void test_errors_and_arguments(void) {
         CHECK(cogbert_open_buffer(bad, n, NULL, &p, &err) == COGBERT_ERR_FORMAT, "%s", err.message);
         free(bad);
     }
-    for (cut = 0; cut < 8; cut++)
-        hl |= (uint64_t)data[cut] << (8 * cut);
     {
         /* Change format_version "1" -> "2": a version error, not a generic one. */
         unsigned char *bad = (unsigned char *)malloc(n);

@@ -194,6 +194,9 @@ static unsigned char *tu_build(const tu_config *c, size_t *size_out) {
 }
 
 /* The reference model: obs 64, encoder [256], LSTM 256, 8 actions; bits 0, 8 or 4 (group 64). */
+#if defined(__GNUC__)
+__attribute__((unused))
+#endif
 static tu_config tu_reference(int bits) {
     tu_config c;
     size_t k;
