@@ -97,6 +97,18 @@ def _raise(err: Exception, what: str) -> None:
     raise CogbertError(f"native runtime: {message} (status {status})") from None
 
 
+def open_bytes(data: bytes, kernel: str = "auto") -> Any:
+    """Open raw bundle bytes with the C reader alone (no Python validation first). Raises
+    BundleError when the C reader refuses them; used to check both readers agree."""
+    mod = native_module()
+    if mod is None:
+        raise BackendUnavailableError(f"the native runtime is not built ({native_error()})")
+    try:
+        return mod.NativePolicy(bytes(data), KERNELS[kernel])
+    except mod.NativeError as e:
+        _raise(e, "open this bundle")
+
+
 class NativeBackend:
     name = "native"
 
@@ -155,7 +167,7 @@ class NativeBackend:
         c2 = np.empty(self._state_shape, _F32)
         try:
             out = self._decide_native(obs, h, c, h2, c2, deterministic, rng)
-        except BufferError:  # a strided view: the general path copies it
+        except (BufferError, ValueError):  # numpy refuses to export a strided view: copy it on the general path
             return None
         except self._error as e:
             _raise(e, "decide")

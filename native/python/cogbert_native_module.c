@@ -34,7 +34,12 @@ static PyObject *NativeError;
 static PyObject *random_name;
 
 static PyObject *raise_status(int status, const char *message) {
-    PyObject *args = Py_BuildValue("(is)", status, message && message[0] ? message : cogbert_strerror(status));
+    /* Messages quote bundle bytes, cut to a length that may split a UTF-8 sequence. */
+    const char *m = message && message[0] ? message : cogbert_strerror(status);
+    PyObject *text = PyUnicode_DecodeUTF8(m, (Py_ssize_t)strlen(m), "replace"), *args;
+    if (!text)
+        return NULL;
+    args = Py_BuildValue("(iN)", status, text);
     if (args) {
         PyErr_SetObject(NativeError, args);
         Py_DECREF(args);
