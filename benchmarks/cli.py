@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from . import edge, link
+from . import edge, link, native
 
-SUITES = {"edge": edge, "link": link}
+SUITES = {"edge": edge, "link": link, "native": native}
 
 
 def main(argv: list[str] | None = None) -> int:
