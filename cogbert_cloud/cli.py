@@ -13,18 +13,55 @@ from cogbert_edge import CogbertError
 from cogbert_edge import cli as edge_cli
 from cogbert_edge._log import setup_logging
 
-from . import broker, demo, pki
+from . import broker, demo, pki, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogbert", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="log level of the JSON logs on stderr")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    edge_cli.register(sub)
+    device_sub = edge_cli.register(sub)
+    simulate.register(device_sub)
+    _register_cloud(sub)
     pki.register(sub)
     broker.register(sub)
     demo.register(sub)
     return parser
+
+
+def _register_cloud(sub: argparse._SubParsersAction) -> None:
+    from cogbert_edge.settings import add_arguments, from_args
+
+    from .ingest import IngestSettings
+
+    cloud = sub.add_parser("cloud", help="the fleet service: ingestion, datasets, training")
+    csub = cloud.add_subparsers(dest="cloud_cmd", required=True)
+    ing = csub.add_parser("ingest", help="store experience batches from the broker exactly once")
+    add_arguments(ing, IngestSettings, env_prefix="INGEST_")
+
+    def ingest_main(a: argparse.Namespace) -> int:
+        from .ingest import run
+        return run(from_args(IngestSettings, a, env_prefix="INGEST_"))
+
+    ing.set_defaults(func=ingest_main)
+
+    ds = csub.add_parser("dataset", help="inspect stored experience")
+    dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
+    st = dsub.add_parser("stats", help="transitions, devices, batches, duplicates and gaps")
+    st.add_argument("--store", required=True)
+    st.add_argument("--fleet", default=None)
+    st.add_argument("--json", action="store_true")
+
+    def stats_main(a: argparse.Namespace) -> int:
+        import json
+
+        from .dataset import ExperienceDataset
+        from .store import open_store
+        stats = ExperienceDataset(open_store(a.store), a.fleet).stats()
+        print(json.dumps(stats) if a.json else "\n".join(f"{k:>12}: {v}" for k, v in stats.items()))
+        return 0
+
+    st.set_defaults(func=stats_main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cogbert_edge.errors import CogbertError
 
-__all__ = ["PKIError", "BrokerError"]
+__all__ = ["PKIError", "BrokerError", "StoreError", "IngestError"]
 
 
 class PKIError(CogbertError):
@@ -13,3 +13,11 @@ class PKIError(CogbertError):
 
 class BrokerError(CogbertError):
     """The Mosquitto broker could not be configured, started or signalled."""
+
+
+class StoreError(CogbertError):
+    """The object store could not read, write or list an object."""
+
+
+class IngestError(CogbertError):
+    """The ingestion service cannot start or continue."""

@@ -341,6 +341,11 @@ class MqttLink:
     # -- paho callbacks (network thread) ----------------------------------------------------
 
     def _run(self) -> None:
+        # paho writes to the socket from whichever thread publishes unless it knows its network
+        # thread; concurrent writes to a TLS socket corrupt the stream (the broker then drops
+        # us). Telling paho that this is its thread makes other threads only queue packets and
+        # wake this loop, as with loop_start(), while we keep our own reconnect policy.
+        self._client._thread = threading.current_thread()
         attempt = 0
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry

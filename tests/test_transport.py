@@ -4,6 +4,7 @@ and what survives a broker restart. Names follow the properties in the security 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import ssl
 import threading
@@ -235,3 +236,36 @@ def test_plaintext_urls_are_refused():
     from cogbert_edge import ConfigError
     with pytest.raises(ConfigError, match="only over TLS"):
         LinkSettings(broker="mqtt://localhost:1883")
+
+
+def test_publishing_from_many_threads_while_receiving_keeps_the_connection_healthy(pki, broker):
+    """Ingestion's shape: the network thread receives large messages while worker threads
+    publish acknowledgements and ack messages. paho would write to the TLS socket from all of
+    those threads at once, corrupting the stream, unless told which thread is its own."""
+    work: queue.Queue = queue.Queue()
+    acked = []
+    with service_link(broker, pki, "ingest", client_id="ingest-threads", manual_ack=True) as svc, \
+            device_link(broker, pki, "A") as dev:
+        svc.subscribe("$share/threads/cogbert/v1/+/A/exp", work.put).wait(5)
+
+        def worker():
+            while (m := work.get()) is not None:
+                svc.publish(device_topic("f", "A", "ack"), b"ack" * 20)
+                m.ack()
+                acked.append(1)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        dev.wait_connected(5)
+        for h in [dev.publish(device_topic("f", "A", "exp"), bytes(60_000)) for _ in range(800)]:
+            h.wait(30)
+        deadline = time.monotonic() + 20
+        while len(acked) < 800 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
+        assert len(acked) == 800
+        assert svc.connects == 1, "concurrent writes must not corrupt the TLS stream"

@@ -1,0 +1,216 @@
+"""Ingestion: stores every experience batch exactly once, then tells the device.
+
+    cogbert cloud ingest --broker mqtts://broker:8884 --pki DIR --store file:///data [--group ingest]
+
+Any number of replicas share the subscription ``$share/GROUP/cogbert/v1/+/+/exp``. For each
+message a replica
+
+1. validates the batch (:func:`cogbert_edge.batch.decode`: sizes bounded before allocation,
+   decompression capped, every field checked) and that the device and fleet in the payload are
+   the ones in the topic (which the broker ties to the device's certificate);
+2. derives the object key from the batch itself,
+   ``experience/{fleet}/{yyyy-mm-dd}/{device}/{first:016d}-{last:016d}.cbx``, so a redelivered
+   or resent batch lands on the same key: if it exists, it is a duplicate and is not written;
+3. writes it durably (atomic, fsynced) to the object store;
+4. acknowledges it to the device on ``.../ack`` (``stored`` or ``duplicate``), and only then
+5. acknowledges the MQTT message (``manual_ack``), so a replica that dies before this point
+   leaves the message to be delivered again.
+
+A message that fails validation is counted by reason and dropped (its MQTT message is
+acknowledged so it is not delivered again); a batch that decoded but names another device is
+also acknowledged to its sender as ``rejected``. The service keeps running.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from cogbert_edge import batch as batch_codec
+from cogbert_edge._fs import atomic_write
+from cogbert_edge._log import event
+from cogbert_edge.link import LinkSettings, Message, MqttLink
+from cogbert_edge.topics import PREFIX, device_topic, parse_device_topic
+
+from .errors import StoreError
+from .store import ObjectStore, open_store
+
+__all__ = ["IngestService", "IngestSettings", "batch_key"]
+
+log = logging.getLogger("cogbert.ingest")
+
+
+@dataclass
+class IngestSettings:
+    broker: str = field(default="mqtts://localhost:8884", metadata={"help": "the broker's service listener"})
+    pki: Path = field(default=Path("pki"), metadata={"help": "PKI directory with services/IDENTITY"})
+    store: str = field(default="file://./cogbert-store", metadata={"help": "object store URL"})
+    group: str = field(default="ingest", metadata={"help": "shared-subscription group"})
+    identity: str = field(default="ingest", metadata={"help": "service identity name in the PKI"})
+    client_id: str = field(default="", metadata={"help": "stable per replica (default IDENTITY-HOSTNAME), so a "
+                                                         "restarted replica resumes its session"})
+    session_expiry: int = 600
+    workers: int = 4
+    max_message_bytes: int = 1 << 20
+    stats_file: Path | None = None
+    stats_interval: float = 5.0
+
+
+def batch_key(b: batch_codec.Batch) -> str:
+    t = float(b.time[0])
+    day = (dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d")
+           if 946684800 <= t < 7258118400 else "undated")   # 2000..2200; a wild clock gets its own bin
+    return f"experience/{b.fleet}/{day}/{b.device}/{b.first:016d}-{b.last:016d}.cbx"
+
+
+class IngestService:
+    def __init__(self, settings: IngestSettings, store: ObjectStore | None = None) -> None:
+        self.s = settings
+        self.store = store or open_store(settings.store)
+        # A stable client id (the pod name in Kubernetes) lets a restarted replica pick up the
+        # messages its session kept; a short session expiry frees those of a replica gone for good.
+        client_id = settings.client_id or f"{settings.identity}-{socket.gethostname()}"
+        self.link = MqttLink(LinkSettings.for_service(settings.broker, settings.pki, settings.identity,
+                                                      client_id=client_id, manual_ack=True,
+                                                      session_expiry=settings.session_expiry), name=client_id)
+        self.counters = collections.Counter()
+        self.rejected = collections.Counter()
+        self._lock = threading.Lock()
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._queue: queue.Queue = queue.Queue(maxsize=settings.workers * 4)
+        self._workers = [threading.Thread(target=self._work, name=f"cogbert-ingest-{i}", daemon=True)
+                         for i in range(settings.workers)]
+        self._stop = threading.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> "IngestService":
+        for w in self._workers:
+            w.start()
+        self.link.start()
+        self.link.subscribe(f"$share/{self.s.group}/{PREFIX}/+/+/exp", self._on_message)
+        threading.Thread(target=self._report_loop, name="cogbert-ingest-stats", daemon=True).start()
+        event(log, "ingest_started", broker=self.s.broker, store=self.store.url, group=self.s.group)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.link.close()
+        for _ in self._workers:
+            self._queue.put(None)
+        for w in self._workers:
+            w.join(10)
+        self._report()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self.counters, "rejected": sum(self.rejected.values()),
+                    "rejected_by_reason": dict(self.rejected)}
+
+    # -- message path -----------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        # Network thread: hand over and return; a full queue holds the link back (backpressure).
+        self._queue.put(msg)
+
+    def _work(self) -> None:
+        while True:
+            msg = self._queue.get()
+            if msg is None:
+                return
+            try:
+                self._handle(msg)
+            except StoreError as e:
+                # Not stored, not acknowledged: the broker delivers it again after a reconnect,
+                # and the device resends it if that does not happen first.
+                event(log, "store_failed", level=logging.ERROR, topic=msg.topic, error=str(e)[:300])
+                self._count("store_errors")
+            except Exception:  # noqa: BLE001 - one bad message must never stop ingestion
+                log.exception("ingest failed", extra={"fields": {"event": "ingest_error", "topic": msg.topic}})
+                self._count("errors")
+
+    def _handle(self, msg: Message) -> None:
+        parsed = parse_device_topic(msg.topic)
+        if parsed is None or parsed[2] != "exp":
+            return self._reject(msg, None, "bad topic")
+        fleet, device, _ = parsed
+        if len(msg.payload) > self.s.max_message_bytes:
+            return self._reject(msg, (fleet, device), "message too large")
+        try:
+            b = batch_codec.decode(msg.payload)
+        except batch_codec.BatchError as e:
+            return self._reject(msg, (fleet, device), str(e))
+        if b.device != device or b.fleet != fleet:
+            return self._reject(msg, (fleet, device), "device or fleet in the payload differs from the topic",
+                                rng=(b.first, b.last))
+        key = batch_key(b)
+        if key in self._recent or self.store.exists(key):
+            status = "duplicate"
+            event(log, "duplicate_batch", level=logging.DEBUG, key=key, batch=b.id)
+        else:
+            self.store.put(key, msg.payload)
+            status = "stored"
+        with self._lock:
+            self._recent[key] = None
+            while len(self._recent) > 100_000:
+                self._recent.popitem(last=False)
+        self._ack_device(fleet, device, b.first, b.last, status)
+        msg.ack()
+        if status == "stored":
+            self._count("accepted", transitions=b.n, bytes=len(msg.payload))
+        else:
+            self._count("duplicate")
+
+    def _reject(self, msg: Message, who: tuple[str, str] | None, reason: str,
+                rng: tuple[int, int] | None = None) -> None:
+        short = reason.split(":")[0][:80]
+        with self._lock:
+            self.rejected[short] += 1
+        event(log, "batch_rejected", level=logging.WARNING, topic=msg.topic[:200], reason=reason[:200],
+              bytes=len(msg.payload))
+        # Only a batch that decoded names a range to acknowledge; for garbage there is none.
+        if who is not None and rng is not None:
+            self._ack_device(*who, *rng, "rejected", reason=reason[:200])
+        msg.ack()
+
+    def _ack_device(self, fleet: str, device: str, first: int, last: int, status: str, reason: str = "") -> None:
+        payload = msgpack.packb({"batch": [first, last], "status": status, "reason": reason})
+        self.link.publish(device_topic(fleet, device, "ack"), payload, qos=1)
+
+    def _count(self, name: str, transitions: int = 0, bytes: int = 0) -> None:
+        with self._lock:
+            self.counters[name] += 1
+            self.counters["transitions"] += transitions
+            self.counters["bytes"] += bytes
+
+    def _report_loop(self) -> None:
+        while not self._stop.wait(self.s.stats_interval):
+            self._report()
+
+    def _report(self) -> None:
+        stats = self.stats()
+        event(log, "ingest_stats", **{k: v for k, v in stats.items() if k != "rejected_by_reason"})
+        if self.s.stats_file:
+            atomic_write(Path(self.s.stats_file), json.dumps(stats).encode())
+
+
+def run(settings: IngestSettings) -> int:
+    svc = IngestService(settings).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    svc.stop()
+    return 0

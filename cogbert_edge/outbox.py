@@ -1,0 +1,416 @@
+"""The outbox: a durable, bounded on-disk spool of records waiting for the cloud's acknowledgement.
+
+Every record gets the next sequence number of this device (1, 2, 3, ... never reused) and is
+stored in a *segment* file as one frame:
+
+    u32 length | u32 crc32(seq, payload) | u64 seq | payload
+
+``append`` only frames the record into memory (about a microsecond; no system call on the
+decision path, where a ``write`` alone costs several). A writer thread moves frames to the
+segment file every ``write_interval`` seconds (2 ms): from then on a kill -9 of the process
+loses nothing. It fsyncs by a count/time policy (``fsync_every`` records or
+``fsync_interval`` seconds), which is what protects against power loss; only fsynced records
+(``durable_seq``) are handed to the uploader. A crash can thus lose at most the last
+``write_interval`` of decisions, which never got to disk; records that did are never lost.
+Segments roll at ``segment_bytes``; a segment is deleted once every record in it is
+acknowledged (``ack``).
+
+Bounds: when the spool exceeds ``max_bytes`` or its oldest segment is older than ``max_age``,
+the oldest segment is dropped, acknowledged or not, and its unacknowledged records are counted
+in ``dropped_oldest``. A full disk never stops decisions: frames that cannot be written stay in
+memory and are retried; past ``max_buffer_bytes`` new records are refused (``append`` returns
+None, no sequence number is used) and counted in ``dropped_disk_full``.
+
+Recovery: on open every segment is scanned; a torn or corrupt tail (a frame whose length, crc
+or sequence number is wrong) is cut off, so the spool always ends at the last whole record.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ._fs import atomic_write, fsync_dir
+from ._log import event
+
+__all__ = ["Outbox", "OutboxSettings"]
+
+log = logging.getLogger("cogbert.outbox")
+FRAME = struct.Struct("<IIQ")
+_SEQ = struct.Struct("<Q")
+MAX_RECORD = 16 << 20
+
+
+@dataclass
+class OutboxSettings:
+    directory: Path
+    segment_bytes: int = 1 << 20
+    max_bytes: int = 256 << 20
+    max_age: float = 7 * 24 * 3600.0
+    fsync_every: int = 256
+    fsync_interval: float = 0.2
+    write_interval: float = 0.002
+    max_buffer_bytes: int = 8 << 20
+
+
+@dataclass
+class _Segment:
+    first: int
+    path: Path
+    last: int        # last seq in it (first - 1 when empty)
+    size: int
+
+
+class Outbox:
+    def __init__(self, settings: OutboxSettings) -> None:
+        self.s = settings
+        self.dir = Path(settings.directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._state_path = self.dir / "state.json"
+        state = self._load_state()
+        self.acked_seq: int = state.get("acked_seq", 0)
+        self.dropped_oldest: int = state.get("dropped_oldest", 0)
+        self.dropped_disk_full: int = 0
+        self.cut_on_recovery: int = 0
+        self._acked_ranges: list[tuple[int, int]] = []
+        self._segments: list[_Segment] = self._recover()
+        self.last_seq = max((seg.last for seg in self._segments), default=self.acked_seq)
+        if self.last_seq < self.acked_seq:     # everything was acked and deleted
+            self.last_seq = self.acked_seq
+        self.written_seq = self.last_seq
+        self.durable_seq = self.last_seq        # recovered bytes are fsynced below
+        self._fd: int | None = None             # the open (last) segment, writer thread only
+        self._frames: list[bytes] = []          # appended, not yet written
+        self._buffered_bytes = 0
+        self._to_sync: list[int] = []
+        self._write_errors = 0
+        self._closed = False
+        self._io = threading.Lock()             # writer-side file work (never taken by append)
+        self._wake = threading.Event()
+        self._dirty_state = False
+        self._last_housekeeping = 0.0
+        self._cursor: tuple[Path | None, int, int] = (None, 0, 0)   # read position: path, seq, offset
+        for seg in self._segments:
+            _fsync_path(seg.path)
+        self._writer = threading.Thread(target=self._writer_loop, name="cogbert-outbox-writer", daemon=True)
+        self._writer.start()
+
+    # -- the decision path ------------------------------------------------------------------
+
+    def append(self, payload: bytes) -> int | None:
+        """Store one record; returns its sequence number, or None if it was refused (the disk
+        has been failing and the memory buffer is full, or the outbox is closed)."""
+        with self._lock:
+            if self._closed or self._buffered_bytes > self.s.max_buffer_bytes:
+                self.dropped_disk_full += not self._closed
+                return None
+            seq = self.last_seq + 1
+            self._frames.append(FRAME.pack(len(payload), zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))), seq)
+                                + payload)
+            self._buffered_bytes += len(payload) + FRAME.size
+            self.last_seq = seq
+            return seq
+
+    # -- the upload path --------------------------------------------------------------------
+
+    def read(self, first: int, max_records: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
+        """Durable records ``first, first+1, ...``: at most ``max_records``, and no more than
+        ``max_bytes`` of payload unless a single record is larger. Stops at a gap (dropped
+        records). Sequential reads continue where the last one stopped, without a rescan."""
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        limit = max_bytes if max_bytes is not None else 1 << 62
+        with self._lock:
+            durable = self.durable_seq
+            segs = [(seg.first, seg.path) for seg in self._segments if seg.last >= first]
+        seq = first
+        for seg_first, path in segs:
+            if seg_first > seq or seq > durable:
+                break
+            cpath, cseq, coff = self._cursor
+            start_seq, off = (cseq, coff) if (cpath == path and cseq <= seq) else (seg_first, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(off)
+                    data = f.read()
+            except FileNotFoundError:
+                break
+            end = 0
+            for rec_seq, payload, frame_end in _frames(data, start_seq):
+                if rec_seq < seq:
+                    end = frame_end
+                    continue
+                if rec_seq > durable or len(out) >= max_records or (out and total + len(payload) > limit):
+                    break
+                out.append((rec_seq, payload))
+                total += len(payload)
+                seq, end = rec_seq + 1, frame_end
+            self._cursor = (path, seq, off + end)
+            if len(out) >= max_records or (out and total >= limit) or seq > durable:
+                break
+        return out
+
+    def iter_from(self, first: int) -> Iterator[tuple[int, bytes]]:
+        """Every stored record with seq >= ``first``, in order, durable or not (for tools)."""
+        with self._lock:
+            segs = [(seg.first, seg.path) for seg in self._segments if seg.last >= first]
+        for seg_first, path in segs:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:   # dropped meanwhile
+                continue
+            for seq, payload, _end in _frames(data, seg_first):
+                if seq >= first:
+                    yield seq, payload
+
+    def ack(self, first: int, last: int) -> None:
+        """The cloud has stored ``first..last``: once every earlier record is acknowledged too,
+        they leave the outbox."""
+        with self._lock:
+            last = min(last, self.last_seq)
+            if last < first:
+                return
+            self._acked_ranges.append((first, last))
+            self._acked_ranges.sort()
+            merged = []
+            for a, b in self._acked_ranges:
+                if a <= self.acked_seq + 1:
+                    self.acked_seq = max(self.acked_seq, b)
+                else:
+                    merged.append((a, b))
+            self._acked_ranges = [(a, b) for a, b in merged if b > self.acked_seq]
+            done = [seg for seg in self._segments[:-1] if seg.last <= self.acked_seq]
+            if self._segments and self._segments[-1].last <= self.acked_seq and self._fd is None:
+                done.append(self._segments[-1])
+            for seg in done:
+                self._segments.remove(seg)
+            self._dirty_state = True
+        for seg in done:
+            _unlink(seg.path)
+        if done:
+            self._wake.set()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            size = sum(seg.size for seg in self._segments)
+            pending = sum(max(0, seg.last - max(seg.first - 1, self.acked_seq)) for seg in self._segments)
+            return {"last_seq": self.last_seq, "written_seq": self.written_seq, "durable_seq": self.durable_seq,
+                    "acked_seq": self.acked_seq, "buffered_bytes": self._buffered_bytes,
+                    "pending": pending, "bytes": size, "segments": len(self._segments),
+                    "dropped_oldest": self.dropped_oldest, "dropped_disk_full": self.dropped_disk_full,
+                    "cut_on_recovery": self.cut_on_recovery}
+
+    def flush(self) -> None:
+        """Write and fsync every appended record now."""
+        with self._io:
+            self._write_frames()
+            self._sync()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+        self._writer.join(10)
+        with self._io:
+            self._write_frames()
+            self._sync()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        self._save_state()
+
+    # -- internals (the writer thread) ------------------------------------------------------
+
+    def _writer_loop(self) -> None:
+        last_sync = time.monotonic()
+        while True:
+            self._wake.wait(self.s.write_interval)
+            self._wake.clear()
+            with self._lock:
+                closed = self._closed
+            with self._io:
+                self._write_frames()
+                now = time.monotonic()
+                if (self.written_seq - self.durable_seq >= self.s.fsync_every
+                        or (self.written_seq > self.durable_seq and now - last_sync >= self.s.fsync_interval)
+                        or self._to_sync):
+                    self._sync()
+                    last_sync = now
+            if now - self._last_housekeeping >= 0.1:
+                self._last_housekeeping = now
+                self._enforce_bounds()
+                if self._dirty_state:
+                    self._save_state()
+            if closed:
+                return
+
+    def _write_frames(self) -> None:
+        """Move buffered frames to segment files (writer thread, or close/flush; ``_io`` held)."""
+        with self._lock:
+            frames, self._frames = self._frames, []
+        i = 0
+        try:
+            while i < len(frames):
+                seq = self.written_seq + 1
+                if self._fd is None or self._segments[-1].size >= self.s.segment_bytes:
+                    self._roll(seq)
+                seg = self._segments[-1]
+                # As many frames as fit in this segment, in one write.
+                j, size = i, 0
+                while j < len(frames) and (j == i or seg.size + size + len(frames[j]) <= self.s.segment_bytes):
+                    size += len(frames[j])
+                    j += 1
+                chunk = b"".join(frames[i:j])
+                n = os.write(self._fd, chunk)
+                if n != len(chunk):     # a short write is a full disk: undo the partial bytes
+                    os.ftruncate(self._fd, seg.size)
+                    raise OSError(errno.ENOSPC, "short write")
+                with self._lock:
+                    seg.size += n
+                    seg.last = seq + (j - i) - 1
+                    self._buffered_bytes -= n
+                self.written_seq = seg.last
+                i = j
+        except OSError as e:
+            # Keep what was not written, in order, ahead of anything appended meanwhile.
+            with self._lock:
+                self._frames[:0] = frames[i:]
+            self._write_errors += 1
+            if self._write_errors in (1, 10, 100) or self._write_errors % 1000 == 0:
+                event(log, "outbox_write_failed", level=logging.ERROR, error=str(e),
+                      buffered_bytes=self._buffered_bytes, dropped_disk_full=self.dropped_disk_full)
+
+    def _roll(self, seq: int) -> None:
+        if self._fd is not None:
+            self._to_sync.append(self._fd)
+        path = self.dir / f"{seq:016d}.seg"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with self._lock:
+            self._segments.append(_Segment(seq, path, seq - 1, 0))
+
+    def _sync(self) -> None:
+        seq = self.written_seq
+        try:
+            for f in self._to_sync:
+                os.fsync(f)
+                os.close(f)
+            had_new_segments = bool(self._to_sync)
+            self._to_sync = []
+            if self._fd is not None and seq > self.durable_seq:
+                os.fsync(self._fd)
+            if had_new_segments or seq > self.durable_seq:
+                fsync_dir(self.dir)
+        except OSError as e:
+            event(log, "outbox_fsync_failed", level=logging.ERROR, error=str(e))
+            return
+        self.durable_seq = max(self.durable_seq, seq)
+
+    def _enforce_bounds(self) -> None:
+        now = time.time()
+        dropped = []
+        with self._lock:
+            while len(self._segments) > 1:
+                oldest = self._segments[0]
+                total = sum(seg.size for seg in self._segments)
+                try:
+                    age = now - oldest.path.stat().st_mtime
+                except FileNotFoundError:
+                    age = 0.0
+                if total <= self.s.max_bytes and age <= self.s.max_age:
+                    break
+                lost = max(0, oldest.last - max(oldest.first - 1, self.acked_seq))
+                self.dropped_oldest += lost
+                self.acked_seq = max(self.acked_seq, oldest.last)   # gone: nothing to wait for
+                self._segments.pop(0)
+                dropped.append((oldest, lost, "bytes" if total > self.s.max_bytes else "age"))
+                self._dirty_state = True
+        for seg, lost, why in dropped:
+            _unlink(seg.path)
+            event(log, "outbox_dropped_oldest", level=logging.WARNING, segment=seg.path.name, records=lost,
+                  reason=why, dropped_oldest=self.dropped_oldest)
+
+    def _recover(self) -> list[_Segment]:
+        segs = []
+        for path in sorted(self.dir.glob("*.seg")):
+            try:
+                first = int(path.stem)
+            except ValueError:
+                continue
+            data = path.read_bytes()
+            last, end = first - 1, 0
+            for seq, _payload, frame_end in _frames(data, first):
+                last, end = seq, frame_end
+            if end < len(data):
+                self.cut_on_recovery += 1
+                event(log, "outbox_torn_tail_cut", level=logging.WARNING, segment=path.name,
+                      kept_bytes=end, cut_bytes=len(data) - end)
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if last < first or last <= self.acked_seq:
+                path.unlink()      # empty, or fully acknowledged before the crash
+                continue
+            segs.append(_Segment(first, path, last, end))
+        return segs
+
+    def _load_state(self) -> dict:
+        try:
+            return json.loads(self._state_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        with self._lock:
+            state = {"acked_seq": self.acked_seq, "dropped_oldest": self.dropped_oldest}
+            self._dirty_state = False
+        try:
+            atomic_write(self._state_path, json.dumps(state).encode())
+        except OSError as e:   # a full disk: try again next time
+            self._dirty_state = True
+            event(log, "outbox_state_write_failed", level=logging.ERROR, error=str(e))
+
+
+def _frames(data: bytes, first: int) -> Iterator[tuple[int, bytes, int]]:
+    """Valid frames of a segment, in order; stops at the first torn or corrupt one."""
+    off, expect, mv = 0, first, memoryview(data)
+    while off + FRAME.size <= len(data):
+        n, crc, seq = FRAME.unpack_from(data, off)
+        end = off + FRAME.size + n
+        if n > MAX_RECORD or end > len(data) or seq != expect:
+            return
+        payload = bytes(mv[off + FRAME.size:end])
+        if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+            return
+        yield seq, payload, end
+        off, expect = end, seq + 1
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,215 @@
+"""The on-device outbox: durable, bounded, recoverable, and never in the way of decisions."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from cogbert_edge.experience import ExperienceLog
+from cogbert_edge.outbox import Outbox, OutboxSettings
+from cogbert_edge.policy import Decision, State
+from cogbert_edge.records import DONE, TRUNCATED, decode
+
+
+def payload(i: int, size: int = 100) -> bytes:
+    return i.to_bytes(8, "little") + bytes(size - 8)
+
+
+def open_outbox(path, **kw) -> Outbox:
+    return Outbox(OutboxSettings(path, **kw))
+
+
+def test_records_get_consecutive_sequence_numbers_and_survive_reopening(tmp_path):
+    ob = open_outbox(tmp_path, segment_bytes=4096)
+    seqs = [ob.append(payload(i)) for i in range(200)]
+    assert seqs == list(range(1, 201))
+    ob.flush()
+    assert ob.durable_seq == 200 and ob.stats()["segments"] > 1
+    ob.close()
+    ob = open_outbox(tmp_path, segment_bytes=4096)
+    got = ob.read(1, 1000)
+    assert [s for s, _ in got] == seqs and all(p == payload(s - 1) for s, p in got)
+    assert ob.append(payload(200)) == 201
+    ob.close()
+
+
+def test_records_leave_only_when_acknowledged_in_any_order(tmp_path):
+    ob = open_outbox(tmp_path, segment_bytes=1024)
+    for i in range(100):
+        ob.append(payload(i))
+    ob.flush()
+    ob.ack(51, 100)                  # a later batch first: nothing may be deleted yet
+    assert ob.acked_seq == 0 and ob.stats()["pending"] == 100
+    ob.ack(1, 50)
+    assert ob.acked_seq == 100 and ob.stats()["pending"] == 0
+    assert ob.stats()["segments"] <= 1, "acknowledged segments are deleted"
+    ob.close()
+    ob = open_outbox(tmp_path, segment_bytes=1024)
+    assert ob.acked_seq == 100 and ob.read(1, 10) == [] and ob.append(b"x") == 101
+    ob.close()
+
+
+def test_only_durable_records_are_handed_to_the_uploader(tmp_path):
+    ob = open_outbox(tmp_path, fsync_every=10**9, fsync_interval=3600, write_interval=3600)
+    ob.append(b"a")
+    assert ob.read(1, 10) == [], "not yet fsynced"
+    ob.flush()
+    assert [s for s, _ in ob.read(1, 10)] == [1]
+    ob.close()
+
+
+@pytest.mark.parametrize("damage", ["partial frame", "garbage", "flipped byte in last record"])
+def test_a_torn_or_corrupt_tail_is_detected_and_cut(tmp_path, damage):
+    ob = open_outbox(tmp_path)
+    for i in range(10):
+        ob.append(payload(i))
+    ob.close()
+    seg = sorted(tmp_path.glob("*.seg"))[-1]
+    data = seg.read_bytes()
+    if damage == "partial frame":
+        seg.write_bytes(data + data[-50:])
+    elif damage == "garbage":
+        seg.write_bytes(data + os.urandom(37))
+    else:
+        seg.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    ob = open_outbox(tmp_path)
+    expect_last = 9 if damage.startswith("flipped") else 10
+    assert ob.last_seq == expect_last and ob.stats()["cut_on_recovery"] == 1
+    assert [s for s, _ in ob.read(1, 100)] == list(range(1, expect_last + 1))
+    assert ob.append(b"next") == expect_last + 1
+    ob.close()
+
+
+def test_kill_9_while_appending_loses_no_written_record(tmp_path):
+    child = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(os.getcwd())!r})
+        from cogbert_edge.outbox import Outbox, OutboxSettings
+        ob = Outbox(OutboxSettings({str(tmp_path)!r}, segment_bytes=64 * 1024))
+        i = 0
+        while True:
+            ob.append(i.to_bytes(8, "little") * 16)
+            i += 1
+            if i % 500 == 0:
+                print(ob.written_seq, flush=True)
+                time.sleep(0.001)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    written = 0
+    for line in p.stdout:
+        written = int(line)
+        if written > 20000:
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    ob = open_outbox(tmp_path, segment_bytes=64 * 1024)
+    assert ob.last_seq >= written, "everything written before the kill is still there"
+    got = ob.read(1, 10**7)
+    assert [s for s, _ in got] == list(range(1, ob.last_seq + 1))
+    assert all(p == (s - 1).to_bytes(8, "little") * 16 for s, p in got)
+    ob.close()
+
+
+def test_bounded_by_bytes_with_a_counted_drop_of_the_oldest(tmp_path):
+    ob = open_outbox(tmp_path, segment_bytes=2000, max_bytes=10_000)
+    for i in range(500):
+        ob.append(payload(i))
+    ob.flush()
+    ob._enforce_bounds()
+    st = ob.stats()
+    assert st["bytes"] <= 10_000 + 2000
+    assert st["dropped_oldest"] > 0
+    assert st["dropped_oldest"] + st["pending"] == 500, "every record is either pending or counted as dropped"
+    first = ob.read(1, 1)
+    assert first == [], "the uploader skips the dropped range"
+    remaining = [s for s, _ in ob.iter_from(1)]
+    assert remaining == list(range(501 - st["pending"], 501))
+    ob.close()
+
+
+def test_bounded_by_age(tmp_path):
+    ob = open_outbox(tmp_path, segment_bytes=1000, max_age=60)
+    for i in range(50):
+        ob.append(payload(i))
+    ob.flush()
+    old = time.time() - 3600
+    for seg in sorted(tmp_path.glob("*.seg"))[:-1]:
+        os.utime(seg, (old, old))
+    ob._enforce_bounds()
+    assert ob.stats()["dropped_oldest"] > 0 and ob.stats()["segments"] == 1
+    ob.close()
+
+
+def test_a_full_disk_never_stops_decisions_and_is_counted(tmp_path, monkeypatch):
+    ob = open_outbox(tmp_path, max_buffer_bytes=5000)
+    ob.append(payload(0))
+    ob.flush()
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cogbert_edge.outbox.os.write", full)
+    results = [ob.append(payload(i)) for i in range(1, 200)]   # never raises
+    time.sleep(0.05)
+    accepted = [r for r in results if r is not None]
+    assert accepted == list(range(2, 2 + len(accepted))), "refused records use no sequence number"
+    assert ob.dropped_disk_full == 199 - len(accepted) > 0
+    monkeypatch.setattr("cogbert_edge.outbox.os.write", real_write)
+    ob.flush()                                   # the disk recovered: buffered records land
+    assert [s for s, _ in ob.read(1, 1000)] == [1] + accepted
+    ob.close()
+
+
+def decision(a=1):
+    return Decision(a, -0.5, 0.25, State(np.zeros(4, np.float32), np.zeros(4, np.float32)))
+
+
+def test_rewards_join_the_latest_decision_and_records_close_at_the_next_one(tmp_path):
+    ob = open_outbox(tmp_path)
+    log = ExperienceLog(ob, model="m-7", snapshot_every=3)
+    st = State(np.ones(4, np.float32), np.full(4, 2.0, np.float32))
+    obs = np.zeros(5, np.float32)
+    log.decision("u", obs, decision(), st)
+    log.reward("u", 1.0)
+    log.reward("u", 0.5)                     # adds up
+    assert ob.last_seq == 0, "still open: more reward may come"
+    log.decision("u", obs, decision(), st)   # closes step 0
+    log.reward("u", -2.0, done=True)         # closes step 1 at once
+    log.decision("u", obs, decision(), st)   # a new episode: step 0 again
+    log.decision("v", obs, decision(), st)
+    log.flush()
+    ob.flush()
+    recs = [decode(p) for _, p in ob.read(1, 10)]
+    assert [(r.session, r.step, r.reward) for r in recs] == [("u", 0, 1.5), ("u", 1, -2.0), ("u", 0, 0.0),
+                                                              ("v", 0, 0.0)]
+    assert recs[1].flags & DONE and not recs[0].flags & (DONE | TRUNCATED)
+    assert recs[0].h is not None and recs[1].h is None and recs[2].h is not None  # snapshots at step 0
+    np.testing.assert_array_equal(recs[0].c, st.c)
+    assert all(r.model == "m-7" for r in recs)
+    ob.close()
+
+
+def test_delayed_rewards_within_the_window_and_late_ones_counted(tmp_path):
+    ob = open_outbox(tmp_path)
+    log = ExperienceLog(ob, model="m", reward_delay=2)
+    st = State(np.zeros(4, np.float32), np.zeros(4, np.float32))
+    for _ in range(3):
+        log.decision("u", np.zeros(2, np.float32), decision(), st)
+    log.reward("u", 5.0, step=0)             # still open (window of 3)
+    log.decision("u", np.zeros(2, np.float32), decision(), st)   # step 0 is written now
+    log.reward("u", 7.0, step=0)             # too late
+    assert log.late_rewards == 1
+    log.flush()
+    ob.flush()
+    rewards = [decode(p).reward for _, p in ob.read(1, 10)]
+    assert rewards == [5.0, 0.0, 0.0, 0.0]
+    ob.close()

@@ -1,0 +1,211 @@
+"""The experience pipeline end to end, with real processes: simulated devices, a real
+Mosquitto, ingestion services and an object store (a directory, or S3 through moto's server).
+Whatever crashes, every transition a device logged is stored exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from cogbert_cloud.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.dataset import ExperienceDataset
+from cogbert_cloud.pki import PKI
+from cogbert_cloud.store import open_store
+from cogbert_edge import Bundle, ModelConfig, ActionSpace, init_params
+from cogbert_edge import batch as codec
+from cogbert_edge.link import LinkSettings, MqttLink
+from cogbert_edge.records import Record, encode
+from cogbert_edge.topics import device_topic
+
+from .s3server import s3  # noqa: F401
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    pki = PKI.init(root / "pki")
+    pki.issue_server(["localhost"])
+    pki.issue_service("ingest")
+    for i in range(6):
+        pki.issue_device(f"sim-{i:04d}")
+    cfg = ModelConfig(obs_dim=16, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
+    bundle = root / "model.safetensors"
+    Bundle.create(cfg, init_params(cfg, 0, policy_gain=1.0)).save(bundle)
+    return {"root": root, "pki": pki, "bundle": bundle}
+
+
+class Ingest:
+    """A `cogbert cloud ingest` process."""
+
+    def __init__(self, world, broker, store: str, name: str, env: dict | None = None):
+        self.stats_file = world["root"] / f"ingest-{name}-{time.monotonic_ns()}.json"
+        self.args = [str(BIN / "cogbert"), "--log-level", "WARNING", "cloud", "ingest", "--broker",
+                     broker.service_url, "--pki", str(world["pki"].root), "--store", store, "--client-id",
+                     f"ingest-{name}", "--stats-file", str(self.stats_file), "--stats-interval", "0.2"]
+        self.env = {**os.environ, **(env or {})}
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not self.stats_file.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "ingest did not start"
+            time.sleep(0.05)
+        return self
+
+    def stats(self) -> dict:
+        return json.loads(self.stats_file.read_text())
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def simulate(world, broker, spool: Path, *, devices=4, steps=2000, rate=0, first=0, ack_timeout=3.0):
+    args = [str(BIN / "cogbert"), "--log-level", "WARNING", "device", "simulate", "--devices", str(devices),
+            "--steps", str(steps), "--broker", broker.url, "--pki", str(world["pki"].root), "--spool", str(spool),
+            "--bundle", str(world["bundle"]), "--fleet", "plant", "--rate", str(rate), "--first-index", str(first),
+            "--ack-timeout", str(ack_timeout), "--drain-timeout", "120", "--env", "sensor"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc) -> dict:
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out)
+
+
+def new_broker(world, name):
+    b = LocalBroker(world["pki"].root, world["root"] / f"broker-{name}",
+                    config=BrokerConfig(autosave_interval=2, plugin_in_confdir=False))
+    return b.start()
+
+
+def test_every_transition_is_stored_exactly_once_through_crashes_of_everything(world):
+    broker = new_broker(world, "crash")
+    store = f"file://{world['root'] / 'store-crash'}"
+    ingest = Ingest(world, broker, store, "a").start()
+    spool = world["root"] / "spool-crash"
+    try:
+        sim = simulate(world, broker, spool, devices=4, steps=3000, rate=500)
+        time.sleep(1.5)
+        sim.send_signal(signal.SIGKILL)              # kill -9 the devices mid-upload...
+        sim.wait()
+        sim = simulate(world, broker, spool, devices=4, steps=3000, rate=500)   # ...and restart them
+        time.sleep(1.0)
+        broker.restart()                             # graceful broker restart mid-stream
+        time.sleep(1.0)
+        broker.restart(hard=True)                    # kill -9 of the broker mid-stream
+        time.sleep(1.0)
+        ingest.kill()                                # kill -9 of ingestion...
+        time.sleep(0.5)
+        ingest.start()                               # ...and its restart
+        summary = finish(sim)
+        assert summary["all_drained"] and summary["logged"] == 4 * 3000
+        stats = ExperienceDataset(open_store(store)).stats()
+        assert stats == {"transitions": 12000, "devices": 4, "batches": stats["batches"], "duplicates": 0,
+                         "gaps": 0, "missing": 0}
+    finally:
+        ingest.stop()
+        broker.stop()
+
+
+def test_two_ingestion_replicas_split_the_load_and_store_nothing_twice(world):
+    broker = new_broker(world, "replicas")
+    store = f"file://{world['root'] / 'store-replicas'}"
+    a = Ingest(world, broker, store, "r1").start()
+    b = Ingest(world, broker, store, "r2").start()
+    try:
+        summary = finish(simulate(world, broker, world["root"] / "spool-replicas", devices=4, steps=2000))
+        assert summary["all_drained"]
+        deadline = time.monotonic() + 10    # the stats files trail the device acks a little
+        while a.stats().get("transitions", 0) + b.stats().get("transitions", 0) < 8000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sa, sb = a.stats(), b.stats()
+        assert sa.get("accepted", 0) > 0 and sb.get("accepted", 0) > 0, (sa, sb)
+        assert sa.get("transitions", 0) + sb.get("transitions", 0) == 8000
+        stats = ExperienceDataset(open_store(store)).stats()
+        assert (stats["transitions"], stats["duplicates"], stats["gaps"]) == (8000, 0, 0)
+    finally:
+        a.stop()
+        b.stop()
+        broker.stop()
+
+
+def _valid_batch(device: str, first: int, n: int = 5, **overrides) -> bytes:
+    recs = [(first + i, encode(Record("u", i, np.zeros(16, np.float32), 1, -1.0, 0.0, "m", 1.8e9)))
+            for i in range(n)]
+    data = codec.encode(device, "plant", recs, compress=False)
+    if overrides:
+        m = msgpack.unpackb(data[5:], raw=False)
+        m.update(overrides)
+        data = data[:5] + msgpack.packb(m, use_bin_type=True)
+    return data
+
+
+def test_hostile_payloads_are_rejected_and_counted_and_the_service_keeps_running(world):
+    broker = new_broker(world, "hostile")
+    store = f"file://{world['root'] / 'store-hostile'}"
+    ingest = Ingest(world, broker, store, "h").start()
+    dev = "sim-0005"
+    link = MqttLink(LinkSettings.for_device(broker.url, world["pki"].root, dev)).start()
+    try:
+        link.wait_connected(10)
+        topic = device_topic("plant", dev, "exp")
+        hostile = [os.urandom(3000), b"", b"CBX1\x00" + msgpack.packb({"n": "lots"}),
+                   _valid_batch(dev, 1, obs_dim=10**6),                                # oversized declared length
+                   codec.MAGIC + b"\x01" + zlib.compress(b"\0" * (200 << 20), 9),       # decompression bomb
+                   _valid_batch("sim-0004", 1),                                         # another device's id
+                   _valid_batch(dev, 1, reward=np.full(5, np.inf, "<f4").tobytes())]
+        for payload in hostile:
+            link.publish(topic, payload).wait(10)
+        link.publish(topic, _valid_batch(dev, 1)).wait(10)
+        deadline = time.monotonic() + 15
+        while ((ingest.stats().get("accepted", 0) < 1 or ingest.stats()["rejected"] < len(hostile))
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        st = ingest.stats()
+        assert st["rejected"] == len(hostile), st["rejected_by_reason"]
+        assert st["accepted"] == 1 and ingest.proc.poll() is None
+        assert ExperienceDataset(open_store(store)).stats()["transitions"] == 5
+    finally:
+        link.close()
+        ingest.stop()
+        broker.stop()
+
+
+def test_the_s3_store_path_through_a_real_s3_api(world, s3, monkeypatch):
+    for k, v in s3["env"].items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    url = f"s3://fleet/exp?endpoint={s3['endpoint']}"
+    broker = new_broker(world, "s3")
+    ingest = Ingest(world, broker, url, "s3", env=s3["env"]).start()
+    try:
+        summary = finish(simulate(world, broker, world["root"] / "spool-s3", devices=2, steps=1500))
+        assert summary["all_drained"]
+        stats = ExperienceDataset(open_store(url)).stats()
+        assert (stats["transitions"], stats["devices"], stats["duplicates"], stats["gaps"]) == (3000, 2, 0, 0)
+        keys = list(open_store(url).list("experience/plant/"))
+        assert keys and all(k.endswith(".cbx") for k in keys)
+    finally:
+        ingest.stop()
+        broker.stop()
