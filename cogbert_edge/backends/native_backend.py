@@ -156,19 +156,16 @@ class NativeBackend:
     def decide(self, obs: Any, h: np.ndarray, c: np.ndarray, deterministic: bool,
                rng: np.random.Generator):
         """One discrete decision in one native call: ``(action, log_prob, value, h, c)``, or None
-        when the input needs the general path (other dtypes or shapes, NaN/Inf), which then
-        raises or sanitizes exactly as for every backend. Draws from ``rng`` only on success,
-        as the general path does."""
-        if (self._decide_native is None or type(obs) is not np.ndarray or obs.dtype != _F32
-                or obs.shape != self._obs_shape or h.shape != self._state_shape or c.shape != self._state_shape
-                or h.dtype != _F32 or c.dtype != _F32):
+        when the input needs the general path (other types, dtypes or shapes, strided views,
+        NaN/Inf), which then converts, raises or sanitizes exactly as for every backend. The
+        extension checks the arrays itself and draws from ``rng`` only on success, as the
+        general path does."""
+        if self._decide_native is None:
             return None
         h2 = np.empty(self._state_shape, _F32)
         c2 = np.empty(self._state_shape, _F32)
         try:
             out = self._decide_native(obs, h, c, h2, c2, deterministic, rng)
-        except (BufferError, ValueError):  # numpy refuses to export a strided view: copy it on the general path
-            return None
         except self._error as e:
             _raise(e, "decide")
         if out is None:

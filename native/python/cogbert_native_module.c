@@ -85,6 +85,20 @@ static int get_f32(PyObject *obj, Py_buffer *view, int writable, const char *wha
     return 0;
 }
 
+/* A 1-D contiguous float32 array of n elements, or 0 (error cleared): decide() then returns
+ * None and the caller takes the general path, which converts or reports the problem. */
+static int get_vec(PyObject *obj, Py_buffer *view, int writable, size_t n) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (view->ndim == 1 && view->shape && (size_t)view->shape[0] == n && view->itemsize == 4 && view->format &&
+        (strcmp(view->format, "f") == 0 || strcmp(view->format, "<f") == 0 || strcmp(view->format, "=f") == 0))
+        return 1;
+    PyBuffer_Release(view);
+    return 0;
+}
+
 static void release(Py_buffer *v, int n) {
     int k;
     for (k = 0; k < n; k++)
@@ -193,9 +207,9 @@ static PyObject *NativePolicy_forward(NativePolicy *self, PyObject *const *args,
  * One discrete decision: the step, then argmax or the SDK's inverse-CDF sampling with
  * u = rng.random(), drawn only once the step succeeded, so the caller's generator advances
  * exactly as on the Python path. None (nothing drawn, outputs unspecified) means "take the
- * Python path": a non-finite observation (the caller's error/sanitize rules apply) or head. */
+ * Python path": anything but 1-D contiguous float32 arrays of the model's sizes, a non-finite
+ * observation (the caller's error/sanitize rules apply) or a non-finite head. */
 static PyObject *NativePolicy_decide(NativePolicy *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *names[5] = {"obs", "h", "c", "h_out", "c_out"};
     Py_buffer v[5];
     const cogbert_info *in = &self->info;
     cogbert_state *ws;
@@ -215,13 +229,9 @@ static PyObject *NativePolicy_decide(NativePolicy *self, PyObject *const *args, 
     if (det < 0)
         return NULL;
     for (k = 0; k < 5; k++) {
-        if (get_f32(args[k], &v[k], k >= 3, names[k]) < 0) {
+        if (!get_vec(args[k], &v[k], k >= 3, k == 0 ? in->obs_dim : in->hidden)) {
             release(v, k);
-            return NULL;
-        }
-        if ((size_t)v[k].len != 4 * (k == 0 ? in->obs_dim : in->hidden)) {
-            release(v, k + 1);
-            return raise_status(COGBERT_ERR_ARGUMENT, "array sizes do not match the model");
+            Py_RETURN_NONE;
         }
     }
     ws = take(self, 1);
