@@ -564,3 +564,16 @@ def test_the_c_example_runs_a_decision_loop_on_bundles_from_the_cli(tmp_path):
     bad.write_bytes(fp32.read_bytes()[:-4])
     p = subprocess.run([str(NATIVE / "build" / "c_embed"), str(bad)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "outside" in p.stderr
+
+
+def test_the_binding_is_found_through_cogbert_native_lib_first(tmp_path):
+    built = sorted((NATIVE / "build").glob("_cogbert_native*"))
+    assert built, "make -C native builds the binding into native/build/"
+    code = ("from cogbert_edge.backends import native_backend as nb, available_backends;"
+            "print(nb.native_available(), 'native' in available_backends(), nb.native_error())")
+    for path, expect in ((built[0], "True True"), (tmp_path / "missing.so", "False False")):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COGBERT_NATIVE_LIB": str(path)})
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith(expect), p.stdout
+    assert "missing.so" in p.stdout, "an explicit path that does not load is reported, not replaced"
