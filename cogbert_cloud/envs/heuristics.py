@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .production_chain import ProductionChainVecEnv, encode_action
+from .production_chain import ProductionChainVecEnv, decode_action, encode_action
 from .production_chain_config import ProductionChainConfig
 
 __all__ = ["Policy", "Observation", "decide", "NoOpPolicy", "RandomPolicy", "HeuristicPolicy",
@@ -149,8 +149,7 @@ class MemoryHeuristicPolicy:
         base_stock = np.where(self.p_high > 0.5, self.base_stock[1], self.base_stock[0])
         actions = decide(o, cfg, self.mean, self.threshold, base_stock)
         # A station sent to maintenance comes back as good as new: so does our estimate.
-        _, target = (actions & 1, (actions >> 1) - 1)
-        sent = target[:, None] == np.arange(cfg.stations)
+        sent = decode_action(actions)[1][:, None] == np.arange(cfg.stations)
         self.mean[sent] = 0.0
         self.var[sent] = 1e-6
         return actions
