@@ -447,12 +447,13 @@ static int check_tensors(ctx *c, cb_bundle *b, const tensor *t, size_t nt, const
             return COGBERT_ERR_BUNDLE;
         }
         if (x->rank != e[k].rank || x->shape[0] != e[k].shape[0] || (e[k].rank == 2 && x->shape[1] != e[k].shape[1])) {
-            cb_set_error(c->err, COGBERT_ERR_BUNDLE, "tensor '%s' has a shape the config does not imply (expected [%lu%s%lu])",
-                         e[k].name, (unsigned long)e[k].shape[0], e[k].rank == 2 ? ", " : "",
-                         e[k].rank == 2 ? (unsigned long)e[k].shape[1] : 0UL);
-            if (e[k].rank == 1) /* drop the stray 0 of the format above */
-                cb_set_error(c->err, COGBERT_ERR_BUNDLE, "tensor '%s' has a shape the config does not imply (expected [%lu])",
-                             e[k].name, (unsigned long)e[k].shape[0]);
+            char want_s[48];
+            if (e[k].rank == 2)
+                snprintf(want_s, sizeof want_s, "[%lu, %lu]", (unsigned long)e[k].shape[0], (unsigned long)e[k].shape[1]);
+            else
+                snprintf(want_s, sizeof want_s, "[%lu]", (unsigned long)e[k].shape[0]);
+            cb_set_error(c->err, COGBERT_ERR_BUNDLE, "tensor '%s' has a shape the config does not imply (expected %s)",
+                         e[k].name, want_s);
             return COGBERT_ERR_BUNDLE;
         }
         for (d = 0; d < x->rank; d++)
