@@ -6,15 +6,17 @@ import argparse
 import json
 import sys
 
-from . import edge, link, native
+from . import edge, ingest, link, native, updates
 
-SUITES = {"edge": edge, "link": link, "native": native}
+# Suite name -> the module that registers it and prints its table (a module may hold several).
+SUITES = {"edge": edge, "link": link, "native": native, "ingest": ingest, "outbox": ingest,
+          "swap": updates, "rollout": updates}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cogbert-bench", description=__doc__)
     sub = parser.add_subparsers(dest="suite", required=True)
-    for module in SUITES.values():
+    for module in dict.fromkeys(SUITES.values()):
         module.register(sub)
     args = parser.parse_args(argv)
     result = args.func(args)

@@ -13,7 +13,7 @@ from cogbert_edge import CogbertError
 from cogbert_edge import cli as edge_cli
 from cogbert_edge._log import setup_logging
 
-from . import broker, demo, pki, simulate
+from . import broker, demo, pki, releases, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.register(device_sub)
     _register_cloud(sub)
     pki.register(sub)
+    releases.register(sub)
     broker.register(sub)
     demo.register(sub)
     return parser

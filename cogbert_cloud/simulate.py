@@ -52,6 +52,13 @@ class SimulateSettings:
     ack_timeout: float = 10.0
     provision: bool = field(default=False, metadata={"help": "issue missing device identities from the PKI's CA"})
     backend: str = "auto"
+    telemetry_interval: float = 10.0
+    trust_root: Path | None = field(default=None, metadata={"help": "root.json: accept signed updates"})
+    model_name: str = "cogbert"
+    trial_decisions: int = 200
+    trial_seconds: float = 5.0
+    keep_running: float = field(default=0.0, metadata={"help": "seconds to keep deciding after the steps"
+                                                                 " (at --rate), e.g. to take part in a rollout"})
 
 
 class SensorEnv:
@@ -110,7 +117,10 @@ def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
     dev_id = f"{s.prefix}-{index:04d}"
     dev = Device(DeviceSettings(device_id=dev_id, fleet=s.fleet, broker=s.broker, pki=s.pki,
                                 spool=s.spool / dev_id, bundle=s.bundle, backend=s.backend, seed=s.seed + index,
-                                uploader=UploaderSettings(ack_timeout=s.ack_timeout))).start()
+                                uploader=UploaderSettings(ack_timeout=s.ack_timeout), trust_root=s.trust_root,
+                                model_name=s.model_name,
+                                update={"trial_decisions": s.trial_decisions, "trial_seconds": s.trial_seconds},
+                                telemetry_interval=s.telemetry_interval)).start()
     cfg = dev.policy.config
     env = _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed * 7919 + index)
     logged_before = dev.outbox.last_seq
@@ -119,7 +129,15 @@ def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
     period = 1.0 / s.rate if s.rate > 0 else 0.0
     next_t = time.monotonic()
     episode_return, returns = 0.0, []
-    for _ in range(todo):
+    done, keep_until = 0, None
+    while True:
+        if done >= todo:
+            if s.keep_running <= 0:
+                break
+            keep_until = keep_until or time.monotonic() + s.keep_running
+            if time.monotonic() >= keep_until:
+                break
+        done += 1
         d = dev.act("unit-0", obs, state)
         obs, r, term, trunc = env.step(d.action)
         episode_return += r
@@ -137,7 +155,8 @@ def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
     deadline = time.monotonic() + s.drain_timeout
     while not dev.drained() and time.monotonic() < deadline:
         time.sleep(0.05)
-    results[dev_id] = {"logged": dev.outbox.last_seq, "this_run": todo, "drained": dev.drained(),
+    results[dev_id] = {"logged": dev.outbox.last_seq, "this_run": done, "drained": dev.drained(),
+                       "model": dev.policy.model_id,
                        "acked_seq": dev.outbox.acked_seq, "batches_sent": dev.uploader.sent,
                        "batches_resent": dev.uploader.resent, "duplicate_acks": dev.uploader.duplicates,
                        "mean_return": float(np.mean(returns)) if returns else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .link import LinkSettings, MqttLink
 from .outbox import Outbox, OutboxSettings
 from .policy import Decision, Policy, State
 from .topics import check_device_id, check_fleet, device_topic
+from .updater import UpdateAgent, UpdateSettings
 from .uploader import Uploader, UploaderSettings
 
 __all__ = ["Device", "DeviceSettings"]
@@ -57,6 +59,9 @@ class DeviceSettings:
     uploader: UploaderSettings = field(default_factory=UploaderSettings)
     link: dict = field(default_factory=dict)       # LinkSettings overrides
     seed: int | None = None
+    model_name: str = "cogbert"                    # what releases must name to be installed
+    trust_root: Path | None = None                 # root.json: enables signed updates
+    update: dict = field(default_factory=dict)     # UpdateSettings overrides
 
 
 class Device:
@@ -64,7 +69,15 @@ class Device:
         self.s = s
         check_device_id(s.device_id)
         check_fleet(s.fleet)
-        self.policy = Policy.load(s.bundle, s.backend, invalid_obs=s.invalid_obs, seed=s.seed)
+        self.updater: UpdateAgent | None = None
+        self._boot_note: str | None = None
+        if s.trust_root is not None:
+            self.updater = UpdateAgent(UpdateSettings(Path(s.spool) / "update", model=s.model_name, fleet=s.fleet,
+                                                      **s.update),
+                                       Path(s.trust_root).read_bytes(), factory_bundle=s.bundle, backend=s.backend)
+            self.policy, self._boot_note = self.updater.boot()
+        else:
+            self.policy = Policy.load(s.bundle, s.backend, invalid_obs=s.invalid_obs, seed=s.seed)
         self.outbox = Outbox(OutboxSettings(Path(s.spool) / "outbox", **s.outbox))
         self.log = ExperienceLog(self.outbox, model=self.policy.model_id, snapshot_every=s.snapshot_every,
                                  reward_delay=s.reward_delay)
@@ -77,7 +90,7 @@ class Device:
         self.uploader = Uploader(self.outbox, self.link, fleet=s.fleet, device=s.device_id, settings=s.uploader)
         self._lat: list[float] = []
         self._lock = threading.Lock()
-        self.decisions = self.errors = 0
+        self.decisions = self.errors = self.nonfinite = self.state_resets = self.swaps = 0
         self._stop = threading.Event()
         self._telemetry = threading.Thread(target=self._telemetry_loop, name=f"cogbert-telemetry-{s.device_id}",
                                            daemon=True)
@@ -85,36 +98,79 @@ class Device:
     def start(self) -> "Device":
         self.link.start()
         self.uploader.start()
+        if self.updater is not None:
+            self.updater.attach(swap=self.swap, report=self._report_status)
+            on_release = lambda m: self.updater.on_message(m.payload, self.policy)  # noqa: E731
+            self.link.subscribe(device_topic(self.s.fleet, self.s.device_id, "release"), on_release)
+            self.link.subscribe(f"cogbert/v1/{self.s.fleet}/release", on_release)
+            if self._boot_note:
+                self.updater._status(None, self._boot_note)
         self._telemetry.start()
         return self
 
+    def swap(self, policy: Policy) -> None:
+        """Use ``policy`` from the next decision on. One reference assignment: a decision in
+        progress finishes on the model it started with, and nothing waits."""
+        if self.updater is not None:
+            with self._lock:
+                recent = self._lat[-500:]
+            self.updater.baseline_p95_us = float(np.percentile(recent, 95) * 1e6) if len(recent) >= 20 else None
+        self.policy = policy
+        self.swaps += 1
+
     def act(self, session: str, obs: np.ndarray, state: State, *, deterministic: bool = False) -> Decision:
-        """Decide with the current policy and log the decision for upload."""
+        """Decide with the current policy and log the decision for upload.
+
+        A state whose size does not fit the current model (a swap to another hidden size) is
+        replaced by the model's initial state."""
+        policy = self.policy
+        if state.h.shape[-1] != policy.config.hidden:
+            state = policy.initial_state(state.batch)
+            self.state_resets += 1
         t0 = time.perf_counter()
         try:
-            d = self.policy.act(obs, state, deterministic=deterministic)
+            d = policy.act(obs, state, deterministic=deterministic)
         except Exception:
             with self._lock:
                 self.errors += 1
+            self._observe(policy, time.perf_counter() - t0, ok=False, finite=True)
             raise
-        self.log.decision(session, obs, d, state, deterministic=deterministic)
         dt = time.perf_counter() - t0
+        finite = math.isfinite(d.value) and math.isfinite(d.log_prob)
+        if finite:
+            self.log.decision(session, obs, d, state, deterministic=deterministic, model=policy.model_id)
+        else:
+            self.nonfinite += 1      # garbage for training: counted, not logged
         with self._lock:
             self.decisions += 1
-            if len(self._lat) < 4096:
-                self._lat.append(dt)
+            self._lat.append(dt)
+            if len(self._lat) > 4096:
+                del self._lat[:2048]
+        self._observe(policy, dt, ok=True, finite=finite)
         return d
+
+    def _observe(self, policy: Policy, dt: float, *, ok: bool, finite: bool) -> None:
+        if self.updater is not None and self.updater.trial is not None:
+            fallback = self.updater.observe(policy, dt, ok, finite)
+            if fallback is not None:
+                self.swap(fallback)
+
+    def _report_status(self, status: dict) -> None:
+        report = {"device": self.s.device_id, "model": self.policy.model_id, **status}
+        self.link.publish(device_topic(self.s.fleet, self.s.device_id, "status"), json.dumps(report).encode(), qos=1)
 
     def reward(self, session: str, value: float, *, done: bool = False, truncated: bool = False) -> None:
         self.log.reward(session, value, done=done, truncated=truncated)
 
     def telemetry(self) -> dict:
         with self._lock:
-            lat, self._lat = self._lat, []
+            lat = list(self._lat)
             decisions, errors = self.decisions, self.errors
         p95 = float(np.percentile(lat, 95) * 1e6) if lat else None
         return {"device": self.s.device_id, "model": self.policy.model_id, "time": time.time(),
-                "decisions": decisions, "errors": errors, "sanitized": self.policy.sanitized,
+                "decisions": decisions, "errors": errors, "nonfinite": self.nonfinite,
+                "sanitized": self.policy.sanitized, "swaps": self.swaps, "state_resets": self.state_resets,
+                "release": (self.updater.state.get("current") or {}).get("counter") if self.updater else None,
                 "latency_p95_us": p95, "outbox": self.outbox.stats(),
                 "uploader": {"sent": self.uploader.sent, "resent": self.uploader.resent,
                              "acked": self.uploader.acked, "rejected": self.uploader.rejected},

@@ -18,8 +18,9 @@ acknowledged (``ack``).
 Bounds: when the spool exceeds ``max_bytes`` or its oldest segment is older than ``max_age``,
 the oldest segment is dropped, acknowledged or not, and its unacknowledged records are counted
 in ``dropped_oldest``. A full disk never stops decisions: frames that cannot be written stay in
-memory and are retried; past ``max_buffer_bytes`` new records are refused (``append`` returns
-None, no sequence number is used) and counted in ``dropped_disk_full``.
+memory and are retried; past ``max_buffer_bytes`` of unwritten frames (a full or failing
+disk, or one slower than the decisions) new records are refused (``append`` returns None, no
+sequence number is used) and counted in ``dropped_unwritten``.
 
 Recovery: on open every segment is scanned; a torn or corrupt tail (a frame whose length, crc
 or sequence number is wrong) is cut off, so the spool always ends at the last whole record.
@@ -80,7 +81,7 @@ class Outbox:
         state = self._load_state()
         self.acked_seq: int = state.get("acked_seq", 0)
         self.dropped_oldest: int = state.get("dropped_oldest", 0)
-        self.dropped_disk_full: int = 0
+        self.dropped_unwritten: int = 0
         self.cut_on_recovery: int = 0
         self._acked_ranges: list[tuple[int, int]] = []
         self._segments: list[_Segment] = self._recover()
@@ -112,7 +113,7 @@ class Outbox:
         has been failing and the memory buffer is full, or the outbox is closed)."""
         with self._lock:
             if self._closed or self._buffered_bytes > self.s.max_buffer_bytes:
-                self.dropped_disk_full += not self._closed
+                self.dropped_unwritten += not self._closed
                 return None
             seq = self.last_seq + 1
             self._frames.append(FRAME.pack(len(payload), zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))), seq)
@@ -209,7 +210,7 @@ class Outbox:
             return {"last_seq": self.last_seq, "written_seq": self.written_seq, "durable_seq": self.durable_seq,
                     "acked_seq": self.acked_seq, "buffered_bytes": self._buffered_bytes,
                     "pending": pending, "bytes": size, "segments": len(self._segments),
-                    "dropped_oldest": self.dropped_oldest, "dropped_disk_full": self.dropped_disk_full,
+                    "dropped_oldest": self.dropped_oldest, "dropped_unwritten": self.dropped_unwritten,
                     "cut_on_recovery": self.cut_on_recovery}
 
     def flush(self) -> None:
@@ -272,9 +273,8 @@ class Outbox:
                 while j < len(frames) and (j == i or seg.size + size + len(frames[j]) <= self.s.segment_bytes):
                     size += len(frames[j])
                     j += 1
-                chunk = b"".join(frames[i:j])
-                n = os.write(self._fd, chunk)
-                if n != len(chunk):     # a short write is a full disk: undo the partial bytes
+                n = _writev(self._fd, frames[i:j])
+                if n != size:          # a short write is a full disk: undo the partial bytes
                     os.ftruncate(self._fd, seg.size)
                     raise OSError(errno.ENOSPC, "short write")
                 with self._lock:
@@ -290,7 +290,7 @@ class Outbox:
             self._write_errors += 1
             if self._write_errors in (1, 10, 100) or self._write_errors % 1000 == 0:
                 event(log, "outbox_write_failed", level=logging.ERROR, error=str(e),
-                      buffered_bytes=self._buffered_bytes, dropped_disk_full=self.dropped_disk_full)
+                      buffered_bytes=self._buffered_bytes, dropped_unwritten=self.dropped_unwritten)
 
     def _roll(self, seq: int) -> None:
         if self._fd is not None:
@@ -396,6 +396,22 @@ def _frames(data: bytes, first: int) -> Iterator[tuple[int, bytes, int]]:
             return
         yield seq, payload, end
         off, expect = end, seq + 1
+
+
+_IOV_MAX = 1024
+
+
+def _writev(fd: int, frames: list[bytes]) -> int:
+    """Write frames without joining them first (a join would hold the GIL that decisions need)."""
+    total = 0
+    for k in range(0, len(frames), _IOV_MAX):
+        part = frames[k:k + _IOV_MAX]
+        want = sum(map(len, part))
+        n = os.writev(fd, part)
+        total += n
+        if n != want:
+            break
+    return total
 
 
 def _fsync_path(path: Path) -> None:

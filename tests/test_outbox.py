@@ -152,18 +152,18 @@ def test_a_full_disk_never_stops_decisions_and_is_counted(tmp_path, monkeypatch)
     ob = open_outbox(tmp_path, max_buffer_bytes=5000)
     ob.append(payload(0))
     ob.flush()
-    real_write = os.write
+    real_writev = os.writev
 
-    def full(fd, data):
+    def full(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("cogbert_edge.outbox.os.write", full)
+    monkeypatch.setattr("cogbert_edge.outbox.os.writev", full)
     results = [ob.append(payload(i)) for i in range(1, 200)]   # never raises
     time.sleep(0.05)
     accepted = [r for r in results if r is not None]
     assert accepted == list(range(2, 2 + len(accepted))), "refused records use no sequence number"
-    assert ob.dropped_disk_full == 199 - len(accepted) > 0
-    monkeypatch.setattr("cogbert_edge.outbox.os.write", real_write)
+    assert ob.dropped_unwritten == 199 - len(accepted) > 0
+    monkeypatch.setattr("cogbert_edge.outbox.os.writev", real_writev)
     ob.flush()                                   # the disk recovered: buffered records land
     assert [s for s, _ in ob.read(1, 1000)] == [1] + accepted
     ob.close()

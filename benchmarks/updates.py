@@ -1,0 +1,194 @@
+"""``cogbert-bench swap`` and ``cogbert-bench rollout``: model updates while decisions run.
+
+swap: one device decides in a tight loop while signed releases are installed one after the
+other through its update agent (verify, stage, load on a worker thread, swap between two
+decisions, trial, commit). ``swap_pause_us_p99`` is the 99th percentile of decision latency
+in the windows around the swaps (from install start to 20 decisions after the swap), next to
+the same percentile with no update running; ``failed_decisions`` counts exceptions and
+non-finite outputs.
+
+rollout: N simulated devices (``cogbert device simulate`` processes) deciding at a modest rate
+on a real mutual-TLS Mosquitto; a signed release is published on the fleet's retained release
+topic; the time until each device reports ``committed`` on its status topic is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cogbert_cloud.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.distribution import publish_release, release_message
+from cogbert_cloud.pki import PKI
+from cogbert_cloud.releases import KeyStore, create_release
+from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
+from cogbert_edge.agent import Device, DeviceSettings
+from cogbert_edge.link import LinkSettings, MqttLink
+from cogbert_edge.updater import golden_outputs
+
+from ._timing import summary_us
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("swap", help="decision latency while models are hot-swapped")
+    p.add_argument("--swaps", type=int, default=20)
+    p.add_argument("--decisions", type=int, default=20000, help="decisions before the first swap (baseline)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=swap_main)
+    r = sub.add_parser("rollout", help="time from publishing a release to every device committed")
+    r.add_argument("--devices", type=int, default=200)
+    r.add_argument("--procs", type=int, default=4, help="simulate processes to spread the devices over")
+    r.add_argument("--rate", type=float, default=10.0, help="decisions per second per device")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=rollout_main)
+
+
+def _bundle(seed: int, config: ModelConfig) -> bytes:
+    b = Bundle.create(config, init_params(config, seed, policy_gain=1.0), model_id=f"bench-{seed}")
+    return Bundle.create(config, dict(b.tensors), model_id=f"bench-{seed}",
+                         extra={"x-golden": json.dumps(golden_outputs(b))}).to_bytes()
+
+
+def swap_main(args: argparse.Namespace) -> dict:
+    config = ModelConfig.reference()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        keys = KeyStore.init(root / "keys")
+        bundles = [_bundle(i, config) for i in range(args.swaps + 1)]
+        (root / "factory.safetensors").write_bytes(bundles[0])
+        dev = _offline_device(root, keys)
+        rng = np.random.default_rng(0)
+        obs = rng.standard_normal((256, config.obs_dim)).astype(np.float32)
+        state = dev.policy.initial_state()
+        lat, marks, failed = [], [], 0
+        clock = time.perf_counter
+
+        def decide(n: int) -> None:
+            nonlocal state, failed
+            for i in range(n):
+                t0 = clock()
+                try:
+                    d = dev.act("s", obs[i % 256], state)
+                    state = d.state
+                    failed += not (np.isfinite(d.value) and np.isfinite(d.log_prob))
+                except Exception:  # noqa: BLE001 - a failed decision is what we count
+                    failed += 1
+                lat.append(clock() - t0)
+
+        decide(args.decisions)
+        baseline = np.array(lat)
+        for k in range(1, args.swaps + 1):
+            manifest = create_release(bundles[k], keys, counter=k, model="bench", fleet="default")
+            path = root / f"b{k}.safetensors"
+            path.write_bytes(bundles[k])
+            start = len(lat)
+            swaps_before = dev.swaps
+            dev.updater.on_message(release_message(manifest, url=path.as_uri()), dev.policy)
+            while dev.swaps == swaps_before:
+                decide(1)
+            decide(20)
+            marks.append((start, len(lat)))
+            while dev.updater.trial is not None:     # let the trial commit before the next release
+                decide(50)
+        statuses = [s["status"] for s in dev.updater.statuses]
+        dev.close(flush=False)
+    around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
+    return {"suite": "swap", "model": "reference (obs 64, LSTM 256, 8 actions), fp32", "backend": dev.policy.backend,
+            "swaps": args.swaps, "committed": statuses.count("committed"),
+            "swap_pause_us_p99": round(float(np.percentile(around, 99)), 1),
+            "swap_pause_us_max": round(float(around.max()), 1),
+            "baseline": summary_us(baseline), "decisions": len(lat), "failed_decisions": failed}
+
+
+def _offline_device(root: Path, keys: KeyStore) -> Device:
+    """A device whose link never connects: releases are handed to its agent directly."""
+    pki = PKI.init(root / "pki")
+    pki.issue_device("bench")
+    return Device(DeviceSettings(device_id="bench", spool=root / "spool", bundle=root / "factory.safetensors",
+                                 broker="mqtts://localhost:9", pki=pki.root, trust_root=keys.root / "root.json",
+                                 model_name="bench", update={"trial_decisions": 200, "trial_seconds": 0.2})).start()
+
+
+def rollout_main(args: argparse.Namespace) -> dict:
+    config = ModelConfig(obs_dim=16, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        keys = KeyStore.init(root / "keys")
+        pki = PKI.init(root / "pki")
+        pki.issue_server(["localhost"])
+        pki.issue_service("rollout")
+        ids = [f"fleet-{i:04d}" for i in range(args.devices)]
+        for d in ids:
+            pki.issue_device(d)
+        (root / "factory.safetensors").write_bytes(_bundle(0, config))
+        new = _bundle(1, config)
+        (root / "release.safetensors").write_bytes(new)
+        manifest = create_release(new, keys, counter=1, model="bench", fleet="bench")
+        (root / "broker").mkdir()
+        with LocalBroker(pki.root, root / "broker",
+                         config=BrokerConfig(plugin_in_confdir=False, max_inflight_messages=1000)) as broker:
+            committed: dict[str, float] = {}
+            statuses: dict[str, list] = {}
+            lock = threading.Lock()
+
+            def on_status(m) -> None:
+                s = json.loads(m.payload)
+                with lock:
+                    statuses.setdefault(s["device"], []).append(s["status"])
+                    if s["status"] == "committed":
+                        committed.setdefault(s["device"], time.monotonic())
+
+            ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="bench-ctl"))
+            ctl.start()
+            ctl.subscribe("cogbert/v1/bench/+/status", on_status).wait(10)
+            per = -(-args.devices // args.procs)
+            procs = []
+            for p in range(args.procs):
+                first = p * per
+                n = min(per, args.devices - first)
+                if n <= 0:
+                    break
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "ERROR", "device", "simulate",
+                     "--devices", str(n), "--first-index", str(first), "--prefix", "fleet", "--fleet", "bench",
+                     "--steps", "0", "--keep-running", "60", "--rate", str(args.rate), "--broker", broker.url,
+                     "--pki", str(pki.root), "--spool", str(root / "spool"), "--bundle",
+                     str(root / "factory.safetensors"), "--trust-root", str(keys.root / "root.json"),
+                     "--model-name", "bench", "--trial-decisions", "10", "--trial-seconds", "0",
+                     "--env", "sensor", "--telemetry-interval", "1"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            # Wait until every device is connected and deciding (each sends telemetry).
+            seen: set[str] = set()
+            ctl.subscribe("cogbert/v1/bench/+/telemetry", lambda m: seen.add(m.topic.split("/")[3])).wait(10)
+            deadline = time.monotonic() + 120
+            while len(seen) < args.devices and time.monotonic() < deadline:
+                time.sleep(0.1)
+            ready = len(seen)
+            t0 = time.monotonic()
+            for h in publish_release(ctl, "bench", manifest, url=(root / "release.safetensors").as_uri()):
+                h.wait(10)
+            deadline = t0 + 60
+            while len(committed) < args.devices and time.monotonic() < deadline:
+                time.sleep(0.02)
+            times = sorted(t - t0 for t in committed.values())
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(60)
+            ctl.close()
+    return {"suite": "rollout", "devices": args.devices, "ready": ready, "committed": len(times),
+            "p50_s": round(float(np.percentile(times, 50)), 3) if times else None,
+            "max_s": round(times[-1], 3) if times else None,
+            "not_committed": sorted(set(ids) - set(committed))[:10]}
+
+
+def table(result: dict) -> str:
+    return "\n".join(f"{k:>20}: {v}" for k, v in result.items())
