@@ -415,3 +415,74 @@ def test_kill_9_at_every_install_step_leaves_a_loadable_verified_model(tmp_path,
         if step in ("swap", "trial", "commit"):
             assert after.note == "rolled_back:crash_during_trial" and after.model_id == "model-0", step
         assert after.agent.highest_counter in (0, 1)
+
+
+def test_commands_sign_and_verify_releases_with_exit_codes(tmp_path):
+    cogbert = str(Path(sys.executable).parent / "cogbert")
+
+    def run(*args):
+        return subprocess.run([cogbert, "--log-level", "ERROR", *map(str, args)], capture_output=True, text=True)
+
+    assert run("keys", "init", tmp_path / "keys").returncode == 0
+    bundle = tmp_path / "m.safetensors"
+    bundle.write_bytes(make_bundle(1))
+    assert run("release", "create", "--bundle", bundle, "--keys", tmp_path / "keys", "--counter", 3, "--out",
+               tmp_path / "out", "--expires", "7d", "--model", "chain", "--fleet", "plant").returncode == 0
+    manifest = tmp_path / "out" / "release-3.json"
+    ok = run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest, "--bundle", bundle)
+    assert ok.returncode == 0 and "release 3" in ok.stdout
+    tampered = tmp_path / "t.safetensors"
+    tampered.write_bytes(bundle.read_bytes()[:-1] + b"\x01")
+    bad = run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest, "--bundle", tampered)
+    assert bad.returncode == 1 and "hash_mismatch" in bad.stderr
+    assert run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest, "--bundle",
+               bundle, "--above", 3).returncode == 1
+    assert run("keys", "rotate", tmp_path / "keys", "--root").returncode == 0
+    stale = run("release", "verify", "--trust", tmp_path / "keys" / "roots" / "2.json", "--manifest", manifest,
+                "--bundle", bundle)
+    assert stale.returncode == 1 and "unknown_key" in stale.stderr   # signed by the retired release key
+    assert stat_mode(tmp_path / "keys" / "private" / "root-key.pem") == 0o600
+
+
+def stat_mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+def test_a_release_published_on_the_fleet_topic_reaches_a_device_over_mqtt_and_is_committed(tmp_path, keys):
+    from cogbert_cloud.broker import BrokerConfig, LocalBroker
+    from cogbert_cloud.distribution import publish_release
+    from cogbert_cloud.pki import PKI
+    from cogbert_edge.agent import Device, DeviceSettings
+    from cogbert_edge.link import LinkSettings, MqttLink
+
+    pki = PKI.init(tmp_path / "pki")
+    pki.issue_server(["localhost"])
+    pki.issue_device("dev-1")
+    pki.issue_service("rollout")
+    (tmp_path / "factory.safetensors").write_bytes(make_bundle(0))
+    new = make_bundle(1)
+    (tmp_path / "new.safetensors").write_bytes(new)
+    (tmp_path / "broker").mkdir()
+    with LocalBroker(pki.root, tmp_path / "broker", config=BrokerConfig(plugin_in_confdir=False)) as broker:
+        statuses = []
+        ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="ctl")).start()
+        ctl.subscribe("cogbert/v1/plant/+/status", lambda m: statuses.append(json.loads(m.payload))).wait(10)
+        # Published before the device connects: the retained fleet release still reaches it.
+        for h in publish_release(ctl, "plant", release(keys, new, 1), url=(tmp_path / "new.safetensors").as_uri()):
+            h.wait(10)
+        dev = Device(DeviceSettings(device_id="dev-1", fleet="plant", broker=broker.url, pki=pki.root,
+                                    spool=tmp_path / "spool", bundle=tmp_path / "factory.safetensors",
+                                    backend="numpy", trust_root=keys.root / "root.json", model_name="chain",
+                                    update={"trial_decisions": 30, "trial_seconds": 0.0})).start()
+        try:
+            state = dev.policy.initial_state()
+            obs = np.zeros(CFG.obs_dim, np.float32)
+            deadline = time.monotonic() + 20
+            while not any(s["status"] == "committed" for s in statuses) and time.monotonic() < deadline:
+                state = dev.act("u", obs, state).state
+                time.sleep(0.002)
+            assert [s["status"] for s in statuses][:3] == ["installed", "trial", "committed"], statuses
+            assert statuses[-1]["device"] == "dev-1" and dev.policy.model_id == "model-1"
+        finally:
+            dev.close()
+            ctl.close()
