@@ -93,6 +93,20 @@ def test_spaces():
         assert venv.single_observation_space.contains(obs[0])
 
 
+@pytest.mark.parametrize("stations, probs", [(2, (0.8, 0.8)), (4, (0.9, 0.8, 0.75, 0.9))])
+def test_other_line_lengths_scale_observation_and_actions(stations, probs):
+    env = ProductionChainEnv(stations=stations, process_prob=probs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*render.*")
+        check_env(env)
+    assert env.observation_space.shape == (4 * stations + 3,)
+    assert env.action_space.n == 2 * (stations + 1)
+    assert len(observation_names(env.config)) == 4 * stations + 3
+    # The shared rule works on any line, and still far better than doing nothing.
+    h = evaluate(lambda e: HeuristicPolicy(env.config), 20, seed=0, config=env.config)
+    assert h.mean() > evaluate(lambda e: NoOpPolicy(), 20, seed=0, config=env.config).mean() + 100
+
+
 def test_bad_actions_and_steps_before_reset_are_refused():
     venv = ProductionChainVecEnv(2)
     with pytest.raises(RuntimeError, match="reset"):
