@@ -756,6 +756,7 @@ int cogbert_argmax(const float *logits, size_t n, int32_t *action) {
 
 int cogbert_sample(const float *logits, size_t n, double u, int32_t *action, double *log_prob) {
     fsum_t s;
+    double cache[64];
     double m, total, acc = 0.0, target;
     size_t k, a;
     if (!logits || !action || n == 0 || n > (size_t)INT32_MAX)
@@ -767,13 +768,17 @@ int cogbert_sample(const float *logits, size_t n, double u, int32_t *action, dou
         if (logits[k] > m)
             m = logits[k];
     s.n = 0;
-    for (k = 0; k < n; k++)
-        fsum_add(&s, exp((double)logits[k] - m));
+    for (k = 0; k < n; k++) {
+        const double w = exp((double)logits[k] - m);
+        if (k < 64)
+            cache[k] = w; /* the second pass recomputes only beyond 64 actions */
+        fsum_add(&s, w);
+    }
     total = fsum_result(&s);
     target = u * total;
     a = n - 1;
     for (k = 0; k < n; k++) {
-        acc += exp((double)logits[k] - m);
+        acc += k < 64 ? cache[k] : exp((double)logits[k] - m);
         if (target < acc) {
             a = k;
             break;
