@@ -64,6 +64,9 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
 
     st.set_defaults(func=stats_main)
 
+    from .train import command as train_command
+    train_command.register(csub)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

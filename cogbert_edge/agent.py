@@ -91,6 +91,7 @@ class Device:
         self._lat: list[float] = []
         self._lock = threading.Lock()
         self.decisions = self.errors = self.nonfinite = self.state_resets = self.swaps = 0
+        self.reward_sum, self.reward_count = 0.0, 0
         self._stop = threading.Event()
         self._telemetry = threading.Thread(target=self._telemetry_loop, name=f"cogbert-telemetry-{s.device_id}",
                                            daemon=True)
@@ -161,6 +162,9 @@ class Device:
 
     def reward(self, session: str, value: float, *, done: bool = False, truncated: bool = False) -> None:
         self.log.reward(session, value, done=done, truncated=truncated)
+        with self._lock:
+            self.reward_sum += float(value)
+            self.reward_count += 1
 
     def telemetry(self) -> dict:
         with self._lock:
@@ -169,6 +173,7 @@ class Device:
         p95 = float(np.percentile(lat, 95) * 1e6) if lat else None
         return {"device": self.s.device_id, "model": self.policy.model_id, "time": time.time(),
                 "decisions": decisions, "errors": errors, "nonfinite": self.nonfinite,
+                "reward_sum": self.reward_sum, "reward_count": self.reward_count,
                 "sanitized": self.policy.sanitized, "swaps": self.swaps, "state_resets": self.state_resets,
                 "release": (self.updater.state.get("current") or {}).get("counter") if self.updater else None,
                 "latency_p95_us": p95, "outbox": self.outbox.stats(),

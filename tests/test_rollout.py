@@ -1,0 +1,212 @@
+"""The rollout controller's decisions: promotion, an abort for each failure kind, timeouts,
+missing metrics, the notification cap, and the registry and audit trail it leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from cogbert_cloud.registry import AuditLog, Registry, RegistryError
+from cogbert_cloud.rollout import FleetView, RolloutController, RolloutSettings, analyze, bucket, welch_p_less
+from cogbert_cloud.store import open_store
+from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
+
+S = RolloutSettings(fleet="f", stages=(50, 100), control_pct=30, stage_seconds=10, stage_timeout=100,
+                    report_timeout=20, min_devices=2, min_decisions=100)
+
+
+def tel(decisions=500, errors=0, nonfinite=0, reward=250.0, lat=100.0):
+    return {"decisions": decisions, "errors": errors, "nonfinite": nonfinite, "reward_sum": reward,
+            "reward_count": decisions, "latency_p95_us": lat}
+
+
+def world(canary_status="committed", canary_tel=None, control_tel=None, n_canary=3, n_control=3, now=50.0):
+    devices, canary = {}, {}
+    for i in range(n_canary):
+        d = f"c{i}"
+        canary[d] = 1.0
+        devices[d] = {"statuses": [{"status": canary_status, "counter": 7, "received": 2.0}] if canary_status else [],
+                      "telemetry": canary_tel(i) if callable(canary_tel) else (canary_tel or tel()), "last_seen": now}
+    control = []
+    for i in range(n_control):
+        d = f"k{i}"
+        control.append(d)
+        devices[d] = {"statuses": [], "telemetry": control_tel(i) if callable(control_tel) else (control_tel or tel()),
+                      "last_seen": now}
+    return dict(canary=canary, control=control, devices=devices, baseline={}, candidate_counter=7,
+                stage_started=0.0, now=now)
+
+
+def test_healthy_canaries_pass():
+    r = analyze(S, **world(canary_tel=lambda i: tel(reward=250 + i), control_tel=lambda i: tel(reward=250 - i)))
+    assert r.verdict == "pass", r
+
+
+@pytest.mark.parametrize("case,kw,word", [
+    ("install failures", dict(canary_status="rolled_back:nan_outputs"), "install_failures"),
+    ("rejected installs", dict(canary_status="rejected:hash_mismatch"), "install_failures"),
+    ("errors", dict(canary_tel=tel(errors=50)), "error_rate"),
+    ("NaN outputs", dict(canary_tel=tel(nonfinite=5)), "nan_rate"),
+    ("latency", dict(canary_tel=tel(lat=5000.0)), "latency"),
+    ("worse reward", dict(canary_tel=lambda i: tel(reward=100 + i), control_tel=lambda i: tel(reward=250 + i)),
+     "reward"),
+])
+def test_each_failure_kind_aborts(case, kw, word):
+    r = analyze(S, **world(**kw))
+    assert r.verdict == "abort" and any(x.startswith(word) for x in r.reasons), (case, r)
+
+
+def test_devices_that_never_report_count_as_failures_after_the_timeout():
+    w = world(canary_status=None, now=50.0)             # offered at t=1, silent until t=50 > 20
+    r = analyze(S, **w)
+    assert r.verdict == "abort" and r.reasons[0].startswith("timeout")
+    w = world(canary_status=None, now=10.0)             # still within the report timeout: wait
+    assert analyze(S, **w).verdict == "wait"
+
+
+def test_missing_metrics_never_count_as_success():
+    w = world()
+    for d in w["canary"]:
+        del w["devices"][d]["telemetry"]                  # installed, but no telemetry at all
+    assert analyze(S, **w).verdict == "wait"
+    w["now"] = 150.0                                      # and past the stage timeout: abort
+    r = analyze(S, **w)
+    assert r.verdict == "abort" and r.reasons[0].startswith("insufficient_data")
+    stale = world()
+    for d in stale["canary"]:
+        stale["devices"][d]["last_seen"] = -5.0           # reported, but only before the stage began
+    assert analyze(S, **stale).verdict == "wait"
+
+
+def test_a_minimum_of_devices_and_decisions_before_any_decision():
+    assert analyze(S, **world(canary_tel=tel(decisions=20), control_tel=tel(decisions=20))).verdict == "wait"
+    assert analyze(S, **world(n_control=1)).verdict == "wait"
+
+
+def test_welch_test():
+    assert welch_p_less([1, 1.1, 0.9, 1.05], [2, 2.1, 1.9, 2.05]) < 0.001
+    assert welch_p_less([2, 2.1, 1.9], [1, 1.1, 0.9]) > 0.99
+    assert 0.3 < welch_p_less([1, 2, 3], [1.1, 2.1, 2.9]) < 0.7
+    assert welch_p_less([1], [2, 3]) == 1.0
+
+
+def test_cohorts_are_deterministic_and_spread():
+    b = [bucket("f", f"dev-{i}") for i in range(1000)]
+    assert b == [bucket("f", f"dev-{i}") for i in range(1000)]
+    assert 0 <= min(b) and max(b) < 100 and 40 < sum(x < 50 for x in b) / 10 < 60
+
+
+# -- the controller with a registry -----------------------------------------------------------
+
+
+def small_bundle(seed: int) -> bytes:
+    cfg = ModelConfig(obs_dim=4, action=ActionSpace.of_discrete(2), encoder=(8,), hidden=8)
+    return Bundle.create(cfg, init_params(cfg, seed), model_id=f"m{seed}").to_bytes()
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    reg = Registry(store)
+    reg.add(1, small_bundle(1), b"manifest-1", state="stable")
+    reg.add(2, small_bundle(2), b"manifest-2", rollback=b"rollback-3", parent_release=1)
+    fleet, clock = FleetView(), Clock()
+    for i in range(10):
+        fleet.on_telemetry(f"dev-{i}", tel(decisions=0, reward=0.0), now=clock.t)
+    ctl = RolloutController(RolloutSettings(fleet="f", stages=(30, 100), control_pct=30, stage_seconds=5,
+                                            report_timeout=30, min_devices=2, min_decisions=100, notify_rate=4),
+                            reg, None, fleet, clock=clock)
+    return reg, fleet, clock, ctl
+
+
+def report(fleet, clock, ctl, *, status="committed", reward=1.0, decisions=300):
+    """Every device reports another ``decisions`` decisions (telemetry counters accumulate)."""
+    for d, v in fleet.snapshot().items():
+        offered = d in ctl.rollout["offered"]
+        if offered and status:
+            fleet.on_status(d, {"status": status, "counter": ctl.rollout["candidate"]}, now=clock.t)
+        t = v.get("telemetry", {})
+        n = t.get("decisions", 0) + decisions
+        r = t.get("reward_sum", 0.0) + (reward if offered else 1.0) * decisions
+        fleet.on_telemetry(d, {**tel(decisions=n), "reward_sum": r, "reward_count": n}, now=clock.t)
+
+
+def run_stages(fleet, clock, ctl, **kw):
+    for _ in range(30):
+        clock.t += 1
+        ctl.tick()
+        report(fleet, clock, ctl, **kw)
+        if ctl.rollout["state"] != "running":
+            break
+
+
+def test_a_good_candidate_is_promoted_and_the_old_stable_retired(setup):
+    reg, fleet, clock, ctl = setup
+    ctl.start(2)
+    run_stages(fleet, clock, ctl)
+    assert ctl.rollout["state"] == "promoted"
+    assert reg.get(2)["state"] == "stable" and reg.get(1)["state"] == "retired"
+    control = [d for d in fleet.snapshot() if bucket("f", d) >= 70]
+    assert not set(control) & set(ctl.rollout["offered"]), "the control cohort stays on the stable release"
+    events = [e["event"] for e in reg.audit.entries()]
+    assert events.index("rollout_started") < events.index("stage_analysed") < events.index("rollout_promoted")
+    assert events.count("release_state") == 3   # candidate -> canary, old stable -> retired, canary -> stable
+
+
+def test_a_bad_candidate_is_rolled_back_by_the_pre_signed_higher_counter_release(setup):
+    reg, fleet, clock, ctl = setup
+    published = []
+    ctl._publish = lambda manifest, key, device: published.append((manifest, key, device))
+    ctl.start(2)
+    run_stages(fleet, clock, ctl, status="rolled_back:nan_outputs")
+    assert ctl.rollout["state"] == "aborted" and reg.get(2)["state"] == "rolled_back"
+    rollbacks = [p for p in published if p[0] == b"rollback-3"]
+    assert rollbacks and all(k == "releases/1/model.safetensors" for _, k, _ in rollbacks)
+    assert (b"rollback-3", "releases/1/model.safetensors", None) in rollbacks, "fleet-wide as well"
+    assert reg.next_counter() == 4, "the rollback's counter is taken"
+    assert "rollout_aborted" in [e["event"] for e in reg.audit.entries()]
+
+
+def test_notifications_never_exceed_their_rate_cap(setup):
+    reg, fleet, clock, ctl = setup
+    for i in range(10, 40):
+        fleet.on_telemetry(f"dev-{i}", tel(), now=clock.t)
+    ctl.s.stages = (100,)
+    ctl.start(2)
+    ctl.tick()
+    assert len(ctl.rollout["offered"]) <= 4
+    clock.t += 0.5
+    ctl.tick()
+    assert len(ctl.rollout["offered"]) <= 6
+
+
+def test_operator_pause_resume_abort_and_illegal_transitions(setup):
+    reg, fleet, clock, ctl = setup
+    ctl.start(2, actor="alice")
+    ctl.pause(actor="alice")
+    clock.t += 100
+    ctl.tick()
+    assert ctl.rollout["state"] == "paused" and not ctl.rollout["timeline"]
+    ctl.resume(actor="alice")
+    ctl.abort("operator says no", actor="alice")
+    assert reg.get(2)["state"] == "rolled_back"
+    with pytest.raises(ValueError):
+        ctl.abort()
+    with pytest.raises(RegistryError):
+        reg.set_state(2, "stable")
+    assert any(e.get("actor") == "alice" for e in reg.audit.entries())
+
+
+def test_audit_log_is_append_only(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    log = AuditLog(store)
+    for i in range(5):
+        log.record("e", i=i)
+    assert [e["i"] for e in log.entries()] == list(range(5))
