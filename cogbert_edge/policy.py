@@ -104,8 +104,10 @@ class Policy:
         self._discrete = cfg.action.discrete
         # A backend may take a whole discrete decision in one call (the native one does): the
         # same step and sampling rule as below, without a dozen small numpy operations.
-        self._fast_act = (getattr(self._backend, "decide", None)
-                          if self._discrete and cfg.action.size <= _SCALAR_SAMPLING_MAX else None)
+        # ``act`` returns a finished Decision, ``decide`` its parts; None means "not here".
+        fast = self._discrete and cfg.action.size <= _SCALAR_SAMPLING_MAX
+        self._fast_decision = getattr(self._backend, "act", None) if fast else None
+        self._fast_act = getattr(self._backend, "decide", None) if fast else None
         norm_mean = np.asarray(bundle.tensors["obs_norm.mean"], np.float32)
         norm_std = np.asarray(bundle.tensors["obs_norm.std"], np.float32)
         bound = cfg.obs_clip if cfg.obs_clip > 0 else 10.0
@@ -138,9 +140,13 @@ class Policy:
     def act(self, obs: Any, state: State, *, deterministic: bool = False,
             rng: np.random.Generator | None = None) -> Decision:
         """One decision for one session. ``obs`` has shape ``[obs_dim]``."""
-        if self._fast_act is not None and type(state) is State:
+        if self._fast_decision is not None:
+            d = self._fast_decision(obs, state, deterministic, rng or self._rng)
+            if d is not None:  # None: unusual input, which the checks below handle
+                return d
+        elif self._fast_act is not None and type(state) is State:
             fast = self._fast_act(obs, state.h, state.c, deterministic, rng or self._rng)
-            if fast is not None:  # None: unusual input, which the checks below handle
+            if fast is not None:
                 a, logp, value, h2, c2 = fast
                 return Decision(a, logp, value, State(h2, c2))
         x = self._check_obs(obs, single=True)

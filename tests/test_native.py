@@ -14,6 +14,7 @@ Parity bounds, on |diff| / max(1, |reference|) (measured values in native/README
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cogbert_edge import (ActionSpace, BackendUnavailableError, Bundle, BundleError, ConfigError,
-                          ModelConfig, ObservationError, Policy, State, init_params, load_bundle)
+                          Decision, ModelConfig, ObservationError, Policy, State, init_params, load_bundle)
 from cogbert_edge.backends import AUTO_ORDER, create_backend
 from cogbert_edge.backends import native_backend as nb
 from cogbert_edge.quant import plan, quantize_params
@@ -191,20 +192,30 @@ def test_the_fast_path_decides_exactly_as_the_general_path(bundles, quant):
     general path (backend.step, then the SDK's sampling) gives on the same backend, to the bit,
     and the caller's random generator must advance the same way."""
     fast = Policy(bundles[quant], backend="native", seed=0)
+    parts = Policy(bundles[quant], backend="native", seed=0)
+    parts._fast_decision = None          # the fast path that returns parts (decide)
     slow = Policy(bundles[quant], backend="native", seed=0)
-    slow._fast_act = None
+    slow._fast_decision = slow._fast_act = None
+    assert fast._fast_decision is not None and parts._fast_act is not None
     obs = observations("structured", 1500, 64, seed=9)
-    sf, ss = fast.initial_state(), slow.initial_state()
-    rf, rs = np.random.default_rng(42), np.random.default_rng(42)
+    sf, sp, ss = fast.initial_state(), parts.initial_state(), slow.initial_state()
+    rf, rp, rs = np.random.default_rng(42), np.random.default_rng(42), np.random.default_rng(42)
     for t in range(1500):
         det = t % 5 == 0
         a = fast.act(obs[t], sf, deterministic=det, rng=rf)
+        p = parts.act(obs[t], sp, deterministic=det, rng=rp)
         b = slow.act(obs[t], ss, deterministic=det, rng=rs)
-        assert (a.action, a.log_prob, a.value) == (b.action, b.log_prob, b.value), t
-        assert type(a.action) is int and type(a.log_prob) is float and type(a.value) is float
-        assert np.array_equal(a.state.h, b.state.h) and np.array_equal(a.state.c, b.state.c)
-        sf, ss = a.state, b.state
-    assert rf.random() == rs.random()
+        for d in (a, p):
+            assert (d.action, d.log_prob, d.value) == (b.action, b.log_prob, b.value), t
+            assert type(d.action) is int and type(d.log_prob) is float and type(d.value) is float
+            assert type(d) is Decision and type(d.state) is State
+            assert np.array_equal(d.state.h, b.state.h) and np.array_equal(d.state.c, b.state.c)
+            assert d.state.h.dtype == np.float32 and d.state.h.shape == (256,)
+        assert a == Decision(a.action, a.log_prob, a.value, a.state), "a plain, equal dataclass"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            a.action = 0
+        sf, sp, ss = a.state, p.state, b.state
+    assert rf.random() == rp.random() == rs.random()
 
 
 def test_act_never_modifies_the_callers_state_and_returns_new_arrays(bundles):
@@ -518,12 +529,14 @@ def test_c_tests_pass():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_c_tests_pass_under_address_and_undefined_behaviour_sanitizers():
     out = _make("sanitize").stdout
     assert re.search(r"^\d+ passed, 0 failed$", out, re.M), out[-2000:]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_fuzzing_the_bundle_reader_finds_nothing():
     seconds = int(os.environ.get("COGBERT_FUZZ_SECONDS", "30"))
     p = _make("fuzz", f"FUZZ_SECONDS={seconds}", timeout=seconds + 300)
@@ -534,6 +547,7 @@ def test_fuzzing_the_bundle_reader_finds_nothing():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.skipif(not (shutil.which("qemu-aarch64") and shutil.which("aarch64-linux-gnu-gcc")),
                     reason="NEON kernels run only on ARM, or here under qemu-aarch64 with an arm64 "
                            "cross compiler (apt-get install qemu-user gcc-aarch64-linux-gnu), absent here")

@@ -133,6 +133,25 @@ class NativeBackend:
         self._heads = self.config.action.size
         self._forward = self._p.forward
         self._decide_native = self._p.decide if self.config.action.discrete and self._heads <= 64 else None
+        self.act = self._bind_act()
+
+    def _bind_act(self):
+        """The extension's ``act(obs, state, deterministic, rng) -> Decision | None``: ``decide``
+        with the Decision built in C, as the frozen dataclasses' own ``__init__`` builds it
+        (``object.__setattr__`` per field). Only bound while the classes are plain frozen
+        dataclasses with exactly those fields; otherwise Policy uses ``decide``."""
+        import dataclasses
+
+        from ..policy import Decision, State
+        plain = all(dataclasses.is_dataclass(t) and t.__dataclass_params__.frozen
+                    and not hasattr(t, "__post_init__") and "__slots__" not in t.__dict__
+                    for t in (State, Decision))
+        if (self._decide_native is None or not plain
+                or [f.name for f in dataclasses.fields(State)] != ["h", "c"]
+                or [f.name for f in dataclasses.fields(Decision)] != ["action", "log_prob", "value", "state"]):
+            return None
+        self._p.bind(State, Decision, np.empty, _F32)
+        return self._p.act
 
     def step(self, obs: np.ndarray, h: np.ndarray, c: np.ndarray):
         """``obs [B, obs_dim]``, ``h, c [B, hidden]`` (float32) -> new ``(head, value, h, c)``."""

@@ -28,10 +28,13 @@ typedef struct {
     cogbert_info info;
     cogbert_state *pool[POOL];
     int n_pool;
+    /* Set by bind(): the SDK's State and Decision classes and numpy.empty, so act() returns a
+     * finished Decision without a Python frame in between. */
+    PyObject *state_type, *decision_type, *empty, *empty_args;
 } NativePolicy;
 
 static PyObject *NativeError;
-static PyObject *random_name;
+static PyObject *random_name, *h_name, *c_name, *action_name, *log_prob_name, *value_name, *state_name, *empty_tuple;
 
 static PyObject *raise_status(int status, const char *message) {
     /* Messages quote bundle bytes, cut to a length that may split a UTF-8 sequence. */
@@ -134,6 +137,10 @@ static int NativePolicy_init(NativePolicy *self, PyObject *args, PyObject *kwds)
 
 static void NativePolicy_dealloc(NativePolicy *self) {
     int k;
+    Py_XDECREF(self->state_type);
+    Py_XDECREF(self->decision_type);
+    Py_XDECREF(self->empty);
+    Py_XDECREF(self->empty_args);
     for (k = 0; k < self->n_pool; k++)
         cogbert_state_destroy(self->pool[k]);
     cogbert_close(self->p);
@@ -203,37 +210,15 @@ static PyObject *NativePolicy_forward(NativePolicy *self, PyObject *const *args,
     Py_RETURN_NONE;
 }
 
-/* decide(obs, h, c, h_out, c_out, deterministic, rng) -> (action, log_prob, value) or None.
- * One discrete decision: the step, then argmax or the SDK's inverse-CDF sampling with
- * u = rng.random(), drawn only once the step succeeded, so the caller's generator advances
- * exactly as on the Python path. None (nothing drawn, outputs unspecified) means "take the
- * Python path": anything but 1-D contiguous float32 arrays of the model's sizes, a non-finite
- * observation (the caller's error/sanitize rules apply) or a non-finite head. */
-static PyObject *NativePolicy_decide(NativePolicy *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_buffer v[5];
+/* The step and the choice on already-checked buffers v = obs, h, c, h_out, c_out (released here).
+ * Returns (action, log_prob, value), None for the Python path, or NULL with an exception. */
+static PyObject *decide_core(NativePolicy *self, Py_buffer *v, int det, PyObject *rng) {
     const cogbert_info *in = &self->info;
     cogbert_state *ws;
     float head[64], value;
     int32_t action = 0;
     double logp = 0.0, u = 0.0;
-    int k, rc, det;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "decide takes 7 arguments");
-        return NULL;
-    }
-    if (!self->p)
-        return raise_status(COGBERT_ERR_ARGUMENT, "policy not open");
-    if (in->action_kind != COGBERT_ACTION_DISCRETE || in->action_size > 64)
-        return raise_status(COGBERT_ERR_UNSUPPORTED, "decide handles discrete models with up to 64 actions");
-    det = PyObject_IsTrue(args[5]);
-    if (det < 0)
-        return NULL;
-    for (k = 0; k < 5; k++) {
-        if (!get_vec(args[k], &v[k], k >= 3, k == 0 ? in->obs_dim : in->hidden)) {
-            release(v, k);
-            Py_RETURN_NONE;
-        }
-    }
+    int k, rc;
     ws = take(self, 1);
     if (!ws) {
         release(v, 5);
@@ -256,7 +241,7 @@ static PyObject *NativePolicy_decide(NativePolicy *self, PyObject *const *args, 
         for (k = 0; k < (int)in->action_size; k++)
             if (head[k] - head[k] != 0.0f) /* NaN or Inf */
                 Py_RETURN_NONE;
-        r = PyObject_CallMethodNoArgs(args[6], random_name);
+        r = PyObject_CallMethodNoArgs(rng, random_name);
         if (!r)
             return NULL;
         u = PyFloat_AsDouble(r);
@@ -268,6 +253,137 @@ static PyObject *NativePolicy_decide(NativePolicy *self, PyObject *const *args, 
     if (rc != COGBERT_OK)
         return raise_status(rc, NULL);
     return Py_BuildValue("(idd)", (int)action, logp, (double)value);
+}
+
+
+/* decide(obs, h, c, h_out, c_out, deterministic, rng) -> (action, log_prob, value) or None.
+ * One discrete decision: the step, then argmax or the SDK's inverse-CDF sampling with
+ * u = rng.random(), drawn only once the step succeeded, so the caller's generator advances
+ * exactly as on the Python path. None (nothing drawn, outputs unspecified) means "take the
+ * Python path": anything but 1-D contiguous float32 arrays of the model's sizes, a non-finite
+ * observation (the caller's error/sanitize rules apply) or a non-finite head. */
+static PyObject *NativePolicy_decide(NativePolicy *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer v[5];
+    const cogbert_info *in = &self->info;
+    int k, det;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "decide takes 7 arguments");
+        return NULL;
+    }
+    if (!self->p)
+        return raise_status(COGBERT_ERR_ARGUMENT, "policy not open");
+    if (in->action_kind != COGBERT_ACTION_DISCRETE || in->action_size > 64)
+        return raise_status(COGBERT_ERR_UNSUPPORTED, "decide handles discrete models with up to 64 actions");
+    det = PyObject_IsTrue(args[5]);
+    if (det < 0)
+        return NULL;
+    for (k = 0; k < 5; k++) {
+        if (!get_vec(args[k], &v[k], k >= 3, k == 0 ? in->obs_dim : in->hidden)) {
+            release(v, k);
+            Py_RETURN_NONE;
+        }
+    }
+    return decide_core(self, v, det, args[6]);
+}
+
+
+/* A frozen dataclass instance made as its generated __init__ makes it: object.__new__, then
+ * object.__setattr__ for each field (bind() checked the fields and that there is no
+ * __post_init__). Steals the references in values. */
+static PyObject *make(PyObject *type, PyObject *const *names, PyObject **values, int n) {
+    PyObject *obj = ((PyTypeObject *)type)->tp_new((PyTypeObject *)type, empty_tuple, NULL);
+    int k, ok = obj != NULL;
+    for (k = 0; k < n; k++) {
+        ok = ok && values[k] && PyObject_GenericSetAttr(obj, names[k], values[k]) == 0;
+        Py_XDECREF(values[k]);
+    }
+    if (!ok) {
+        Py_XDECREF(obj);
+        return NULL;
+    }
+    return obj;
+}
+
+/* act(obs, state, deterministic, rng) -> Decision, or None for the general path: decide() with
+ * the arrays taken from the State and the Decision built here, which saves a Python frame and
+ * two dataclass __init__ calls per decision. */
+static PyObject *NativePolicy_act(NativePolicy *self, PyObject *const *args, Py_ssize_t nargs) {
+    const cogbert_info *in = &self->info;
+    PyObject *out[2] = {NULL, NULL}, *res, *fields[4], *state2;
+    Py_buffer v[5];
+    int k, det, got = 0;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "act takes 4 arguments");
+        return NULL;
+    }
+    if (!self->p || !self->state_type || Py_TYPE(args[1]) != (PyTypeObject *)self->state_type ||
+        in->action_kind != COGBERT_ACTION_DISCRETE || in->action_size > 64)
+        Py_RETURN_NONE;
+    det = PyObject_IsTrue(args[2]);
+    if (det < 0)
+        return NULL;
+    {
+        PyObject *h = PyObject_GetAttr(args[1], h_name), *c = h ? PyObject_GetAttr(args[1], c_name) : NULL;
+        if (!h || !c) {
+            Py_XDECREF(h);
+            return NULL;
+        }
+        got = get_vec(args[0], &v[0], 0, in->obs_dim);
+        got = got && (get_vec(h, &v[1], 0, in->hidden) || (PyBuffer_Release(&v[0]), 0));
+        got = got && (get_vec(c, &v[2], 0, in->hidden) || (release(v, 2), 0));
+        Py_DECREF(h); /* the State keeps them alive */
+        Py_DECREF(c);
+        if (!got)
+            Py_RETURN_NONE;
+    }
+    for (k = 0; k < 2; k++) {
+        out[k] = PyObject_Call(self->empty, self->empty_args, NULL);
+        if (!out[k] || !get_vec(out[k], &v[3 + k], 1, in->hidden)) {
+            if (out[k] && !PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "numpy.empty did not give a float32 vector");
+            release(v, 3 + k);
+            Py_XDECREF(out[0]);
+            Py_XDECREF(out[1]);
+            return NULL;
+        }
+    }
+    res = decide_core(self, v, det, args[3]);
+    if (!res || res == Py_None) {
+        Py_XDECREF(out[0]);
+        Py_XDECREF(out[1]);
+        return res;
+    }
+    {
+        PyObject *const sn[2] = {h_name, c_name};
+        PyObject *const dn[4] = {action_name, log_prob_name, value_name, state_name};
+        state2 = make(self->state_type, sn, out, 2);
+        fields[0] = PyTuple_GET_ITEM(res, 0);
+        fields[1] = PyTuple_GET_ITEM(res, 1);
+        fields[2] = PyTuple_GET_ITEM(res, 2);
+        Py_INCREF(fields[0]);
+        Py_INCREF(fields[1]);
+        Py_INCREF(fields[2]);
+        fields[3] = state2;
+        Py_DECREF(res);
+        return make(self->decision_type, dn, fields, 4);
+    }
+}
+
+static PyObject *NativePolicy_bind(NativePolicy *self, PyObject *args) {
+    PyObject *st, *dt, *empty, *dtype;
+    if (!PyArg_ParseTuple(args, "O!O!OO", &PyType_Type, &st, &PyType_Type, &dt, &empty, &dtype))
+        return NULL;
+    Py_XDECREF(self->empty_args);
+    self->empty_args = Py_BuildValue("((n)O)", (Py_ssize_t)self->info.hidden, dtype);
+    if (!self->empty_args)
+        return NULL;
+    Py_INCREF(st);
+    Py_INCREF(dt);
+    Py_INCREF(empty);
+    Py_XSETREF(self->state_type, st);
+    Py_XSETREF(self->decision_type, dt);
+    Py_XSETREF(self->empty, empty);
+    Py_RETURN_NONE;
 }
 
 static PyObject *NativePolicy_sample(PyObject *unused, PyObject *args) {
@@ -292,6 +408,8 @@ static PyMethodDef NativePolicy_methods[] = {
     {"info", (PyCFunction)NativePolicy_info, METH_NOARGS, "the model's dimensions, kernel and memory"},
     {"forward", (PyCFunction)(void (*)(void))NativePolicy_forward, METH_FASTCALL, "step a batch into caller arrays"},
     {"decide", (PyCFunction)(void (*)(void))NativePolicy_decide, METH_FASTCALL, "one discrete decision"},
+    {"act", (PyCFunction)(void (*)(void))NativePolicy_act, METH_FASTCALL, "one discrete decision as a Decision"},
+    {"bind", (PyCFunction)NativePolicy_bind, METH_VARARGS, "bind(State, Decision, numpy.empty, float32)"},
     {NULL, NULL, 0, NULL}};
 
 static PyTypeObject NativePolicyType = {PyVarObject_HEAD_INIT(NULL, 0)};
@@ -326,6 +444,15 @@ PyMODINIT_FUNC PyInit__cogbert_native(void) {
     if (!m)
         return NULL;
     random_name = PyUnicode_InternFromString("random");
+    h_name = PyUnicode_InternFromString("h");
+    c_name = PyUnicode_InternFromString("c");
+    action_name = PyUnicode_InternFromString("action");
+    log_prob_name = PyUnicode_InternFromString("log_prob");
+    value_name = PyUnicode_InternFromString("value");
+    state_name = PyUnicode_InternFromString("state");
+    empty_tuple = PyTuple_New(0);
+    if (!h_name || !c_name || !action_name || !log_prob_name || !value_name || !state_name || !empty_tuple)
+        return NULL;
     NativeError = PyErr_NewException("_cogbert_native.NativeError", NULL, NULL);
     Py_INCREF(&NativePolicyType);
     if (!random_name || !NativeError || PyModule_AddObject(m, "NativePolicy", (PyObject *)&NativePolicyType) < 0 ||
