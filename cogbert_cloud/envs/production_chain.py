@@ -248,6 +248,6 @@ class ProductionChainEnv(SingleEnv):
         self.config = cfg
 
     def hidden_state(self) -> dict[str, np.ndarray]:
-        """The hidden wear ``[K]`` and demand regime (see :meth:`ProductionChainVecEnv.hidden_state`)."""
+        """Hidden wear ``[K]`` and regime, as :meth:`ProductionChainVecEnv.hidden_state`."""
         h = self.core.hidden_state()  # type: ignore[attr-defined]
         return {k: v[0] for k, v in h.items()}

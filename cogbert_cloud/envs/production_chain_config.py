@@ -26,7 +26,7 @@ class ProductionChainConfig:
     # Per-station probability of completing the unit in process in one period (geometric
     # processing times); the middle station is the bottleneck.
     process_prob: tuple[float, ...] = (0.85, 0.75, 0.90)
-    buffer_capacity: int = 6          # each station's input buffer (the first: released raw material)
+    buffer_capacity: int = 6          # each station's input buffer (B_0: released raw material)
     fg_capacity: int = 12             # finished goods; the last station blocks when it is full
     backlog_capacity: int = 12        # orders beyond it are lost
     demand_low: float = 0.25          # Poisson mean arrivals per period, low regime
@@ -38,7 +38,7 @@ class ProductionChainConfig:
     hazard_base: float = 0.0005       # breakdown probability per busy period at wear 0
     hazard_slope: float = 0.2         # ... plus hazard_slope * wear**hazard_power
     hazard_power: float = 2.0
-    repair_prob: float = 0.06         # a broken station is repaired with this probability per period
+    repair_prob: float = 0.06         # per period, probability that a broken station is repaired
     maint_periods: int = 4            # preventive maintenance keeps a station down this long
     sensor_noise: float = 0.5         # std of the Gaussian noise on the wear sensor
     initial_wear: float = 0.6         # initial wear is uniform in [0, initial_wear]
