@@ -1,0 +1,97 @@
+"""``cogbert-bench train``: learning speed and quality of the MLX trainer, optionally next to
+Stable-Baselines3's RecurrentPPO (sb3-contrib) on the same budget in the same run.
+
+Both learn ``--env`` for ``--steps`` environment steps; both are then evaluated on 20
+episodes with greedy actions. Cogbert's evaluation runs the trained bundle through the Policy
+API. The SB3 peer uses rl-baselines3-zoo's hyperparameters for CartPoleNoVel-v1 (8 envs, 32
+steps, 20 epochs, lr 1e-3 linear, gamma 0.98, GAE 0.8, LSTM 64 with a separate critic LSTM,
+normalized observations and rewards), on the same numpy environment through Gymnasium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from cogbert_cloud.train import PPOTrainer, evaluate, preset
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="learning speed and eval return of the MLX trainer (and SB3)")
+    p.add_argument("--env", default="CartPoleNoVel-v1")
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--peer", choices=("sb3",), default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=main)
+
+
+def _env_id(name: str) -> str:
+    return {"CartPoleNoVel": "CartPoleNoVel-v1", "ProductionChain": "ProductionChain-v0"}.get(name, name)
+
+
+def main(args: argparse.Namespace) -> dict:
+    env = _env_id(args.env)
+    trainer = PPOTrainer(preset(env, seed=args.seed))
+    t0 = time.perf_counter()
+    run = trainer.train(args.steps, progress=False)
+    wall = time.perf_counter() - t0
+    returns = evaluate(trainer.bundle(), env, args.episodes, seed=10_000 + args.seed)
+    out = {"suite": "train", "env": env, "steps": run["steps"], "wall_s": round(wall, 1),
+           "steps_per_s": round(run["steps"] / wall, 1), "eval_mean_return": float(np.mean(returns)),
+           "eval_std_return": float(np.std(returns)), "eval_episodes": len(returns), "seed": args.seed,
+           "trainer": "cogbert MLX recurrent PPO"}
+    if args.peer == "sb3":
+        out["peer"] = _sb3(env, args.steps, args.seed, args.episodes)
+        out["wall_ratio_vs_peer"] = round(out["wall_s"] / out["peer"]["wall_s"], 3)
+    return out
+
+
+def _sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict:
+    import gymnasium as gym
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    import cogbert_cloud.envs  # noqa: F401 - registers the ids
+
+    torch.set_num_threads(1)
+    venv = VecNormalize(DummyVecEnv([lambda: gym.make(env_id) for _ in range(8)]), norm_obs=True, norm_reward=True)
+    venv.seed(seed)
+    lin = lambda v: (lambda frac: v * frac)  # noqa: E731
+    model = RecurrentPPO("MlpLstmPolicy", venv, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
+                         n_epochs=20, ent_coef=0.0, learning_rate=lin(1e-3), clip_range=lin(0.2), seed=seed,
+                         policy_kwargs=dict(ortho_init=False, activation_fn=torch.nn.ReLU, lstm_hidden_size=64,
+                                            enable_critic_lstm=True, net_arch=dict(pi=[64], vf=[64])), verbose=0)
+    t0 = time.perf_counter()
+    model.learn(steps)
+    wall = time.perf_counter() - t0
+    venv.training, venv.norm_reward = False, False
+    returns = []
+    for ep in range(episodes):
+        single = gym.make(env_id)
+        obs, _ = single.reset(seed=10_000 + seed + ep)
+        state, start, total, done = None, np.ones((1,), bool), 0.0, False
+        while not done:
+            action, state = model.predict(venv.normalize_obs(obs[None]), state=state, episode_start=start,
+                                          deterministic=True)
+            obs, r, term, trunc, _ = single.step(int(action[0]))
+            total += r
+            done, start = term or trunc, np.zeros((1,), bool)
+        returns.append(total)
+    return {"trainer": "sb3-contrib RecurrentPPO (rl-zoo hyperparameters)", "steps": steps, "wall_s": round(wall, 1),
+            "steps_per_s": round(steps / wall, 1), "eval_mean_return": float(np.mean(returns)),
+            "eval_episodes": len(returns)}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['trainer']}: {result['env']} {result['steps']} steps in {result['wall_s']} s "
+             f"({result['steps_per_s']}/s), eval return {result['eval_mean_return']:.1f} over {result['eval_episodes']}"]
+    if "peer" in result:
+        p = result["peer"]
+        lines.append(f"{p['trainer']}: {p['wall_s']} s ({p['steps_per_s']}/s), eval return {p['eval_mean_return']:.1f}")
+    return "\n".join(lines)
+

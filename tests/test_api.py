@@ -1,0 +1,108 @@
+"""The operator API: auth and roles, bad input gets 4xx with a message, and /metrics passes
+promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cogbert_cloud.api import ControlPlane, Tokens, create_app, token_digest
+from cogbert_cloud.registry import Registry
+from cogbert_cloud.rollout import FleetView, RolloutController, RolloutSettings
+from cogbert_cloud.store import open_store
+
+from .test_rollout import small_bundle, tel
+
+READ, OPERATE = "read-secret", "operate-secret"
+
+
+@pytest.fixture
+def api(tmp_path):
+    reg = Registry(open_store(f"file://{tmp_path}"))
+    reg.add(1, small_bundle(1), b"m1", state="stable")
+    reg.add(2, small_bundle(2), b"m2", rollback=b"r3")
+    fleet = FleetView()
+    fleet.on_telemetry("dev-1", {**tel(), "model": "m1", "release": 1, "outbox": {"pending": 12}})
+    link = {"up": True}
+    ctl = RolloutController(RolloutSettings(fleet="f"), reg, None, fleet)
+    cp = ControlPlane(reg, ctl, fleet, link_up=lambda: link["up"])
+    client = TestClient(create_app(cp, Tokens(read=(token_digest(READ),), operate=(token_digest(OPERATE),))))
+    return client, link, reg
+
+
+def h(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_health_and_readiness(api):
+    client, link, _ = api
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+    link["up"] = False
+    r = client.get("/ready")
+    assert r.status_code == 503 and "broker link is down" in r.json()["problems"]
+
+
+@pytest.mark.parametrize("path", ["/v1/releases", "/v1/rollouts", "/v1/devices", "/v1/releases/1"])
+def test_reads_need_a_valid_token(api, path):
+    client, _, _ = api
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers=h("guess")).status_code == 401
+    assert client.get(path, headers={"Authorization": "Basic abc"}).status_code == 401
+    assert client.get(path, headers=h(READ)).status_code == 200
+    assert client.get(path, headers=h(OPERATE)).status_code == 200
+
+
+def test_operating_needs_the_operate_role(api):
+    client, _, reg = api
+    r = client.post("/v1/rollouts", json={"candidate": 2}, headers=h(READ))
+    assert r.status_code == 403 and "may read but not operate" in r.json()["detail"]
+    r = client.post("/v1/rollouts", json={"candidate": 2}, headers=h(OPERATE))
+    assert r.status_code == 201 and r.json()["candidate"] == 2
+    assert client.post("/v1/rollouts/current/pause", headers=h(OPERATE)).json()["state"] == "paused"
+    assert client.post("/v1/rollouts/current/resume", headers=h(OPERATE)).json()["state"] == "running"
+    r = client.post("/v1/rollouts/current/abort", json={"reason": "looks wrong"}, headers=h(OPERATE))
+    assert r.json()["state"] == "aborted" and reg.get(2)["state"] == "rolled_back"
+    assert any(e.get("actor") == "api" for e in reg.audit.entries())
+
+
+@pytest.mark.parametrize("method,path,body,code", [
+    ("post", "/v1/rollouts", {"candidate": "two"}, 422),
+    ("post", "/v1/rollouts", {"candidate": -1}, 422),
+    ("post", "/v1/rollouts", {}, 422),
+    ("post", "/v1/rollouts", None, 422),
+    ("post", "/v1/rollouts", {"candidate": 99}, 404),
+    ("post", "/v1/rollouts", {"candidate": 1}, 409),            # the stable release is no candidate
+    ("post", "/v1/rollouts/current/abort", {"reason": "x"}, 409),   # nothing to abort
+    ("post", "/v1/rollouts/current/explode", None, 422),
+    ("post", "/v1/rollouts/current/abort", {"reason": "x" * 600}, 422),
+    ("get", "/v1/releases/abc", None, 422),
+    ("get", "/v1/releases/77", None, 404),
+    ("get", "/v1/devices/nobody", None, 404),
+    ("get", "/v1/nothing-here", None, 404),
+])
+def test_invalid_requests_get_a_4xx_with_a_message(api, method, path, body, code):
+    client, _, _ = api
+    r = getattr(client, method)(path, headers=h(OPERATE), **({"json": body} if body is not None else {}))
+    assert r.status_code == code, r.text
+    assert r.json().get("detail")
+
+
+def test_devices_show_version_last_seen_outbox_depth_and_telemetry(api):
+    client, _, _ = api
+    (d,) = client.get("/v1/devices", headers=h(READ)).json()
+    assert d["device"] == "dev-1" and d["release"] == 1 and d["outbox_pending"] == 12 and d["last_seen"]
+
+
+def test_metrics_are_prometheus_exposition_that_promtool_accepts(api, tmp_path):
+    client, _, _ = api
+    client.get("/v1/releases", headers=h(READ))
+    text = client.get("/metrics").text
+    assert "cogbert_devices 1.0" in text and 'cogbert_releases{state="candidate"} 1.0' in text
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by ./run setup (Debian: prometheus; macOS: brew install prometheus)"
+    p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
