@@ -22,15 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     device_sub = edge_cli.register(sub)
     simulate.register(device_sub)
-    _register_cloud(sub)
+    release_sub = releases.register(sub)
+    _register_cloud(sub, release_sub)
     pki.register(sub)
-    releases.register(sub)
     broker.register(sub)
     demo.register(sub)
     return parser
 
 
-def _register_cloud(sub: argparse._SubParsersAction) -> None:
+def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubParsersAction) -> None:
     from cogbert_edge.settings import add_arguments, from_args
 
     from .ingest import IngestSettings
@@ -66,6 +66,8 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
 
     from .train import command as train_command
     train_command.register(csub)
+    from . import service
+    service.register(csub, release_sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,77 +1,301 @@
-"""``cogbert demo``: the README's main job.
+"""``cogbert demo``: the whole loop on one machine, the README's main job.
 
-Interim version (until the fleet demo lands): build the reference model, quantize it, and run
-a few device sessions' decision loops on every backend, reporting decision latency.
+It generates a PKI and release keys, starts Mosquitto, ingestion, the rollout controller with
+the operator API, and N simulated devices (16) that run the initial policy on
+ProductionChain-v0 over mutual-TLS MQTT. Then R rounds (3) of collect -> retrain (V-trace on
+the fleet's logs, then PPO in the simulator) -> gate -> sign -> canary -> promote; in one round
+(the second) it injects a broken candidate (a model whose outputs are NaN on the devices),
+which the devices' trials and the canary analysis must roll back by themselves. It ends by
+stopping the devices, checking that every record they logged was stored exactly once, and
+writing ``demo-report/`` (report.md, metrics.json, plots). ``--json`` prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cogbert_edge import Bundle, ModelConfig, Policy, init_params
-from cogbert_edge.backends import available_backends
-from cogbert_edge.quant import plan, quantize_params
+from cogbert_edge import ActionSpace, Bundle, ModelConfig, Policy, init_params
+from cogbert_edge.link import LinkSettings, MqttLink
+from cogbert_edge.settings import add_arguments, from_args
+
+__all__ = ["DemoSettings", "run"]
+
+
+@dataclass
+class DemoSettings:
+    devices: int = 16
+    rounds: int = 3
+    broken_round: int = 2
+    train_steps: int = 60_000
+    rate: float = 40.0
+    collect_seconds: float = 12.0
+    stage_seconds: float = 6.0
+    eval_episodes: int = 32
+    seed: int = 0
+    workdir: Path = Path("demo-work")
+    report: Path = Path("demo-report")
+    api_port: int = 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the demo (for now: a short decision-loop demo)")
-    p.add_argument("--sessions", type=int, default=4, help="concurrent device sessions")
-    p.add_argument("--steps", type=int, default=500, help="decisions per session")
-    p.add_argument("--out", type=Path, default=None, help="keep the bundles in this directory")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
+    p = sub.add_parser("demo", help="the whole loop on this machine: fleet, training, signed canary rollouts")
+    add_arguments(p, DemoSettings, env_prefix="DEMO_")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=main)
 
 
-def run(args: argparse.Namespace) -> int:
-    workdir = args.out or Path(tempfile.mkdtemp(prefix="cogbert-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig.reference()
-    params = init_params(config, seed=0, policy_gain=1.0)
-    fp32 = Bundle.create(config, params)
-    paths = {"fp32": workdir / "model-fp32.safetensors"}
-    fp32.save(paths["fp32"])
-    for bits in (8, 4):
-        layers = plan(config, bits)
-        q = Bundle.create(config, quantize_params(params, layers), quant=layers, parent=fp32.model_id)
-        paths[f"int{bits}"] = workdir / f"model-int{bits}.safetensors"
-        q.save(paths[f"int{bits}"])
+def main(a: argparse.Namespace) -> int:
+    summary = run(from_args(DemoSettings, a, env_prefix="DEMO_"), quiet=a.json)
+    if a.json:
+        print(json.dumps(summary, default=str))
+    return 0 if summary["lost_records"] == 0 else 1
 
-    rows = []
-    rng = np.random.default_rng(1)
-    for backend in available_backends():
-        for quant, path in paths.items():
-            policy = Policy.load(path, backend=backend, seed=0)
-            states = [policy.initial_state() for _ in range(args.sessions)]
-            lat = []
-            actions = np.zeros(config.action.size, int)
-            # A sensor stream per session: slow sinusoids plus noise, like a real plant.
-            phase = rng.uniform(0, 2 * np.pi, (args.sessions, config.obs_dim))
-            for t in range(args.steps):
-                for s in range(args.sessions):
-                    obs = np.sin(0.05 * t + phase[s]) + 0.1 * rng.standard_normal(config.obs_dim)
-                    t0 = time.perf_counter_ns()
-                    d = policy.act(obs.astype(np.float32), states[s])
-                    lat.append(time.perf_counter_ns() - t0)
-                    states[s] = d.state
-                    actions[d.action] += 1
-            lat_us = np.array(lat) / 1e3
-            rows.append({"backend": backend, "quant": quant, "bundle_bytes": path.stat().st_size,
-                         "decisions": len(lat), "p50_us": round(float(np.percentile(lat_us, 50)), 1),
-                         "p99_us": round(float(np.percentile(lat_us, 99)), 1),
-                         "action_histogram": actions.tolist()})
-    if args.json:
-        print(json.dumps({"workdir": str(workdir), "rows": rows}))
-        return 0
-    print(f"Decision-loop demo: {args.sessions} sessions x {args.steps} decisions, reference model "
-          f"({config.macs_per_step()} MACs/step), bundles in {workdir}")
-    print(f"{'backend':<8} {'quant':<5} {'bytes':>9} {'p50 µs':>8} {'p99 µs':>8}  actions")
-    for r in rows:
-        print(f"{r['backend']:<8} {r['quant']:<5} {r['bundle_bytes']:>9} {r['p50_us']:>8} {r['p99_us']:>8}  "
-              f"{r['action_histogram']}")
-    return 0
+
+class _Say:
+    def __init__(self, quiet: bool) -> None:
+        self.t0, self.quiet = time.monotonic(), quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def run(s: DemoSettings, *, quiet: bool = False) -> dict:
+    from .broker import BrokerConfig, LocalBroker
+    from .dataset import ExperienceDataset
+    from .distribution import publish_release
+    from .envs import make_vec_env, HeuristicPolicy, evaluate as evaluate_heuristic
+    from .loop import ContinuousLearner, KeySigner, LocalTrainer, LoopSettings
+    from .pki import PKI
+    from .registry import Registry
+    from .releases import KeyStore
+    from .rollout import FleetView, RolloutController, RolloutSettings
+    from .store import open_store
+    from .train.export import export_bundle
+    from .train.ppo import evaluate
+
+    say = _Say(quiet)
+    started = time.time()
+    env_id, fleet_name = "ProductionChain-v0", "plant"
+    work = Path(s.workdir).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    procs: list[subprocess.Popen] = []
+    broker = None
+    link = None
+    try:
+        # -- identities and keys ------------------------------------------------------------
+        say(f"creating a fleet PKI, {s.devices} device identities and release keys")
+        pki = PKI.init(work / "pki")
+        pki.issue_server(["localhost"])
+        for svc in ("ingest", "rollout"):
+            pki.issue_service(svc)
+        for i in range(s.devices):
+            pki.issue_device(f"sim-{i:04d}")
+        keys = KeyStore.init(work / "keys")
+        signer = KeySigner(work / "keys", model="chain", fleet=fleet_name)
+
+        # -- the initial release --------------------------------------------------------------
+        probe = make_vec_env(env_id, 1)
+        config = ModelConfig(obs_dim=probe.single_observation_space.shape[0],
+                             action=ActionSpace.of_discrete(int(probe.single_action_space.n)), encoder=(64,), hidden=64)
+        fp32 = Bundle.create(config, init_params(config, s.seed, policy_gain=0.01), model_id="initial")
+        initial, _ = export_bundle(fp32, env_id, bits=8, episodes=8)
+        store_url = f"file://{work / 'store'}"
+        store = open_store(store_url)
+        registry = Registry(store)
+        registry.add(1, initial.to_bytes(), signer.sign(initial.to_bytes(), 1), state="stable", actor="demo")
+        (work / "factory.safetensors").write_bytes(initial.to_bytes())
+
+        # -- services -------------------------------------------------------------------------
+        broker = LocalBroker(pki.root, work / "broker", config=BrokerConfig(plugin_in_confdir=False)).start()
+        say(f"Mosquitto on {broker.url} (devices) and {broker.service_url} (services)")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "ingest", "--broker",
+             broker.service_url, "--pki", str(pki.root), "--store", store_url, "--stats-file",
+             str(work / "ingest.json"), "--stats-interval", "1"], stderr=open(work / "ingest.log", "w")))
+        link = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="demo-rollout"))
+        link.start()
+        link.wait_connected(10)
+        fleet = FleetView()
+        fleet.attach(link, fleet_name)
+        controller = RolloutController(RolloutSettings(fleet=fleet_name, stages=(25, 100), control_pct=25,
+                                                       stage_seconds=s.stage_seconds, stage_timeout=60,
+                                                       report_timeout=20, min_devices=2, min_decisions=150),
+                                       registry, link, fleet)
+        stop = threading.Event()
+        threading.Thread(target=lambda: [controller.tick() for _ in iter(lambda: stop.wait(0.5), True)],
+                         daemon=True, name="demo-controller").start()
+        api_url = _start_api(registry, controller, fleet, link, work, s.api_port)
+        say(f"operator API on {api_url} (tokens in {work / 'api-tokens.json'})")
+        for h in publish_release(link, fleet_name, registry.files(1)[1],
+                                 url=(store.root / "releases/1/model.safetensors").as_uri()):
+            h.wait(10)
+
+        # -- the fleet ------------------------------------------------------------------------
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "ERROR", "device", "simulate", "--devices",
+             str(s.devices), "--steps", "0", "--keep-running", "3600", "--rate", str(s.rate), "--broker", broker.url,
+             "--pki", str(pki.root), "--spool", str(work / "spool"), "--bundle", str(work / "factory.safetensors"),
+             "--fleet", fleet_name, "--trust-root", str(keys.root / "root.json"), "--model-name", "chain",
+             "--trial-decisions", "50", "--trial-seconds", "2", "--env", env_id, "--telemetry-interval", "1",
+             "--seed", str(s.seed)], stdout=subprocess.PIPE, stderr=open(work / "devices.log", "w"), text=True)
+        procs.append(sim)
+        _wait(lambda: len(fleet.snapshot()) >= s.devices, 60, "devices to report")
+        say(f"{s.devices} devices deciding at {s.rate:g}/s each on the initial release")
+
+        heuristic = float(np.mean(evaluate_heuristic(HeuristicPolicy(), env_id, s.eval_episodes, seed=4242)))
+        initial_return = float(np.mean(evaluate(initial, env_id, s.eval_episodes, seed=4242)))
+        say(f"initial release: mean return {initial_return:.1f} (heuristic baseline {heuristic:.1f})")
+
+        learner = ContinuousLearner(
+            LoopSettings(env=env_id, fleet=fleet_name, model="chain", store_url=store_url, workdir=work / "loop",
+                         train_steps=s.train_steps, vtrace_epochs=1, gate_sim_episodes=s.eval_episodes),
+            registry, controller, LocalTrainer(LoopSettings(env=env_id, fleet=fleet_name, vtrace_epochs=1)), signer)
+        learner.trainer.s.extra_train_args = ["--eval-episodes", "8"]
+
+        rounds = []
+        for r in range(1, s.rounds + 1):
+            stats = ExperienceDataset(store, fleet_name).stats()
+            _wait(lambda: ExperienceDataset(store, fleet_name).stats()["transitions"] >= stats["transitions"] + 1,
+                  30, "experience")
+            time.sleep(s.collect_seconds)
+            stored = ExperienceDataset(store, fleet_name).stats()["transitions"]
+            broken = r == s.broken_round
+            say(f"round {r}: {stored} transitions stored; retraining for {s.train_steps} steps"
+                + (" (this round's candidate will be replaced by a broken one)" if broken else ""))
+            res = learner.round(inject=_poison if broken else None)
+            res["round"] = r
+            bundle = registry.files(res["release"])[0]
+            res["mean_return"] = None if broken else float(np.mean(evaluate(_load(bundle), env_id, s.eval_episodes,
+                                                                             seed=4242)))
+            if res["decision"] == "rollout_started":
+                say(f"round {r}: gate {res['gate']['decision']}; canary rollout of release {res['release']}")
+                _wait(lambda: controller.rollout["state"] in ("promoted", "aborted"), 180, "the rollout")
+                ro = controller.status()
+                res["decision"] = ro["result"]
+                res["rollout_reasons"] = ro.get("reasons")
+                res["timeline"] = ro["timeline"]
+                say(f"round {r}: release {res['release']} {ro['result']}"
+                    + (f" ({'; '.join(ro.get('reasons') or [])[:160]})" if ro.get("reasons") else ""))
+            else:
+                say(f"round {r}: the gate rejected release {res['release']}: {'; '.join(res['gate']['reasons'])[:160]}")
+            rounds.append(res)
+
+        # -- wind down and account for every record -----------------------------------------
+        say("stopping the devices; they deliver everything they logged")
+        sim.send_signal(signal.SIGTERM)
+        out, _ = sim.communicate(timeout=180)
+        devices_summary = json.loads(out.strip().splitlines()[-1])
+        logged = devices_summary["logged"]
+        exp = ExperienceDataset(store, fleet_name).stats()
+        final = registry.stable()
+        final_bundle = _load(registry.files(final["counter"])[0])
+        final_return = initial_return if final["counter"] == 1 else float(
+            np.mean(evaluate(final_bundle, env_id, s.eval_episodes, seed=4242)))
+        latencies, backend = _latencies(final_bundle)
+        summary = {
+            "env": env_id, "devices": s.devices, "seconds": round(time.time() - started, 1), "started_at": started,
+            "api": api_url, "heuristic_return": heuristic,
+            "initial": {"release": 1, "mean_return": initial_return},
+            "final": {"release": final["counter"], "mean_return": final_return},
+            "improvement_pct": round(100.0 * (final_return - initial_return) / max(abs(initial_return), 1e-9), 1),
+            "rounds": [{k: v for k, v in r.items() if k != "timeline"} | {"stages": r.get("timeline", [])}
+                       for r in rounds],
+            "rolled_back": [r["release"] for r in rounds if r["decision"] == "rolled_back"],
+            "lost_records": logged - exp["transitions"],
+            "experience": {"logged": logged, "stored": exp["transitions"], "duplicates": exp["duplicates"],
+                           "gaps": exp["gaps"], "all_drained": devices_summary["all_drained"]},
+            "backend": backend, "decision_latency_p50_us": float(np.percentile(latencies, 50)),
+            "decision_latency_p99_us": float(np.percentile(latencies, 99)),
+        }
+        from .report import write_report
+        files = write_report(Path(s.report), summary, latencies_us=latencies, audit=list(registry.audit.entries()))
+        say(f"improvement {summary['improvement_pct']:+.1f} %; rolled back {summary['rolled_back']}; "
+            f"lost records {summary['lost_records']}; report in {files[-1]}")
+        return summary
+    finally:
+        if link is not None:
+            link.close()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if broker is not None:
+            broker.stop()
+
+
+def _load(data: bytes) -> Bundle:
+    from cogbert_edge.bundle import load_bundle
+    return load_bundle(data)
+
+
+def _poison(bundle: bytes) -> bytes:
+    """The fault the demo injects: finite weights whose outputs overflow to NaN/Inf at run time
+    (a corrupted training run would look like this). It loads and verifies; only running it
+    shows the problem, which is the devices' trial's job."""
+    b = _load(bundle)
+    fp32 = b.fp32_params()
+    fp32["encoder.0.weight"] = np.full_like(fp32["encoder.0.weight"], 3e38)
+    return Bundle.create(b.config, fp32, model_id=f"{b.model_id}-broken", parent=b.model_id).to_bytes()
+
+
+def _latencies(bundle: Bundle, n: int = 3000) -> tuple[list[float], str]:
+    policy = Policy(bundle, "auto")
+    rng = np.random.default_rng(0)
+    obs = rng.random((256, bundle.config.obs_dim)).astype(np.float32)
+    state, out = policy.initial_state(), []
+    for i in range(n):
+        t0 = time.perf_counter()
+        d = policy.act(obs[i % 256], state)
+        out.append((time.perf_counter() - t0) * 1e6)
+        state = d.state
+    return out[200:], policy.backend
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _start_api(registry, controller, fleet, link, work: Path, port: int) -> str:
+    import secrets
+    import socket
+
+    import uvicorn
+
+    from .api import ControlPlane, Tokens, create_app, token_digest
+
+    read, operate = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    (work / "api-tokens.json").write_text(json.dumps({"read": read, "operate": operate}))
+    os.chmod(work / "api-tokens.json", 0o600)
+    ingest_stats = lambda: json.loads((work / "ingest.json").read_text()) if (work / "ingest.json").exists() else {}  # noqa: E731
+    app = create_app(ControlPlane(registry, controller, fleet, link_up=lambda: link.state.value == "connected",
+                                  ingest_stats=ingest_stats), Tokens(read=(token_digest(read),),
+                                                                     operate=(token_digest(operate),)))
+    if not port:
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True, name="demo-api").start()
+    return f"http://127.0.0.1:{port}"

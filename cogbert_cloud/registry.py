@@ -52,7 +52,8 @@ class AuditLog:
 
     def record(self, event: str, **fields: Any) -> dict:
         now = time.time_ns()
-        entry = {"time": dt.datetime.fromtimestamp(now / 1e9, dt.timezone.utc).isoformat(), "event": event, **fields}
+        entry = {"time": dt.datetime.fromtimestamp(now / 1e9, dt.timezone.utc).isoformat(), "time_s": now / 1e9,
+                 "event": event, **fields}
         day = dt.datetime.fromtimestamp(now / 1e9, dt.timezone.utc).strftime("%Y-%m-%d")
         with self._lock:
             key = f"audit/{day}/{now:020d}-{next(self._n):06d}.json"

@@ -139,7 +139,8 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``keys`` and ``release``; returns the ``release`` group (the signer joins it)."""
     keys = sub.add_parser("keys", help="root and release-signing keys")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     p = ksub.add_parser("init", help="create a root key, a release key and root.json version 1")
@@ -202,6 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         return _say(f"ok: release {rel.counter} of {rel.model} for fleet {rel.fleet}, bundle {rel.sha256[:16]}…")
 
     p.set_defaults(func=verify)
+    return rsub
 
 
 def _say(msg: str) -> int:

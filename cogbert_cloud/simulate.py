@@ -7,7 +7,9 @@ benchmarks and the demo use it; a Kubernetes Deployment of it feeds training fro
 ``--steps S`` means: run until the device has logged S decisions in its outbox, counting
 those logged before a restart (the outbox remembers), then wait until the cloud has
 acknowledged all of them. So a killed and restarted simulation ends with exactly S records
-per device stored in the cloud.
+per device stored in the cloud. ``--keep-running T`` goes on deciding for T more seconds
+(to take part in rollouts); SIGTERM ends the deciding early, and the devices still deliver
+everything they logged before the process prints its summary and exits.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -113,6 +116,9 @@ class _GymAdapter:
         return obs, float(r), bool(term), bool(trunc)
 
 
+_stop = threading.Event()   # SIGTERM: stop deciding, deliver what was logged, report
+
+
 def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
     dev_id = f"{s.prefix}-{index:04d}"
     dev = Device(DeviceSettings(device_id=dev_id, fleet=s.fleet, broker=s.broker, pki=s.pki,
@@ -130,7 +136,7 @@ def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
     next_t = time.monotonic()
     episode_return, returns = 0.0, []
     done, keep_until = 0, None
-    while True:
+    while not _stop.is_set():
         if done >= todo:
             if s.keep_running <= 0:
                 break
@@ -150,7 +156,7 @@ def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
             state = d.state
         if period:
             next_t += period
-            time.sleep(max(0.0, next_t - time.monotonic()))
+            _stop.wait(max(0.0, next_t - time.monotonic()))
     dev.log.flush()
     deadline = time.monotonic() + s.drain_timeout
     while not dev.drained() and time.monotonic() < deadline:
@@ -173,6 +179,9 @@ def run(s: SimulateSettings) -> dict:
             if not (s.pki / "devices" / dev_id / "cert.pem").exists():
                 pki.issue_device(dev_id)
     load_bundle(s.bundle)   # fail early and clearly on a bad bundle
+    _stop.clear()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: _stop.set())
     results: dict = {}
     threads = [threading.Thread(target=_device_main, args=(s, i, results), name=f"sim-{i}", daemon=True)
                for i in range(s.first_index, s.first_index + s.devices)]

@@ -35,7 +35,8 @@ def register(csub: argparse._SubParsersAction) -> None:
     src.add_argument("--data", help="object store URL with fleet experience")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=100_000, help="environment steps (--env)")
-    p.add_argument("--from", dest="init", type=Path, default=None, help="start from this bundle")
+    p.add_argument("--from", dest="init", default=None,
+                   help="start from this bundle: a path, or store:KEY for an object in --store")
     p.add_argument("--store", default=None, help="checkpoint store URL (default file://OUT/store)")
     p.add_argument("--prefix", default="train")
     p.add_argument("--resume", action="store_true", help="continue the latest checkpoint under --prefix")
@@ -60,7 +61,9 @@ def run_train(a: argparse.Namespace) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     store = open_store(a.store or f"file://{(a.out / 'store').resolve()}")
     metrics = Metrics(str(a.out / "metrics.jsonl"))
-    init = load_bundle(a.init) if a.init else None
+    init = None
+    if a.init:
+        init = load_bundle(store.get(a.init[6:]) if a.init.startswith("store:") else Path(a.init))
     if a.env:
         from .ppo import PPOTrainer, evaluate, preset
         if a.resume:
@@ -92,6 +95,8 @@ def run_train(a: argparse.Namespace) -> dict:
     fp32.save(a.out / "model-fp32.safetensors")
     exported, report = export_bundle(fp32, env_id, bits=a.bits, extra={"x-train": json.dumps(summary)})
     exported.save(a.out / "model.safetensors")
+    if a.store:   # a remote run (a Kubernetes Job) hands its result back through the store
+        store.put(f"{a.prefix}/model.safetensors", (a.out / "model.safetensors").read_bytes())
     summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id)
     atomic_write(a.out / "train.json", json.dumps(summary, indent=1).encode())
     metrics.close()

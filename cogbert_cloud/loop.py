@@ -1,0 +1,200 @@
+"""The continuous-learning loop: train -> gate -> export -> sign -> roll out, again and again.
+
+A round starts on a schedule (``interval``) or once ``min_new_transitions`` more transitions are
+stored. It
+
+1. trains a candidate from the stable release: V-trace on the fleet's logged experience
+   (off-policy corrected), then PPO in the simulator; in a local process by default
+   (``cogbert cloud train``), or as a Kubernetes Job (:class:`KubernetesJobTrainer`);
+2. gates it: off-policy evaluation on the fleet's data logged by the stable release, and the
+   simulator: a candidate that is not better is registered as ``retired`` and goes no further;
+3. exports it to an int8 bundle checked against fp32 (part of training);
+4. has it signed by the *signer*, a separate step that holds the release key: the signer also
+   signs, in advance, the fleet rollback (the stable bundle under the next counter), so that
+   the rollout controller can roll back without ever holding a key;
+5. registers both and starts the staged rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from cogbert_edge._log import event
+from cogbert_edge.bundle import load_bundle
+
+from .dataset import ExperienceDataset
+from .registry import Registry
+from .rollout import RolloutController
+from .store import ObjectStore
+
+__all__ = ["LoopSettings", "ContinuousLearner", "LocalTrainer", "KubernetesJobTrainer", "Signer", "KeySigner"]
+
+log = logging.getLogger("cogbert.loop")
+
+
+@dataclass
+class LoopSettings:
+    env: str = "ProductionChain-v0"
+    fleet: str = "default"
+    model: str = "cogbert"
+    store_url: str = "file://./cogbert-store"
+    workdir: Path = Path("loop-work")
+    train_steps: int = 100_000
+    vtrace_epochs: int = 2
+    interval: float = 3600.0
+    min_new_transitions: int = 50_000
+    gate_margin: float = 0.0
+    gate_sim_episodes: int = 32
+    release_expiry: str = "30d"
+    extra_train_args: list[str] = field(default_factory=list)
+
+
+class Trainer(Protocol):
+    def train(self, round_dir: Path, init: Path, data_url: str | None, steps: int) -> Path: ...
+
+
+class Signer(Protocol):
+    def sign(self, bundle: bytes, counter: int) -> bytes: ...
+
+
+class LocalTrainer:
+    """``cogbert cloud train`` in a child process; returns the exported bundle's path."""
+
+    def __init__(self, settings: LoopSettings) -> None:
+        self.s = settings
+
+    def train(self, round_dir: Path, init: Path, data_url: str | None, steps: int) -> Path:
+        base = [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "train"]
+        current = init
+        if data_url and self.s.vtrace_epochs > 0:
+            out = round_dir / "vtrace"
+            self._run(base + ["--data", data_url, "--fleet", self.s.fleet, "--from", str(current), "--out", str(out),
+                              "--bits", "32", "--epochs", str(self.s.vtrace_epochs), "--no-progress"])
+            current = out / "model-fp32.safetensors"
+        out = round_dir / "ppo"
+        self._run(base + ["--env", self.s.env, "--from", str(current), "--out", str(out), "--steps", str(steps),
+                          "--no-progress", *self.s.extra_train_args])
+        return out / "model.safetensors"
+
+    @staticmethod
+    def _run(cmd: list[str]) -> None:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"training failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+
+
+class KubernetesJobTrainer:
+    """Training as a Kubernetes Job (deploy/k8s/trainer-job.yaml), through ``kubectl``: the
+    round's inputs and outputs travel through the object store."""
+
+    def __init__(self, settings: LoopSettings, store: ObjectStore, *, namespace: str = "cogbert",
+                 image: str = "cogbert:latest", kubectl: str = "kubectl") -> None:
+        self.s, self.store, self.ns, self.image, self.kubectl = settings, store, namespace, image, kubectl
+
+    def manifest(self, name: str, init_key: str, out_prefix: str, steps: int) -> dict:
+        args = ["cloud", "train", "--env", self.s.env, "--from", f"store:{init_key}", "--out", "/work/out",
+                "--steps", str(steps), "--store", self.s.store_url, "--prefix", out_prefix, "--no-progress"]
+        return {"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": name, "namespace": self.ns, "labels": {"app.kubernetes.io/part-of": "cogbert",
+                                                                             "cogbert/component": "trainer"}},
+                "spec": {"backoffLimit": 1, "ttlSecondsAfterFinished": 3600, "template": {
+                    "metadata": {"labels": {"cogbert/component": "trainer"}},
+                    "spec": {"restartPolicy": "Never", "containers": [{
+                        "name": "train", "image": self.image, "command": ["cogbert"], "args": args,
+                        "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}]}}}}
+
+    def train(self, round_dir: Path, init: Path, data_url: str | None, steps: int) -> Path:
+        name = f"cogbert-train-{int(time.time())}"
+        init_key = f"loop/{name}/init.safetensors"
+        self.store.put(init_key, init.read_bytes())
+        spec = json.dumps(self.manifest(name, init_key, f"loop/{name}", steps))
+        subprocess.run([self.kubectl, "apply", "-f", "-"], input=spec, text=True, check=True)
+        subprocess.run([self.kubectl, "-n", self.ns, "wait", "--for=condition=complete", f"job/{name}",
+                        "--timeout=6h"], check=True)
+        out = round_dir / "model.safetensors"
+        out.write_bytes(self.store.get(f"loop/{name}/model.safetensors"))
+        return out
+
+
+class KeySigner:
+    """Signs with a keys directory (``cogbert keys init``). Run it where the key may live; the
+    rollout controller only ever sees what it returns."""
+
+    def __init__(self, keys_dir: Path, model: str, fleet: str, expires: str = "30d") -> None:
+        from .releases import KeyStore, parse_duration
+        self._keys, self.model, self.fleet = KeyStore(keys_dir), model, fleet
+        self.expires = parse_duration(expires)
+
+    def sign(self, bundle: bytes, counter: int) -> bytes:
+        from .releases import create_release
+        return create_release(bundle, self._keys, counter=counter, model=self.model, fleet=self.fleet,
+                              expires=self.expires)
+
+
+class ContinuousLearner:
+    def __init__(self, settings: LoopSettings, registry: Registry, controller: RolloutController,
+                 trainer: Trainer, signer: Signer, *, gate: Callable[..., dict] | None = None) -> None:
+        self.s, self.registry, self.controller = settings, registry, controller
+        self.trainer, self.signer = trainer, signer
+        self.gate = gate or _default_gate
+        self._last_round = 0.0
+        self._last_transitions = 0
+
+    def due(self) -> bool:
+        stats = ExperienceDataset(self.registry.store, self.s.fleet).stats()
+        new = stats["transitions"] - self._last_transitions
+        return new >= self.s.min_new_transitions or time.time() - self._last_round >= self.s.interval
+
+    def round(self, *, inject: Callable[[bytes], bytes] | None = None) -> dict:
+        """One round; ``inject`` replaces the trained candidate (fault injection for the demo)."""
+        t0 = time.time()
+        stable = self.registry.stable()
+        if stable is None:
+            raise RuntimeError("no stable release to improve on")
+        self._last_round = time.time()
+        self._last_transitions = ExperienceDataset(self.registry.store, self.s.fleet).stats()["transitions"]
+        counter = self.registry.next_counter()
+        round_dir = Path(self.s.workdir) / f"round-{counter}"
+        round_dir.mkdir(parents=True, exist_ok=True)
+        init = round_dir / "stable.safetensors"
+        stable_bytes, _ = self.registry.files(stable["counter"])
+        init.write_bytes(stable_bytes)
+        data_url = self.s.store_url
+        candidate = self.trainer.train(round_dir, init, data_url, self.s.train_steps).read_bytes()
+        train_info = json.loads(load_bundle(candidate).extra.get("x-train", "{}"))
+        injected = inject is not None
+        if injected:
+            candidate = inject(candidate)
+            verdict = {"decision": "promote", "reasons": ["fault injected: the gate is bypassed on purpose"]}
+        else:
+            verdict = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)
+        result = {"release": counter, "stable": stable["counter"], "gate": verdict, "train": train_info,
+                  "injected_fault": injected, "train_s": round(time.time() - t0, 1)}
+        manifest = self.signer.sign(candidate, counter)
+        if verdict["decision"] != "promote":
+            self.registry.add(counter, candidate, manifest, parent_release=stable["counter"], train=train_info,
+                              evaluation=verdict, state="candidate")
+            self.registry.set_state(counter, "retired", reason="rejected by the gate: " + "; ".join(verdict["reasons"])[:300])
+            result["decision"] = "rejected_by_gate"
+            event(log, "round_rejected", counter=counter, reasons=verdict["reasons"])
+            return result
+        rollback = self.signer.sign(stable_bytes, counter + 1)
+        self.registry.add(counter, candidate, manifest, rollback=rollback, parent_release=stable["counter"],
+                          train=train_info, evaluation=verdict)
+        self.controller.start(counter, actor="loop")
+        result["decision"] = "rollout_started"
+        event(log, "round_started_rollout", counter=counter, injected=injected)
+        return result
+
+
+def _default_gate(*, candidate: bytes, baseline: bytes, data_url: str, settings: LoopSettings) -> dict:
+    from .gate import evaluate_candidate
+    return evaluate_candidate(load_bundle(candidate), load_bundle(baseline), data_url=data_url, env=settings.env,
+                              margin=settings.gate_margin, sim_episodes=settings.gate_sim_episodes)
