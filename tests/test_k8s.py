@@ -1,0 +1,785 @@
+"""The Kubernetes manifests (deploy/k8s, deploy/overlays): valid against the Kubernetes schemas,
+consistent with each other and with the code they run, and holding the security properties
+docs/operations.md promises. No cluster is needed: everything is checked offline.
+
+- every document validates against the Kubernetes OpenAPI schemas (kubernetes-validate,
+  strict: unknown fields fail) for the oldest and the newest version we support, and so does
+  what `kubectl kustomize` renders, where kubectl is installed;
+- the kustomization lists every manifest of the base, and everything it lists exists;
+- only the signer, in its own namespace, mounts the release-signing key; the controller's
+  ServiceAccount has no right there and no right to Secrets;
+- every container states requests and limits; serving containers have probes; pods run as
+  non-root with a read-only root filesystem;
+- the controller is one replica, recreated;
+- NetworkPolicies: evaluated, not just counted: who may reach the broker's two listeners,
+  the API, the distributed trainer's ring;
+- every `cogbert` command line in the manifests (and the trainer Job the learning loop builds)
+  is accepted by the real argument parser, with exact flag names;
+- the broker's mosquitto.conf and acl are what `cogbert broker config` generates, and every
+  file they name is mounted where they say;
+- the distributed trainer's hostfile agrees with its Indexed Job and headless Service;
+- no key or certificate is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+BASE = DEPLOY / "k8s"
+OVERLAYS = DEPLOY / "overlays"
+EXAMPLES = BASE / "secrets" / "examples.yaml"
+# The oldest Kubernetes these manifests are written for (StatefulSet PVC retention policy is
+# beta and on by default from 1.27, Indexed Jobs GA since 1.24) and the newest schema shipped.
+VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
+CRD_GROUPS = ("monitoring.coreos.com/",)   # no upstream schema: checked by hand below
+SIGNING_NAMESPACE = "cogbert-signing"
+SIGNING_KEY_FILES = {"release-key.pem", "root-key.pem"}   # what `cogbert keys init` keeps private
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob")
+
+
+# -- loading --------------------------------------------------------------------------------
+
+def _manifest_files() -> list[Path]:
+    files = sorted(p for d in (BASE, OVERLAYS) for p in d.rglob("*.yaml"))
+    return [p for p in files if p.name != "kustomization.yaml"]
+
+
+def _load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+DOCS: list[tuple[Path, dict]] = [(p, d) for p in _manifest_files() for d in _load(p)]
+EXAMPLE_DOCS = _load(EXAMPLES)
+BASE_FILES = {BASE / r for r in yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"]}
+BASE_DOCS = [d for p, d in DOCS if p in BASE_FILES]
+JOB_DOCS = [d for p, d in DOCS if p.parent == BASE / "jobs"]
+
+
+def _name(doc: dict) -> str:
+    meta = doc["metadata"]
+    return meta.get("name") or meta["generateName"].rstrip("-")
+
+
+def _ns(doc: dict) -> str:
+    return doc["metadata"].get("namespace", "default")
+
+
+def _find(kind: str, name: str, docs=None) -> dict:
+    hits = [d for d in (docs or [d for _, d in DOCS]) if d["kind"] == kind and _name(d) == name]
+    assert len(hits) == 1, f"expected one {kind} {name}, found {len(hits)}"
+    return hits[0]
+
+
+def _pod_spec(doc: dict) -> dict:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def _pod_labels(doc: dict) -> dict:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {})
+    return doc["spec"]["template"]["metadata"].get("labels", {})
+
+
+def _containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def _loop_job() -> dict:
+    """The trainer Job that `cogbert cloud serve --loop --trainer kubernetes` creates."""
+    from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
+    from cogbert_cloud.store import open_store
+
+    controller = _find("Deployment", "cogbert-controller")
+    args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+    ns = args[args.index("--namespace") + 1]
+    trainer = KubernetesJobTrainer(LoopSettings(store_url="s3://bucket/prefix"), open_store("file:///tmp/x"),
+                                   namespace=ns, image=args[args.index("--image") + 1])
+    return trainer.manifest("cogbert-train-1", "loop/x/init.safetensors", "loop/x", 1000)
+
+
+OUR_WORKLOADS = [d for _, d in DOCS if d["kind"] in WORKLOAD_KINDS]
+
+
+def _component(doc: dict) -> str:
+    return _pod_labels(doc)["cogbert/component"]
+
+
+# -- schemas and kustomize ------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_manifest_validates_against_the_kubernetes_schemas(path):
+    docs = _load(path)
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"], doc
+            continue
+        for version in VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                where = ".".join(map(str, e.path))
+                pytest.fail(f"{path.name}: {doc['kind']}/{_name(doc)} against {version}: {where}: {e.message}")
+
+
+def test_the_schema_check_refuses_what_kubernetes_would():
+    # A misspelt field and a wrong type must fail, or the test above proves nothing.
+    good = _find("Deployment", "cogbert-ingest")
+    kubernetes_validate.validate(good, VERSIONS[-1], strict=True)
+    bad = json.loads(json.dumps(good))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["comand"] = ["true"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
+    bad = json.loads(json.dumps(good))
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
+
+
+def test_the_kustomization_lists_every_manifest_of_the_base_and_only_existing_files():
+    k = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    listed = [BASE / r for r in k["resources"]]
+    assert len(listed) == len(set(listed)), "a resource is listed twice"
+    for p in listed:
+        assert p.is_file(), f"kustomization.yaml lists {p.name}, which does not exist"
+    on_disk = {p for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert on_disk - set(listed) == set(), f"not in kustomization.yaml: {sorted(on_disk - set(listed))}"
+    for gen in k.get("configMapGenerator", []) + k.get("secretGenerator", []):
+        for f in gen.get("files", []):
+            assert (BASE / f.split("=")[-1]).is_file(), f
+    assert "namespace" not in k, "a kustomize namespace would move the signer out of cogbert-signing"
+    for kfile in OVERLAYS.rglob("kustomization.yaml"):
+        for r in yaml.safe_load(kfile.read_text())["resources"]:
+            assert (kfile.parent / r).exists(), f"{kfile} lists {r}, which does not exist"
+
+
+def _kustomize(path: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_kustomize_renders_the_base_into_valid_objects_in_the_right_namespaces():
+    docs = _kustomize(BASE)
+    for doc in docs:
+        kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cogbert", _name(doc)
+    signer = _find("Deployment", "cogbert-signer", docs)
+    assert _ns(signer) == SIGNING_NAMESPACE
+    # The generated ConfigMap's hashed name is the one the broker mounts.
+    config = [d for d in docs if d["kind"] == "ConfigMap" and _name(d).startswith("cogbert-broker-config-")]
+    assert len(config) == 1
+    broker = _find("StatefulSet", "cogbert-broker", docs)
+    mounted = [v["configMap"]["name"] for v in _pod_spec(broker)["volumes"] if "configMap" in v]
+    assert _name(config[0]) in mounted
+    assert config[0]["data"]["mosquitto.conf"] == (BASE / "broker" / "mosquitto.conf").read_text()
+    # Same objects as the files list, nothing lost or added.
+    assert sorted((d["kind"], _name(d)) for d in docs if d["kind"] != "ConfigMap" or "broker" not in _name(d)) == \
+        sorted((d["kind"], _name(d)) for d in BASE_DOCS)
+
+
+def test_the_monitoring_overlay_adds_a_service_monitor_that_selects_the_api():
+    docs = _kustomize(OVERLAYS / "monitoring")
+    sm = _find("ServiceMonitor", "cogbert-controller", docs)
+    svc = _find("Service", "cogbert-controller", docs)
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+    assert _ns(svc) in sm["spec"]["namespaceSelector"]["matchNames"]
+
+
+# -- secrets and the signing key ------------------------------------------------------------
+
+def _secret_refs(spec: dict) -> set[str]:
+    refs = set()
+    for v in spec.get("volumes", []):
+        if "secret" in v:
+            refs.add(v["secret"]["secretName"])
+        for src in v.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                refs.add(src["secret"]["name"])
+    for c in _containers(spec):
+        for e in c.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                refs.add(e["valueFrom"]["secretKeyRef"]["name"])
+        for e in c.get("envFrom", []):
+            if "secretRef" in e:
+                refs.add(e["secretRef"]["name"])
+    return refs
+
+
+def _signing_secrets() -> set[tuple[str, str]]:
+    out = set()
+    for d in EXAMPLE_DOCS + [d for _, d in DOCS]:
+        if d["kind"] == "Secret":
+            keys = set(d.get("data", {})) | set(d.get("stringData", {}))
+            if keys & SIGNING_KEY_FILES:
+                out.add((_ns(d), _name(d)))
+    return out
+
+
+def test_only_the_signer_mounts_the_signing_key_and_it_lives_in_its_own_namespace():
+    signing = _signing_secrets()
+    assert signing == {(SIGNING_NAMESPACE, "cogbert-release-key")}
+    users = {(_ns(w), _name(w)) for w in OUR_WORKLOADS + [_loop_job()]
+             if any((_ns(w), s) in signing for s in _secret_refs(_pod_spec(w)))}
+    assert users == {(SIGNING_NAMESPACE, "cogbert-signer")}
+    controller = _find("Deployment", "cogbert-controller")
+    assert _ns(controller) != SIGNING_NAMESPACE
+    assert not {s for s in _secret_refs(_pod_spec(controller))} & {n for _, n in signing}
+    # The root key never enters the cluster at all.
+    for d in EXAMPLE_DOCS:
+        if d["kind"] == "Secret":
+            assert "root-key.pem" not in set(d.get("stringData", {})) | set(d.get("data", {}))
+    # Nothing but the signer runs in the signing namespace.
+    assert {_name(w) for w in OUR_WORKLOADS if _ns(w) == SIGNING_NAMESPACE} == {"cogbert-signer"}
+
+
+def test_the_controller_may_create_jobs_in_its_namespace_and_nothing_more():
+    controller = _find("Deployment", "cogbert-controller")
+    sa = _pod_spec(controller)["serviceAccountName"]
+    subject = {"kind": "ServiceAccount", "name": sa, "namespace": _ns(controller)}
+    bindings = [d for _, d in DOCS if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                and subject in d.get("subjects", [])]
+    assert bindings and all(b["kind"] == "RoleBinding" and _ns(b) == _ns(controller) for b in bindings)
+    verbs_on_jobs = set()
+    for b in bindings:
+        assert b["roleRef"]["kind"] == "Role"
+        role = _find("Role", b["roleRef"]["name"])
+        assert _ns(role) == _ns(controller)
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+            assert not {"secrets", "serviceaccounts", "roles", "rolebindings"} & set(rule["resources"]), rule
+            if "batch" in rule["apiGroups"] and "jobs" in rule["resources"]:
+                verbs_on_jobs |= set(rule["verbs"])
+    # What loop.py's kubectl apply and kubectl wait need.
+    assert {"get", "list", "watch", "create", "patch"} <= verbs_on_jobs
+    # The loop creates its Jobs where the Role is.
+    assert _ns(_loop_job()) == _ns(controller)
+    # Only the controller talks to the API server.
+    for w in OUR_WORKLOADS:
+        if w is not controller:
+            assert _pod_spec(w).get("automountServiceAccountToken") is False, _name(w)
+
+
+def _ref_map(docs: list[dict]) -> dict[tuple[str, str, str], set[str]]:
+    """{(kind, namespace, name): keys} of every ConfigMap and Secret defined."""
+    out = {}
+    for d in docs:
+        if d["kind"] in ("ConfigMap", "Secret"):
+            keys = set(d.get("data", {})) | set(d.get("stringData", {})) | set(d.get("binaryData", {}))
+            out[(d["kind"], _ns(d), _name(d))] = keys
+    k = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    for gen in k.get("configMapGenerator", []):
+        out[("ConfigMap", gen["namespace"], gen["name"])] = {Path(f).name for f in gen["files"]}
+    return out
+
+
+def test_every_secret_and_config_map_a_pod_needs_is_defined_or_described():
+    defined = _ref_map([d for _, d in DOCS] + EXAMPLE_DOCS)
+    for w in OUR_WORKLOADS:
+        ns, spec = _ns(w), _pod_spec(w)
+        needs: list[tuple[str, str, str | None, bool]] = []
+        for v in spec.get("volumes", []):
+            for kind, src, name in (("Secret", v.get("secret"), "secretName"), ("ConfigMap", v.get("configMap"), "name")):
+                if src:
+                    needs += [(kind, src[name], it["key"], False) for it in src.get("items", [])] or [(kind, src[name], None, False)]
+            for s in v.get("projected", {}).get("sources", []):
+                for kind, key in (("Secret", "secret"), ("ConfigMap", "configMap")):
+                    if key in s:
+                        needs += [(kind, s[key]["name"], it["key"], False) for it in s[key].get("items", [])]
+        for c in _containers(spec):
+            for e in c.get("env", []):
+                for kind, key in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
+                    ref = e.get("valueFrom", {}).get(key)
+                    if ref:
+                        needs.append((kind, ref["name"], ref["key"], ref.get("optional", False)))
+            for e in c.get("envFrom", []):
+                for kind, key in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+                    if key in e:
+                        needs.append((kind, e[key]["name"], None, False))
+        for kind, name, key, optional in needs:
+            assert (kind, ns, name) in defined, f"{_name(w)} needs {kind} {ns}/{name}, defined nowhere"
+            if key is not None and not optional:
+                assert key in defined[(kind, ns, name)], f"{_name(w)} needs key {key} of {kind} {name}"
+
+
+def test_no_key_or_certificate_is_committed_under_deploy():
+    pem = re.compile(r"-----BEGIN [A-Z ]+-----")
+    for p in DEPLOY.rglob("*"):
+        if p.is_file():
+            assert not pem.search(p.read_text(errors="replace")), f"{p} holds a PEM block"
+    for d in EXAMPLE_DOCS:
+        plain = {**d.get("stringData", {}), **(d.get("data", {}) if d["kind"] == "ConfigMap" else {})}
+        encoded = {**d.get("binaryData", {}), **(d.get("data", {}) if d["kind"] == "Secret" else {})}
+        for key, value in plain.items():
+            assert value == "" or value.startswith("<"), f"{_name(d)}/{key} is not a placeholder"
+        for key, value in encoded.items():
+            assert base64.b64decode(value).startswith(b"<placeholder"), f"{_name(d)}/{key}"
+
+
+# -- pods -----------------------------------------------------------------------------------
+
+_UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _quantity(q: str | int) -> float:
+    m = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(q))
+    assert m and m.group(2) in _UNITS, q
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def test_every_container_has_requests_and_limits():
+    for w in OUR_WORKLOADS:
+        for c in _containers(_pod_spec(w)):
+            res = c.get("resources", {})
+            for r in ("cpu", "memory"):
+                assert r in res.get("requests", {}) and r in res.get("limits", {}), f"{_name(w)}/{c['name']}: {r}"
+                assert _quantity(res["requests"][r]) <= _quantity(res["limits"][r]), f"{_name(w)}/{c['name']}"
+
+
+def test_serving_containers_have_readiness_and_liveness_probes():
+    for w in OUR_WORKLOADS:
+        if w["kind"] in ("Job", "CronJob"):
+            continue   # a batch run serves nothing for long; activeDeadlineSeconds bounds it
+        for c in _pod_spec(w)["containers"]:
+            if c.get("ports"):
+                assert "readinessProbe" in c and "livenessProbe" in c, f"{_name(w)}/{c['name']}"
+    # Ingestion serves nothing but is watched anyway: through the stats file it is told to write.
+    ingest = _pod_spec(_find("Deployment", "cogbert-ingest"))["containers"][0]
+    stats = ingest["args"][ingest["args"].index("--stats-file") + 1]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert stats in " ".join(ingest[probe]["exec"]["command"])
+    assert any(m["mountPath"] == str(PurePosixPath(stats).parent) for m in ingest["volumeMounts"])
+    # The controller: liveness on /health, readiness on /ready, on the port it serves.
+    serve = _pod_spec(_find("Deployment", "cogbert-controller"))["containers"][0]
+    port = int(serve["args"][serve["args"].index("--port") + 1])
+    assert [p["containerPort"] for p in serve["ports"]] == [port]
+    assert serve["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert serve["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_the_ingest_probe_command_tells_a_fresh_stats_file_from_a_stale_or_missing_one(tmp_path):
+    # Run the probe's shell command against real files: it must pass only on a fresh one.
+    import os
+    import time
+    ingest = _pod_spec(_find("Deployment", "cogbert-ingest"))["containers"][0]
+    cmd = ingest["livenessProbe"]["exec"]["command"]
+    stats = ingest["args"][ingest["args"].index("--stats-file") + 1]
+    f = tmp_path / "stats.json"
+    local = [part.replace(stats, str(f)) for part in cmd]
+    assert subprocess.run(local).returncode != 0           # missing
+    f.write_text("{}")
+    assert subprocess.run(local).returncode == 0           # fresh
+    old = time.time() - 120
+    os.utime(f, (old, old))
+    assert subprocess.run(local).returncode != 0           # stale
+
+
+def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
+    for w in OUR_WORKLOADS:
+        spec = _pod_spec(w)
+        sc = spec.get("securityContext", {})
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, _name(w)
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", _name(w)
+        for c in _containers(spec):
+            csc = c.get("securityContext", {})
+            assert csc.get("allowPrivilegeEscalation") is False, f"{_name(w)}/{c['name']}"
+            assert csc.get("readOnlyRootFilesystem") is True, f"{_name(w)}/{c['name']}"
+            assert csc.get("capabilities", {}).get("drop") == ["ALL"], f"{_name(w)}/{c['name']}"
+            assert "privileged" not in csc and "runAsUser" not in csc, f"{_name(w)}/{c['name']}"
+
+
+def test_the_controller_is_one_replica_recreated_never_rolled():
+    controller = _find("Deployment", "cogbert-controller")
+    assert controller["spec"]["replicas"] == 1
+    assert controller["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [d for _, d in DOCS if d["kind"] == "HorizontalPodAutoscaler"
+                and d["spec"]["scaleTargetRef"]["name"] == "cogbert-controller"]
+    # It resumes its own MQTT session: a fixed client id, not one per pod.
+    args = _pod_spec(controller)["containers"][0]["args"]
+    assert "$(" not in args[args.index("--client-id") + 1]
+
+
+def test_ingestion_scales_on_cpu_with_a_client_id_per_pod():
+    hpa = _find("HorizontalPodAutoscaler", "cogbert-ingest")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "cogbert-ingest"}
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    c = _pod_spec(_find("Deployment", "cogbert-ingest"))["containers"][0]
+    assert "$(POD_NAME)" in c["args"][c["args"].index("--client-id") + 1]
+    pod_name = [e for e in c["env"] if e["name"] == "POD_NAME"]
+    assert pod_name[0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+# -- the files each process reads -----------------------------------------------------------
+
+def _provided_files(spec: dict, container: dict) -> set[str]:
+    """Absolute paths of the files that ConfigMap/Secret items put into this container."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    out = set()
+    for m in container.get("volumeMounts", []):
+        v = volumes.get(m["name"], {})   # {}: a volumeClaimTemplate
+        sources = v.get("projected", {}).get("sources", [])
+        sources += [{"secret": v["secret"]}] if "secret" in v else []
+        sources += [{"configMap": v["configMap"]}] if "configMap" in v else []
+        for s in sources:
+            for src in s.values():
+                for it in src.get("items", []):
+                    out.add(str(PurePosixPath(m["mountPath"]) / it["path"]))
+    return out
+
+
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_each_service_finds_its_identity_where_its_pki_flag_points():
+    for name, identity_default in (("cogbert-ingest", "ingest"), ("cogbert-controller", "rollout")):
+        w = _find("Deployment", name)
+        spec = _pod_spec(w)
+        c = spec["containers"][0]
+        pki = PurePosixPath(_arg(c["args"], "--pki"))
+        identity = _arg(c["args"], "--identity") if "--identity" in c["args"] else identity_default
+        need = {str(pki / "ca.pem"), str(pki / "services" / identity / "cert.pem"),
+                str(pki / "services" / identity / "key.pem")}
+        assert need <= _provided_files(spec, c), f"{name}: missing {need - _provided_files(spec, c)}"
+    signer = _find("Deployment", "cogbert-signer")
+    c = _pod_spec(signer)["containers"][0]
+    key = str(PurePosixPath(_arg(c["args"], "--keys")) / "private" / "release-key.pem")
+    assert key in _provided_files(_pod_spec(signer), c)
+
+
+def _load_render():
+    spec = importlib.util.spec_from_file_location("cogbert_k8s_render", BASE / "broker" / "render.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_broker_config_is_what_cogbert_broker_config_generates(tmp_path):
+    from cogbert_cloud.pki import PKI
+    pki = PKI.init(tmp_path / "pki")
+    pki.issue_server(["cogbert-broker-devices.cogbert.svc"])
+    pki.issue_service("ingest")
+    pki.issue_service("rollout")
+    rendered = _load_render().render(tmp_path / "pki")
+    for name, text in rendered.items():
+        assert (BASE / "broker" / name).read_text() == text, \
+            f"deploy/k8s/broker/{name} differs from the generator's: run deploy/k8s/broker/render.py"
+    assert str(tmp_path) not in rendered["mosquitto.conf"]
+
+
+def test_every_file_the_broker_config_names_is_mounted_there():
+    conf = (BASE / "broker" / "mosquitto.conf").read_text()
+    broker = _find("StatefulSet", "cogbert-broker")
+    spec = _pod_spec(broker)
+    c = spec["containers"][0]
+    provided = _provided_files(spec, c)
+    files = re.findall(r"(?m)^(?:cafile|certfile|keyfile|crlfile|plugin_opt_revoked_file) (\S+)$", conf)
+    assert len(files) >= 5
+    assert set(files) <= provided, set(files) - provided
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    acl = re.search(r"(?m)^acl_file (\S+)$", conf).group(1)
+    assert str(PurePosixPath(acl).parent) in mounts
+    data = re.search(r"(?m)^persistence_location (\S+)$", conf).group(1).rstrip("/")
+    assert data in mounts and not mounts[data].get("readOnly")
+    claims = {t["metadata"]["name"] for t in broker["spec"]["volumeClaimTemplates"]}
+    assert mounts[data]["name"] in claims   # persistence on the StatefulSet's own volume
+    plugin = re.search(r"(?m)^plugin (\S+)$", conf).group(1)
+    assert plugin in (DEPLOY / "docker" / "Dockerfile.broker").read_text()
+    assert c["command"][-1] == str(PurePosixPath(acl).parent / "mosquitto.conf")
+    # The two listeners are the two container ports the Services point at.
+    listeners = {int(p) for p in re.findall(r"(?m)^listener (\d+) ", conf)}
+    assert listeners == {p["containerPort"] for p in c["ports"]}
+
+
+# -- services and URLs ----------------------------------------------------------------------
+
+def test_services_select_pods_and_name_ports_they_have():
+    workloads = OUR_WORKLOADS
+    for svc in [d for _, d in DOCS if d["kind"] == "Service"]:
+        sel = svc["spec"]["selector"]
+        targets = [w for w in workloads if _ns(w) == _ns(svc) and sel.items() <= _pod_labels(w).items()]
+        assert targets, f"Service {_name(svc)} selects no pod"
+        for port in svc["spec"].get("ports", []):
+            t = port.get("targetPort", port["port"])
+            for w in targets:
+                ports = [p for c in _pod_spec(w)["containers"] for p in c.get("ports", [])]
+                assert any(p.get("name") == t or p["containerPort"] == t for p in ports), (_name(svc), t)
+
+
+def _expanded_args(w: dict, c: dict) -> list[str]:
+    """command[1:] + args with $(VAR) replaced as the kubelet would, by values from this repo."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "configMapKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["configMapKeyRef"]
+            cms = [d for _, d in DOCS if d["kind"] == "ConfigMap" and _name(d) == ref["name"] and _ns(d) == _ns(w)]
+            value = cms[0]["data"].get(ref["key"]) if cms else "value-from-config-map"
+            if value is not None:   # an optional key that is absent leaves the variable unset
+                env[e["name"]] = value
+        elif "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = f"{_name(w)}-0"   # metadata.name of a pod of this workload
+        else:
+            env[e["name"]] = "value-from-secret"
+
+    def sub(m: re.Match) -> str:
+        assert m.group(1) in env, f"{_name(w)}/{c['name']}: $({m.group(1)}) is not defined in its env"
+        return env[m.group(1)]
+
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, a) for a in c["command"][1:] + c.get("args", [])]
+
+
+def _cogbert_containers() -> list[tuple[dict, dict]]:
+    out = [(w, c) for w in OUR_WORKLOADS + [_loop_job()] for c in _containers(_pod_spec(w))
+           if c.get("command", [""])[0] == "cogbert"]
+    return out
+
+
+def test_services_reach_the_broker_at_a_service_that_exposes_that_port():
+    for w, c in _cogbert_containers():
+        argv = _expanded_args(w, c)
+        if "--broker" not in argv:
+            continue
+        url = re.fullmatch(r"mqtts://([^:/]+):(\d+)", _arg(argv, "--broker"))
+        assert url, _arg(argv, "--broker")
+        host, port = url.group(1), int(url.group(2))
+        name, ns = host.split(".")[0], host.split(".")[1]
+        svc = _find("Service", name)
+        assert _ns(svc) == ns and port in [p["port"] for p in svc["spec"]["ports"]], (host, port)
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The subparser that handles ``argv`` and the arguments left for it."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return parser, argv
+        i = next(i for i, a in enumerate(argv) if not a.startswith("-"))
+        parser, argv = subs[0].choices[argv[i]], argv[i + 1:]
+
+
+SETTINGS = {("cloud", "ingest"): ("cogbert_cloud.ingest", "IngestSettings", "INGEST_"),
+            ("cloud", "serve"): ("cogbert_cloud.service", "ServeSettings", "SERVE_"),
+            ("device", "simulate"): ("cogbert_cloud.simulate", "SimulateSettings", "SIM_")}
+
+
+def test_every_cogbert_command_line_is_accepted_by_the_cli(capsys):
+    import importlib
+
+    from cogbert_cloud.cli import build_parser
+    from cogbert_edge.settings import from_args
+
+    seen = set()
+    for w, c in _cogbert_containers():
+        argv = _expanded_args(w, c)
+        where = f"{_name(w)}/{c['name']}: cogbert {' '.join(argv)}"
+        parser = build_parser()
+        try:
+            ns = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}\n{capsys.readouterr().err}")
+        # Exact flag names: argparse would also take an abbreviation, which a later flag could
+        # make ambiguous.
+        leaf, rest = _leaf_parser(build_parser(), argv)
+        known = {s for a in leaf._actions for s in a.option_strings}
+        for tok in rest:
+            if tok.startswith("--"):
+                assert tok.split("=")[0] in known, f"{where}: {tok} is not a flag of this command"
+        key = tuple(a for a in argv if not a.startswith("-"))[:2]
+        if key in SETTINGS:
+            mod, cls, prefix = SETTINGS[key]
+            from_args(getattr(importlib.import_module(mod), cls), ns, env_prefix=prefix)   # typed values
+        seen.add(key)
+    assert {("cloud", "ingest"), ("cloud", "serve"), ("release", "signer"), ("cloud", "train"),
+            ("device", "simulate")} <= seen
+
+
+def test_the_cli_check_catches_an_invented_flag(capsys):
+    from cogbert_cloud.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["cloud", "ingest", "--replicas", "2"])
+    leaf, rest = _leaf_parser(build_parser(), ["cloud", "ingest", "--client", "x"])
+    assert "--client" not in {s for a in leaf._actions for s in a.option_strings}
+
+
+# -- network policies -----------------------------------------------------------------------
+
+POLICIES = [d for _, d in DOCS if d["kind"] == "NetworkPolicy"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels") and not selector.get("matchExpressions"):
+        return True
+    ok = selector.get("matchLabels", {}).items() <= labels.items()
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] == "In":
+            ok &= labels.get(e["key"]) in e["values"]
+        elif e["operator"] == "NotIn":
+            ok &= labels.get(e["key"]) not in e["values"]
+        elif e["operator"] == "Exists":
+            ok &= e["key"] in labels
+        else:
+            ok &= e["key"] not in labels
+    return ok
+
+
+def _peer_admits(peer: dict, pod_labels: dict, pod_ns: str, policy_ns: str) -> bool:
+    if "ipBlock" in peer:
+        return False   # pods are matched by selectors here, never by address
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod_ns}):
+            return False
+    elif pod_ns != policy_ns:
+        return False
+    return _selects(peer.get("podSelector", {}), pod_labels)
+
+
+def _port_ok(rule: dict, port: int) -> bool:
+    return not rule.get("ports") or any(p.get("port") == port for p in rule["ports"])
+
+
+def _ingress_allowed(dst: tuple[str, dict], src: tuple[str, dict] | None, port: int) -> bool:
+    """Whether src (namespace, pod labels; None: outside the cluster) may open port on dst."""
+    dst_ns, dst_labels = dst
+    applying = [p for p in POLICIES if _ns(p) == dst_ns and "Ingress" in p["spec"]["policyTypes"]
+                and _selects(p["spec"]["podSelector"], dst_labels)]
+    if not applying:
+        return True
+    for p in applying:
+        for rule in p["spec"].get("ingress", []):
+            if not _port_ok(rule, port):
+                continue
+            if "from" not in rule or (src is not None and any(_peer_admits(peer, src[1], src[0], dst_ns)
+                                                                for peer in rule["from"])):
+                return True
+    return False
+
+
+def _egress_allowed(src: tuple[str, dict], dst: tuple[str, dict], port: int) -> bool:
+    src_ns, src_labels = src
+    applying = [p for p in POLICIES if _ns(p) == src_ns and "Egress" in p["spec"]["policyTypes"]
+                and _selects(p["spec"]["podSelector"], src_labels)]
+    if not applying:
+        return True
+    return any(_port_ok(rule, port) and ("to" not in rule or any(_peer_admits(peer, dst[1], dst[0], src_ns)
+                                                                  for peer in rule["to"]))
+               for p in applying for rule in p["spec"].get("egress", []))
+
+
+def _pods() -> dict[str, tuple[str, dict]]:
+    pods = {_component(w): (_ns(w), _pod_labels(w)) for w in OUR_WORKLOADS}
+    loop = _loop_job()
+    pods["loop-trainer"] = (_ns(loop), loop["spec"]["template"]["metadata"]["labels"])
+    return pods
+
+
+def test_every_namespace_denies_by_default_and_every_pod_has_its_own_policy():
+    namespaces = {_ns(w) for w in OUR_WORKLOADS}
+    for ns in namespaces:
+        deny = [p for p in POLICIES if _ns(p) == ns and p["spec"]["podSelector"] == {}
+                and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+                and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+        assert deny, f"no default-deny policy in {ns}"
+    for name, (ns, labels) in _pods().items():
+        own = [p for p in POLICIES if _ns(p) == ns and p["spec"]["podSelector"] != {}
+               and _selects(p["spec"]["podSelector"], labels)]
+        assert own, f"no NetworkPolicy selects the {name} pods"
+
+
+def test_only_ingestion_and_the_controller_reach_the_service_listener():
+    pods = _pods()
+    broker = pods["broker"]
+    allowed = {n for n, p in pods.items() if n != "broker" and _ingress_allowed(broker, p, 8884)
+               and _egress_allowed(p, broker, 8884)}
+    assert allowed == {"ingest", "controller"}
+    assert not _ingress_allowed(broker, None, 8884)   # nothing from outside the cluster
+
+
+def test_devices_reach_the_device_listener_from_anywhere():
+    pods = _pods()
+    assert _ingress_allowed(pods["broker"], None, 8883)
+    assert _ingress_allowed(pods["broker"], pods["sim"], 8883) and _egress_allowed(pods["sim"], pods["broker"], 8883)
+    assert not _egress_allowed(pods["sim"], pods["broker"], 8884)
+
+
+def test_the_api_is_reachable_from_the_monitoring_and_ingress_namespaces_only():
+    pods = _pods()
+    controller = pods["controller"]
+    assert _ingress_allowed(controller, ("monitoring", {"app": "prometheus"}), 8080)
+    assert _ingress_allowed(controller, ("ingress-nginx", {"app": "ingress-nginx"}), 8080)
+    assert not _ingress_allowed(controller, None, 8080)
+    for name, pod in pods.items():
+        if name != "controller":
+            assert not _ingress_allowed(controller, pod, 8080), name
+    # Nothing reaches the signer, on any port.
+    for name, pod in pods.items():
+        assert not _ingress_allowed(pods["signer"], pod, 8080), name
+    assert not _ingress_allowed(pods["signer"], None, 443)
+
+
+def test_the_policy_evaluation_is_not_vacuous():
+    # Without the broker's policy, the sims could reach the service listener: the evaluator
+    # must see that, or the tests above would pass whatever the policies said.
+    global POLICIES
+    saved = POLICIES
+    try:
+        POLICIES = [p for p in saved if _name(p) != "broker"]
+        pods = _pods()
+        assert _ingress_allowed(pods["broker"], pods["sim"], 8884) is False   # default deny remains
+        POLICIES = [p for p in saved if _name(p) not in ("broker", "default-deny")]
+        assert _ingress_allowed(pods["broker"], pods["sim"], 8884) is True
+    finally:
+        POLICIES = saved
+
+
+# -- the distributed trainer ----------------------------------------------------------------
+
+def test_the_distributed_trainer_hostfile_matches_its_indexed_job_and_service():
+    job = _find("Job", "cogbert-train-dist")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    pod = spec["template"]["spec"]
+    svc = _find("Service", pod["subdomain"])
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"].items() <= _pod_labels(job).items()
+    train = next(c for c in pod["containers"] if c["name"] == "train")
+    env = {e["name"]: e for e in train["env"]}
+    assert env["MLX_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    hostfile = PurePosixPath(env["MLX_HOSTFILE"]["value"])
+    mount = next(m for m in train["volumeMounts"] if PurePosixPath(m["mountPath"]) == hostfile.parent)
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    cm = _find("ConfigMap", volume["configMap"]["name"])
+    ranks = json.loads(cm["data"][hostfile.name])
+    port = train["ports"][0]["containerPort"]
+    assert ranks == [[f"{_name(job)}-{i}.{pod['subdomain']}:{port}"] for i in range(spec["completions"])]
+    assert port in [p["port"] for p in svc["spec"]["ports"]]
+    # The ranks may talk to each other on that port, and nobody else may.
+    me = (_ns(job), _pod_labels(job))
+    assert _ingress_allowed(me, me, port) and _egress_allowed(me, me, port)
+    assert not _ingress_allowed(me, _pods()["sim"], port)
+    # Every rank runs the same training command (one ring, one model).
+    assert train["command"] == ["cogbert"] and train["args"][:2] == ["cloud", "train"]
