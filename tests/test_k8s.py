@@ -64,9 +64,9 @@ def _load(path: Path) -> list[dict]:
 
 DOCS: list[tuple[Path, dict]] = [(p, d) for p in _manifest_files() for d in _load(p)]
 EXAMPLE_DOCS = _load(EXAMPLES)
-BASE_FILES = {BASE / r for r in yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"]}
+BASE_KUSTOMIZATION = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+BASE_FILES = {BASE / r for r in BASE_KUSTOMIZATION["resources"]}
 BASE_DOCS = [d for p, d in DOCS if p in BASE_FILES]
-JOB_DOCS = [d for p, d in DOCS if p.parent == BASE / "jobs"]
 
 
 def _name(doc: dict) -> str:
@@ -108,8 +108,9 @@ def _loop_job() -> dict:
     controller = _find("Deployment", "cogbert-controller")
     args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
     ns = args[args.index("--namespace") + 1]
-    trainer = KubernetesJobTrainer(LoopSettings(store_url="s3://bucket/prefix"), open_store("file:///tmp/x"),
-                                   namespace=ns, image=args[args.index("--image") + 1])
+    trainer = KubernetesJobTrainer(LoopSettings(store_url="s3://bucket/prefix"),
+                                   open_store("file:///tmp/x"), namespace=ns,
+                                   image=args[args.index("--image") + 1])
     return trainer.manifest("cogbert-train-1", "loop/x/init.safetensors", "loop/x", 1000)
 
 
@@ -135,7 +136,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(path):
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as e:
                 where = ".".join(map(str, e.path))
-                pytest.fail(f"{path.name}: {doc['kind']}/{_name(doc)} against {version}: {where}: {e.message}")
+                pytest.fail(f"{path.name}: {doc['kind']}/{_name(doc)} against {version}: "
+                            f"{where}: {e.message}")
 
 
 def test_the_schema_check_refuses_what_kubernetes_would():
@@ -159,11 +161,12 @@ def test_the_kustomization_lists_every_manifest_of_the_base_and_only_existing_fi
     for p in listed:
         assert p.is_file(), f"kustomization.yaml lists {p.name}, which does not exist"
     on_disk = {p for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"}
-    assert on_disk - set(listed) == set(), f"not in kustomization.yaml: {sorted(on_disk - set(listed))}"
+    missing = sorted(on_disk - set(listed))
+    assert not missing, f"not in kustomization.yaml: {missing}"
     for gen in k.get("configMapGenerator", []) + k.get("secretGenerator", []):
         for f in gen.get("files", []):
             assert (BASE / f.split("=")[-1]).is_file(), f
-    assert "namespace" not in k, "a kustomize namespace would move the signer out of cogbert-signing"
+    assert "namespace" not in k, "a kustomize namespace would move the signer out of its namespace"
     for kfile in OVERLAYS.rglob("kustomization.yaml"):
         for r in yaml.safe_load(kfile.read_text())["resources"]:
             assert (kfile.parent / r).exists(), f"{kfile} lists {r}, which does not exist"
@@ -173,7 +176,8 @@ def _kustomize(path: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -186,15 +190,16 @@ def test_kustomize_renders_the_base_into_valid_objects_in_the_right_namespaces()
     signer = _find("Deployment", "cogbert-signer", docs)
     assert _ns(signer) == SIGNING_NAMESPACE
     # The generated ConfigMap's hashed name is the one the broker mounts.
-    config = [d for d in docs if d["kind"] == "ConfigMap" and _name(d).startswith("cogbert-broker-config-")]
+    config = [d for d in docs if d["kind"] == "ConfigMap"
+              and _name(d).startswith("cogbert-broker-config-")]
     assert len(config) == 1
     broker = _find("StatefulSet", "cogbert-broker", docs)
     mounted = [v["configMap"]["name"] for v in _pod_spec(broker)["volumes"] if "configMap" in v]
     assert _name(config[0]) in mounted
     assert config[0]["data"]["mosquitto.conf"] == (BASE / "broker" / "mosquitto.conf").read_text()
     # Same objects as the files list, nothing lost or added.
-    assert sorted((d["kind"], _name(d)) for d in docs if d["kind"] != "ConfigMap" or "broker" not in _name(d)) == \
-        sorted((d["kind"], _name(d)) for d in BASE_DOCS)
+    rendered = sorted((d["kind"], _name(d)) for d in docs if d is not config[0])
+    assert rendered == sorted((d["kind"], _name(d)) for d in BASE_DOCS)
 
 
 def test_the_monitoring_overlay_adds_a_service_monitor_that_selects_the_api():
@@ -259,7 +264,8 @@ def test_the_controller_may_create_jobs_in_its_namespace_and_nothing_more():
     subject = {"kind": "ServiceAccount", "name": sa, "namespace": _ns(controller)}
     bindings = [d for _, d in DOCS if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
                 and subject in d.get("subjects", [])]
-    assert bindings and all(b["kind"] == "RoleBinding" and _ns(b) == _ns(controller) for b in bindings)
+    assert bindings
+    assert all(b["kind"] == "RoleBinding" and _ns(b) == _ns(controller) for b in bindings)
     verbs_on_jobs = set()
     for b in bindings:
         assert b["roleRef"]["kind"] == "Role"
@@ -267,7 +273,8 @@ def test_the_controller_may_create_jobs_in_its_namespace_and_nothing_more():
         assert _ns(role) == _ns(controller)
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-            assert not {"secrets", "serviceaccounts", "roles", "rolebindings"} & set(rule["resources"]), rule
+            forbidden = {"secrets", "serviceaccounts", "roles", "rolebindings"}
+            assert not forbidden & set(rule["resources"]), rule
             if "batch" in rule["apiGroups"] and "jobs" in rule["resources"]:
                 verbs_on_jobs |= set(rule["verbs"])
     # What loop.py's kubectl apply and kubectl wait need.
@@ -285,10 +292,9 @@ def _ref_map(docs: list[dict]) -> dict[tuple[str, str, str], set[str]]:
     out = {}
     for d in docs:
         if d["kind"] in ("ConfigMap", "Secret"):
-            keys = set(d.get("data", {})) | set(d.get("stringData", {})) | set(d.get("binaryData", {}))
+            keys = {k for field in ("data", "stringData", "binaryData") for k in d.get(field, {})}
             out[(d["kind"], _ns(d), _name(d))] = keys
-    k = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    for gen in k.get("configMapGenerator", []):
+    for gen in BASE_KUSTOMIZATION.get("configMapGenerator", []):
         out[("ConfigMap", gen["namespace"], gen["name"])] = {Path(f).name for f in gen["files"]}
     return out
 
@@ -299,13 +305,16 @@ def test_every_secret_and_config_map_a_pod_needs_is_defined_or_described():
         ns, spec = _ns(w), _pod_spec(w)
         needs: list[tuple[str, str, str | None, bool]] = []
         for v in spec.get("volumes", []):
-            for kind, src, name in (("Secret", v.get("secret"), "secretName"), ("ConfigMap", v.get("configMap"), "name")):
+            for kind, src, field in (("Secret", v.get("secret"), "secretName"),
+                                     ("ConfigMap", v.get("configMap"), "name")):
                 if src:
-                    needs += [(kind, src[name], it["key"], False) for it in src.get("items", [])] or [(kind, src[name], None, False)]
+                    items = [(kind, src[field], it["key"], False) for it in src.get("items", [])]
+                    needs += items or [(kind, src[field], None, False)]
             for s in v.get("projected", {}).get("sources", []):
                 for kind, key in (("Secret", "secret"), ("ConfigMap", "configMap")):
                     if key in s:
-                        needs += [(kind, s[key]["name"], it["key"], False) for it in s[key].get("items", [])]
+                        needs += [(kind, s[key]["name"], it["key"], False)
+                                  for it in s[key].get("items", [])]
         for c in _containers(spec):
             for e in c.get("env", []):
                 for kind, key in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
@@ -317,9 +326,9 @@ def test_every_secret_and_config_map_a_pod_needs_is_defined_or_described():
                     if key in e:
                         needs.append((kind, e[key]["name"], None, False))
         for kind, name, key, optional in needs:
-            assert (kind, ns, name) in defined, f"{_name(w)} needs {kind} {ns}/{name}, defined nowhere"
+            assert (kind, ns, name) in defined, f"{_name(w)} needs {kind} {ns}/{name}: undefined"
             if key is not None and not optional:
-                assert key in defined[(kind, ns, name)], f"{_name(w)} needs key {key} of {kind} {name}"
+                assert key in defined[(kind, ns, name)], f"{_name(w)} needs {key} of {kind} {name}"
 
 
 def test_no_key_or_certificate_is_committed_under_deploy():
@@ -328,8 +337,9 @@ def test_no_key_or_certificate_is_committed_under_deploy():
         if p.is_file():
             assert not pem.search(p.read_text(errors="replace")), f"{p} holds a PEM block"
     for d in EXAMPLE_DOCS:
-        plain = {**d.get("stringData", {}), **(d.get("data", {}) if d["kind"] == "ConfigMap" else {})}
-        encoded = {**d.get("binaryData", {}), **(d.get("data", {}) if d["kind"] == "Secret" else {})}
+        data = d.get("data", {})
+        plain = {**d.get("stringData", {}), **(data if d["kind"] == "ConfigMap" else {})}
+        encoded = {**d.get("binaryData", {}), **(data if d["kind"] == "Secret" else {})}
         for key, value in plain.items():
             assert value == "" or value.startswith("<"), f"{_name(d)}/{key} is not a placeholder"
         for key, value in encoded.items():
@@ -338,7 +348,8 @@ def test_no_key_or_certificate_is_committed_under_deploy():
 
 # -- pods -----------------------------------------------------------------------------------
 
-_UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
 def _quantity(q: str | int) -> float:
@@ -352,8 +363,9 @@ def test_every_container_has_requests_and_limits():
         for c in _containers(_pod_spec(w)):
             res = c.get("resources", {})
             for r in ("cpu", "memory"):
-                assert r in res.get("requests", {}) and r in res.get("limits", {}), f"{_name(w)}/{c['name']}: {r}"
-                assert _quantity(res["requests"][r]) <= _quantity(res["limits"][r]), f"{_name(w)}/{c['name']}"
+                where = f"{_name(w)}/{c['name']}: {r}"
+                assert r in res.get("requests", {}) and r in res.get("limits", {}), where
+                assert _quantity(res["requests"][r]) <= _quantity(res["limits"][r]), where
 
 
 def test_serving_containers_have_readiness_and_liveness_probes():
@@ -421,7 +433,8 @@ def test_the_controller_is_one_replica_recreated_never_rolled():
 
 def test_ingestion_scales_on_cpu_with_a_client_id_per_pod():
     hpa = _find("HorizontalPodAutoscaler", "cogbert-ingest")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "cogbert-ingest"}
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": "cogbert-ingest"}
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     c = _pod_spec(_find("Deployment", "cogbert-ingest"))["containers"][0]
     assert "$(POD_NAME)" in c["args"][c["args"].index("--client-id") + 1]
@@ -460,7 +473,7 @@ def test_each_service_finds_its_identity_where_its_pki_flag_points():
         identity = _arg(c["args"], "--identity") if "--identity" in c["args"] else identity_default
         need = {str(pki / "ca.pem"), str(pki / "services" / identity / "cert.pem"),
                 str(pki / "services" / identity / "key.pem")}
-        assert need <= _provided_files(spec, c), f"{name}: missing {need - _provided_files(spec, c)}"
+        assert need <= _provided_files(spec, c), f"{name}: no {need - _provided_files(spec, c)}"
     signer = _find("Deployment", "cogbert-signer")
     c = _pod_spec(signer)["containers"][0]
     key = str(PurePosixPath(_arg(c["args"], "--keys")) / "private" / "release-key.pem")
@@ -468,7 +481,8 @@ def test_each_service_finds_its_identity_where_its_pki_flag_points():
 
 
 def _load_render():
-    spec = importlib.util.spec_from_file_location("cogbert_k8s_render", BASE / "broker" / "render.py")
+    path = BASE / "broker" / "render.py"
+    spec = importlib.util.spec_from_file_location("cogbert_k8s_render", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -483,7 +497,7 @@ def test_the_broker_config_is_what_cogbert_broker_config_generates(tmp_path):
     rendered = _load_render().render(tmp_path / "pki")
     for name, text in rendered.items():
         assert (BASE / "broker" / name).read_text() == text, \
-            f"deploy/k8s/broker/{name} differs from the generator's: run deploy/k8s/broker/render.py"
+            f"deploy/k8s/broker/{name} is not the generator's: run deploy/k8s/broker/render.py"
     assert str(tmp_path) not in rendered["mosquitto.conf"]
 
 
@@ -493,7 +507,8 @@ def test_every_file_the_broker_config_names_is_mounted_there():
     spec = _pod_spec(broker)
     c = spec["containers"][0]
     provided = _provided_files(spec, c)
-    files = re.findall(r"(?m)^(?:cafile|certfile|keyfile|crlfile|plugin_opt_revoked_file) (\S+)$", conf)
+    files = re.findall(r"(?m)^(?:cafile|certfile|keyfile|crlfile|plugin_opt_revoked_file) (\S+)$",
+                       conf)
     assert len(files) >= 5
     assert set(files) <= provided, set(files) - provided
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -517,13 +532,15 @@ def test_services_select_pods_and_name_ports_they_have():
     workloads = OUR_WORKLOADS
     for svc in [d for _, d in DOCS if d["kind"] == "Service"]:
         sel = svc["spec"]["selector"]
-        targets = [w for w in workloads if _ns(w) == _ns(svc) and sel.items() <= _pod_labels(w).items()]
+        targets = [w for w in workloads
+                   if _ns(w) == _ns(svc) and sel.items() <= _pod_labels(w).items()]
         assert targets, f"Service {_name(svc)} selects no pod"
         for port in svc["spec"].get("ports", []):
             t = port.get("targetPort", port["port"])
             for w in targets:
                 ports = [p for c in _pod_spec(w)["containers"] for p in c.get("ports", [])]
-                assert any(p.get("name") == t or p["containerPort"] == t for p in ports), (_name(svc), t)
+                assert any(p.get("name") == t or p["containerPort"] == t for p in ports), \
+                    (_name(svc), t)
 
 
 def _expanded_args(w: dict, c: dict) -> list[str]:
@@ -534,7 +551,8 @@ def _expanded_args(w: dict, c: dict) -> list[str]:
             env[e["name"]] = e["value"]
         elif "configMapKeyRef" in e.get("valueFrom", {}):
             ref = e["valueFrom"]["configMapKeyRef"]
-            cms = [d for _, d in DOCS if d["kind"] == "ConfigMap" and _name(d) == ref["name"] and _ns(d) == _ns(w)]
+            cms = [d for _, d in DOCS if d["kind"] == "ConfigMap" and _name(d) == ref["name"]
+                   and _ns(d) == _ns(w)]
             value = cms[0]["data"].get(ref["key"]) if cms else "value-from-config-map"
             if value is not None:   # an optional key that is absent leaves the variable unset
                 env[e["name"]] = value
@@ -544,10 +562,11 @@ def _expanded_args(w: dict, c: dict) -> list[str]:
             env[e["name"]] = "value-from-secret"
 
     def sub(m: re.Match) -> str:
-        assert m.group(1) in env, f"{_name(w)}/{c['name']}: $({m.group(1)}) is not defined in its env"
+        assert m.group(1) in env, f"{_name(w)}/{c['name']}: $({m.group(1)}) is not in its env"
         return env[m.group(1)]
 
-    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, a) for a in c["command"][1:] + c.get("args", [])]
+    argv = c["command"][1:] + c.get("args", [])
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, a) for a in argv]
 
 
 def _cogbert_containers() -> list[tuple[dict, dict]]:
@@ -571,7 +590,8 @@ def test_services_reach_the_broker_at_a_service_that_exposes_that_port():
 
 # -- the CLI --------------------------------------------------------------------------------
 
-def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+def _leaf_parser(parser: argparse.ArgumentParser,
+                 argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
     """The subparser that handles ``argv`` and the arguments left for it."""
     while True:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -611,7 +631,8 @@ def test_every_cogbert_command_line_is_accepted_by_the_cli(capsys):
         key = tuple(a for a in argv if not a.startswith("-"))[:2]
         if key in SETTINGS:
             mod, cls, prefix = SETTINGS[key]
-            from_args(getattr(importlib.import_module(mod), cls), ns, env_prefix=prefix)   # typed values
+            # The typed values (ints, floats, booleans), as the command would read them.
+            from_args(getattr(importlib.import_module(mod), cls), ns, env_prefix=prefix)
         seen.add(key)
     assert {("cloud", "ingest"), ("cloud", "serve"), ("release", "signer"), ("cloud", "train"),
             ("device", "simulate")} <= seen
@@ -672,8 +693,10 @@ def _ingress_allowed(dst: tuple[str, dict], src: tuple[str, dict] | None, port: 
         for rule in p["spec"].get("ingress", []):
             if not _port_ok(rule, port):
                 continue
-            if "from" not in rule or (src is not None and any(_peer_admits(peer, src[1], src[0], dst_ns)
-                                                                for peer in rule["from"])):
+            if "from" not in rule:
+                return True
+            if src is not None and any(_peer_admits(peer, src[1], src[0], dst_ns)
+                                       for peer in rule["from"]):
                 return True
     return False
 
@@ -684,9 +707,20 @@ def _egress_allowed(src: tuple[str, dict], dst: tuple[str, dict], port: int) -> 
                 and _selects(p["spec"]["podSelector"], src_labels)]
     if not applying:
         return True
-    return any(_port_ok(rule, port) and ("to" not in rule or any(_peer_admits(peer, dst[1], dst[0], src_ns)
-                                                                  for peer in rule["to"]))
+    return any(_port_ok(rule, port)
+               and ("to" not in rule
+                    or any(_peer_admits(peer, dst[1], dst[0], src_ns) for peer in rule["to"]))
                for p in applying for rule in p["spec"].get("egress", []))
+
+
+def _egress_outside(src: tuple[str, dict], port: int) -> bool:
+    """Whether src may open port on an address outside the cluster (the object store)."""
+    src_ns, src_labels = src
+    applying = [p for p in POLICIES if _ns(p) == src_ns and "Egress" in p["spec"]["policyTypes"]
+                and _selects(p["spec"]["podSelector"], src_labels)]
+    return not applying or any(
+        _port_ok(rule, port) and ("to" not in rule or any("ipBlock" in peer for peer in rule["to"]))
+        for p in applying for rule in p["spec"].get("egress", []))
 
 
 def _pods() -> dict[str, tuple[str, dict]]:
@@ -721,8 +755,19 @@ def test_only_ingestion_and_the_controller_reach_the_service_listener():
 def test_devices_reach_the_device_listener_from_anywhere():
     pods = _pods()
     assert _ingress_allowed(pods["broker"], None, 8883)
-    assert _ingress_allowed(pods["broker"], pods["sim"], 8883) and _egress_allowed(pods["sim"], pods["broker"], 8883)
+    assert _ingress_allowed(pods["broker"], pods["sim"], 8883)
+    assert _egress_allowed(pods["sim"], pods["broker"], 8883)
     assert not _egress_allowed(pods["sim"], pods["broker"], 8884)
+
+
+def test_whoever_uses_the_object_store_reaches_it_and_the_broker_reaches_nothing():
+    pods = _pods()
+    # The simulators download release bundles from presigned store URLs, like real devices.
+    for name in ("ingest", "controller", "trainer", "loop-trainer", "trainer-dist", "signer",
+                 "sim"):
+        assert _egress_outside(pods[name], 443), name
+    assert not _egress_outside(pods["broker"], 443)
+    assert not any(_egress_allowed(pods["broker"], pod, 443) for pod in pods.values())
 
 
 def test_the_api_is_reachable_from_the_monitoring_and_ingress_namespaces_only():
@@ -770,12 +815,14 @@ def test_the_distributed_trainer_hostfile_matches_its_indexed_job_and_service():
     assert env["MLX_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     hostfile = PurePosixPath(env["MLX_HOSTFILE"]["value"])
-    mount = next(m for m in train["volumeMounts"] if PurePosixPath(m["mountPath"]) == hostfile.parent)
+    mount = next(m for m in train["volumeMounts"]
+                 if PurePosixPath(m["mountPath"]) == hostfile.parent)
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     cm = _find("ConfigMap", volume["configMap"]["name"])
     ranks = json.loads(cm["data"][hostfile.name])
     port = train["ports"][0]["containerPort"]
-    assert ranks == [[f"{_name(job)}-{i}.{pod['subdomain']}:{port}"] for i in range(spec["completions"])]
+    assert ranks == [[f"{_name(job)}-{i}.{pod['subdomain']}:{port}"]
+                     for i in range(spec["completions"])]
     assert port in [p["port"] for p in svc["spec"]["ports"]]
     # The ranks may talk to each other on that port, and nobody else may.
     me = (_ns(job), _pod_labels(job))

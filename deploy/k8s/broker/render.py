@@ -62,7 +62,8 @@ def render(pki_dir: Path) -> dict[str, str]:
             os.environ["COGBERT_MOSQUITTO_PLUGIN"] = saved
     conf = files["mosquitto.conf"]
     # Longest paths first: the data dir and the config dir share the scratch prefix.
-    conf = conf.replace(str(data), POD_DATA).replace(str(out), POD_CONF).replace(str(pki_dir), POD_PKI)
+    for local, pod in ((data, POD_DATA), (out, POD_CONF), (pki_dir, POD_PKI)):
+        conf = conf.replace(str(local), pod)
     conf = re.sub(r"(?m)^user .*$", "user mosquitto", conf)
     files["mosquitto.conf"] = conf
     return files
