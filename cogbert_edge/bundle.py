@@ -40,9 +40,10 @@ MAX_RANK = 4
 _MAX_QUOTES = 8 * 1024
 _MAX_CONTAINERS = 2 * 1024
 _DTYPES = {"F32": np.dtype("<f4"), "U32": np.dtype("<u4")}
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_TENSOR_RE = re.compile(r"^[a-z0-9_.]{1,128}$")
-_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+# Whole-string matches (fullmatch: no trailing newline) over ASCII only ([0-9], not \d).
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_TENSOR_RE = re.compile(r"[a-z0-9_.]{1,128}")
+_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
 _REQUIRED_META = {"format", "format_version", "model_id", "architecture", "config",
                   "normalization", "quantization", "created_at", "parent"}
 
@@ -158,6 +159,8 @@ def load_bundle(source: Source) -> Bundle:
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source) if not isinstance(source, bytes) else source
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{len(data)} bytes is over the {MAX_BUNDLE_BYTES}-byte bundle limit")
     else:
         path = Path(source)
         try:
@@ -212,7 +215,7 @@ def _parse_safetensors(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarra
     body = memoryview(data)[8 + n:]
     spans = []
     for name, entry in header.items():
-        if not _TENSOR_RE.match(name):
+        if not _TENSOR_RE.fullmatch(name):
             raise BundleError(f"invalid tensor name {name[:64]!r}")
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise BundleError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
@@ -291,6 +294,10 @@ def _from_parts(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> Bundle:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)):
         raise BundleError("normalization.clip must be a number")
     try:
+        clip = float(clip)
+    except OverflowError:
+        raise BundleError("normalization.clip is too large for a double") from None
+    try:
         config = ModelConfig.from_dict(_json_field(meta, "config"), obs_clip=clip)
     except ConfigError as e:
         raise BundleError(f"invalid model config: {e}") from None
@@ -328,11 +335,11 @@ def expected_tensors(config: ModelConfig, quant: Mapping[str, QuantSpec]) -> dic
 
 
 def _validate(b: Bundle) -> None:
-    if not _NAME_RE.match(b.model_id):
+    if not _NAME_RE.fullmatch(b.model_id):
         raise BundleError(f"model_id {b.model_id[:40]!r} must match {_NAME_RE.pattern}")
-    if b.parent and not _NAME_RE.match(b.parent):
+    if b.parent and not _NAME_RE.fullmatch(b.parent):
         raise BundleError(f"parent {b.parent[:40]!r} must be empty or a model id")
-    if not _TIME_RE.match(b.created_at):
+    if not _TIME_RE.fullmatch(b.created_at):
         raise BundleError(f"created_at {b.created_at[:40]!r} is not an RFC 3339 UTC time (…Z)")
     for key, value in b.extra.items():
         if not key.startswith("x-") or not isinstance(value, str):

@@ -397,9 +397,9 @@ def _quirk_cases() -> dict[str, bytes]:
     cases = {
         "trailing tab and newline padding": _with_header(base, text + "\t\n\r"),
         "NUL padding": _with_header(base, text + "\0"),
-        "model_id with one trailing newline (Python re's $)": edit_meta(base, model_id="abc\n"),
+        "model_id with one trailing newline": edit_meta(base, model_id="abc\n"),
         "model_id with two trailing newlines": edit_meta(base, model_id="abc\n\n"),
-        "created_at with Arabic-Indic digits (Python re's \\d)": edit_meta(base, created_at="٢٠٢٦-11-01T12:00:00Z"),
+        "created_at with Arabic-Indic digits": edit_meta(base, created_at="٢٠٢٦-11-01T12:00:00Z"),
         "created_at with a fraction of 7 digits": edit_meta(base, created_at="2026-11-01T12:00:00.1234567Z"),
         "created_at with a trailing newline": edit_meta(base, created_at="2026-11-01T12:00:00.5Z\n"),
         "parent empty": edit_meta(base, parent=""),
@@ -450,12 +450,14 @@ def test_python_reader_quirks_and_edge_cases_get_the_same_verdict_from_c():
         assert py == c, f"{what}: Python {'accepts' if py else 'rejects'}, C {'accepts' if c else 'rejects'}"
 
 
-def test_the_python_quirks_the_c_reader_copies_are_real():
-    """If bundle.py tightens these (fullmatch, ASCII digits), the C reader must follow: this
-    test then fails and points at native/src/bundle.c (valid_model_id, valid_created_at)."""
+def test_both_readers_reject_the_forms_a_loose_regex_would_let_through():
+    """A trailing newline ($) and non-ASCII digits (\\d) are not valid in format v1; both
+    readers reject them (bundle.py uses fullmatch over ASCII classes, bundle.c checks by hand)."""
     cases = _quirk_cases()
-    assert _python_accepts(cases["model_id with one trailing newline (Python re's $)"])
-    assert _python_accepts(cases["created_at with Arabic-Indic digits (Python re's \\d)"])
+    for what in ("model_id with one trailing newline", "created_at with Arabic-Indic digits",
+                 "created_at with a trailing newline", "parent is a newline"):
+        assert not _python_accepts(cases[what]), what
+        assert not _c_accepts(cases[what]), what
     assert _python_accepts(cases["bits 4.0 and group 32.0"])
 
 

@@ -8,7 +8,6 @@
  * copies the weights out before the caller's buffer may go away.
  */
 #include "internal.h"
-#include "unicode_digits.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -68,16 +67,9 @@ static size_t utf8_bad_at(const unsigned char *s, size_t n) {
     return n;
 }
 
-/* Python's re `$` also matches just before one final "\n"; the reference reader uses it, so a
- * value "abc\n" passes its checks. Returns the length without that newline. */
-static size_t strip_final_newline(const char *s, size_t len) {
-    return len > 0 && s[len - 1] == '\n' ? len - 1 : len;
-}
-
-/* ^[A-Za-z0-9_.\-]{1,128}$ with Python's `$`. */
+/* [A-Za-z0-9_.-]{1,128}, the whole string. */
 static int valid_model_id(const char *s, size_t len) {
     size_t k;
-    len = strip_final_newline(s, len);
     if (len < 1 || len > 128)
         return 0;
     for (k = 0; k < len; k++) {
@@ -101,54 +93,21 @@ static int valid_tensor_name(const char *s, size_t len) {
     return 1;
 }
 
-/* Decode one code point of (W)UTF-8 at s[*i]; the string came out of the JSON decoder. */
-static unsigned long next_cp(const unsigned char *s, size_t len, size_t *i) {
-    unsigned char c = s[*i];
-    unsigned long cp;
-    size_t extra, k;
-    if (c < 0x80) { (*i)++; return c; }
-    if (c >= 0xF0) { cp = c & 0x07; extra = 3; }
-    else if (c >= 0xE0) { cp = c & 0x0F; extra = 2; }
-    else { cp = c & 0x1F; extra = 1; }
-    for (k = 1; k <= extra && *i + k < len; k++)
-        cp = (cp << 6) | (s[*i + k] & 0x3F);
-    *i += k;
-    return cp;
+static int is_digit(char c) {
+    return c >= '0' && c <= '9';
 }
 
-/* Python's \d: any Unicode decimal digit. */
-static int is_py_digit(unsigned long cp) {
-    size_t k;
-    for (k = 0; k < sizeof cb_digit_ranges / sizeof cb_digit_ranges[0]; k++)
-        if (cp >= cb_digit_ranges[k][0] && cp <= cb_digit_ranges[k][1])
-            return 1;
-    return 0;
-}
-
-/* ^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$ with Python's \d and `$`. */
-static int valid_created_at(const char *str, size_t len) {
+/* [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z, the whole string. */
+static int valid_created_at(const char *s, size_t len) {
     static const char pattern[] = "dddd-dd-ddTdd:dd:dd";
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0, k, frac = 0;
-    len = strip_final_newline(str, len);
-    for (k = 0; pattern[k]; k++) {
-        unsigned long cp;
-        if (i >= len)
-            return 0;
-        cp = next_cp(s, len, &i);
-        if (pattern[k] == 'd' ? !is_py_digit(cp) : cp != (unsigned char)pattern[k])
+    size_t i, frac = 0;
+    for (i = 0; pattern[i]; i++) {
+        if (i >= len || (pattern[i] == 'd' ? !is_digit(s[i]) : s[i] != pattern[i]))
             return 0;
     }
     if (i < len && s[i] == '.') {
-        i++;
-        while (i < len) {
-            size_t at = i;
-            if (!is_py_digit(next_cp(s, len, &i))) {
-                i = at;
-                break;
-            }
+        for (i++; i < len && is_digit(s[i]); i++)
             frac++;
-        }
         if (frac < 1 || frac > 6)
             return 0;
     }
@@ -710,11 +669,11 @@ static int read_metadata(ctx *c, const cb_json *hj, const cb_jnode *meta, cb_bun
     }
     v = cb_json_get(hj, meta, "model_id");
     if (!valid_model_id(cb_json_str(hj, v), v->len)) {
-        cb_set_error(c->err, COGBERT_ERR_BUNDLE, "model_id '%.40s' must match ^[A-Za-z0-9_.\\-]{1,128}$", cb_json_str(hj, v));
+        cb_set_error(c->err, COGBERT_ERR_BUNDLE, "model_id '%.40s' must match [A-Za-z0-9_.-]{1,128}", cb_json_str(hj, v));
         return COGBERT_ERR_BUNDLE;
     }
-    memcpy(b->model_id, cb_json_str(hj, v), strip_final_newline(cb_json_str(hj, v), v->len));
-    b->model_id[strip_final_newline(cb_json_str(hj, v), v->len)] = 0;
+    memcpy(b->model_id, cb_json_str(hj, v), v->len);
+    b->model_id[v->len] = 0;
     v = cb_json_get(hj, meta, "parent");
     if (v->len && !valid_model_id(cb_json_str(hj, v), v->len)) {
         cb_set_error(c->err, COGBERT_ERR_BUNDLE, "parent '%.40s' must be empty or a model id", cb_json_str(hj, v));
