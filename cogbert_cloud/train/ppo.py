@@ -67,7 +67,7 @@ class PPOConfig:
 # the zoo's 20 epochs at 1e-3 (measured over seeds: docs/training.md).
 PRESETS: dict[str, dict] = {
     "CartPoleNoVel-v1": dict(epochs=10, lr=3e-4, gamma=0.99, gae_lambda=0.95),
-    "ProductionChain-v0": dict(num_envs=16, rollout=128, epochs=4, minibatches=4, lr=5e-4, gamma=0.99,
+    "ProductionChain-v0": dict(num_envs=32, rollout=128, epochs=4, minibatches=4, lr=1e-3, gamma=0.99,
                                gae_lambda=0.95, ent_coef=0.01, encoder=(64,), hidden=64),
 }
 
@@ -291,11 +291,18 @@ class PPOTrainer:
         cfg_d["encoder"] = tuple(cfg_d["encoder"])
         t = cls(PPOConfig(**cfg_d), store=store, prefix=prefix)
         mx = t.mx
-        from mlx.utils import tree_unflatten
         t.params = {k[len("param."):]: v for k, v in ck.arrays.items() if k.startswith("param.")}
         t.params_mx = to_mx(t.params)
-        opt = [(k[len("opt."):], mx.array(v)) for k, v in ck.arrays.items() if k.startswith("opt.")]
-        t.opt.state = tree_unflatten(opt)
+        # The parameters are a flat dict with dotted names ("encoder.0.weight"), so the optimizer
+        # state is {name: {"m", "v"}, "step", "learning_rate"}: split at the last dot only
+        # (mlx.utils.tree_unflatten would nest "encoder" -> [0] -> "weight", and the optimizer
+        # would then start every moment from zero).
+        state: dict = {}
+        for k, v in ck.arrays.items():
+            if k.startswith("opt."):
+                name, _, leaf = k[len("opt."):].rpartition(".")
+                (state.setdefault(name, {}) if name else state)[leaf] = mx.array(v)
+        t.opt.state = state
         _load_env_state(t.env, ck.arrays, ck.state["env"])
         t.obs, t.h, t.c = ck.arrays["obs"], ck.arrays["h"], ck.arrays["c"]
         t.starts, t.ret_acc = ck.arrays["starts"], ck.arrays["ret_acc"]
