@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from . import edge, ingest, link, native, train, updates
+from . import edge, ingest, link, native, ope, train, updates
 
 # Suite name -> the module that registers it and prints its table (a module may hold several).
 SUITES = {"edge": edge, "link": link, "native": native, "ingest": ingest, "outbox": ingest,
-          "swap": updates, "rollout": updates, "train": train}
+          "swap": updates, "rollout": updates, "train": train, "ope": ope}
 
 
 def main(argv: list[str] | None = None) -> int:

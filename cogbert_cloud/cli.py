@@ -66,6 +66,8 @@ def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubP
 
     from .train import command as train_command
     train_command.register(csub)
+    from .gate import register as register_gate
+    register_gate(csub)
     from . import service
     service.register(csub, release_sub)
 
