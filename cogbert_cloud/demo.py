@@ -4,8 +4,8 @@ It generates a PKI and release keys, starts Mosquitto, ingestion, the rollout co
 the operator API, and N simulated devices (16) that run the initial policy on
 ProductionChain-v0 over mutual-TLS MQTT. Then R rounds (3) of collect -> retrain (V-trace on
 the fleet's logs, then PPO in the simulator) -> gate -> sign -> canary -> promote; in one round
-(the second) it injects a broken candidate (a model whose outputs are NaN on the devices),
-which the devices' trials and the canary analysis must roll back by themselves. It ends by
+(the second) it injects a broken candidate (a model collapsed to the no-op action), which the
+canary analysis must roll back by itself. It ends by
 stopping the devices, checking that every record they logged was stored exactly once, and
 writing ``demo-report/`` (report.md, metrics.json, plots). ``--json`` prints the summary.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cogbert_edge import ActionSpace, Bundle, ModelConfig, Policy, init_params
+from cogbert_edge import Bundle, Policy
 from cogbert_edge.link import LinkSettings, MqttLink
 from cogbert_edge.settings import add_arguments, from_args
 
@@ -38,11 +38,13 @@ class DemoSettings:
     devices: int = 16
     rounds: int = 3
     broken_round: int = 2
-    train_steps: int = 60_000
-    rate: float = 40.0
-    collect_seconds: float = 12.0
+    initial_steps: int = 60_000
+    train_steps: int = 40_000
+    lr: float | None = None
+    rate: float = 150.0
+    collect_seconds: float = 25.0
     stage_seconds: float = 6.0
-    eval_episodes: int = 32
+    eval_episodes: int = 64
     seed: int = 0
     workdir: Path = Path("demo-work")
     report: Path = Path("demo-report")
@@ -57,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
+    import logging
+    if a.log_level.upper() == "INFO":
+        # The demo narrates its steps itself; the components' JSON logs go to its workdir's
+        # *.log files. --log-level DEBUG (or WARNING) on the command line still applies.
+        logging.getLogger("cogbert").setLevel(logging.WARNING)
     summary = run(from_args(DemoSettings, a, env_prefix="DEMO_"), quiet=a.json)
     if a.json:
         print(json.dumps(summary, default=str))
@@ -76,15 +83,13 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
     from .broker import BrokerConfig, LocalBroker
     from .dataset import ExperienceDataset
     from .distribution import publish_release
-    from .envs import make_vec_env, HeuristicPolicy, evaluate as evaluate_heuristic
+    from .envs import HeuristicPolicy, evaluate as evaluate_heuristic
     from .loop import ContinuousLearner, KeySigner, LocalTrainer, LoopSettings
     from .pki import PKI
     from .registry import Registry
     from .releases import KeyStore
     from .rollout import FleetView, RolloutController, RolloutSettings
     from .store import open_store
-    from .train.export import export_bundle
-    from .train.ppo import evaluate
 
     say = _Say(quiet)
     started = time.time()
@@ -108,12 +113,11 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         keys = KeyStore.init(work / "keys")
         signer = KeySigner(work / "keys", model="chain", fleet=fleet_name)
 
-        # -- the initial release --------------------------------------------------------------
-        probe = make_vec_env(env_id, 1)
-        config = ModelConfig(obs_dim=probe.single_observation_space.shape[0],
-                             action=ActionSpace.of_discrete(int(probe.single_action_space.n)), encoder=(64,), hidden=64)
-        fp32 = Bundle.create(config, init_params(config, s.seed, policy_gain=0.01), model_id="initial")
-        initial, _ = export_bundle(fp32, env_id, bits=8, episodes=8)
+        # -- the initial release: a short training run in the simulator ----------------------
+        say(f"training the initial release in the simulator ({s.initial_steps} steps)")
+        LocalTrainer(LoopSettings(env=env_id, extra_train_args=["--eval-episodes", "4", "--seed", str(s.seed)])).train(
+            work / "initial", None, None, s.initial_steps)
+        initial = _load((work / "initial" / "ppo" / "model.safetensors").read_bytes())
         store_url = f"file://{work / 'store'}"
         store = open_store(store_url)
         registry = Registry(store)
@@ -157,15 +161,14 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         _wait(lambda: len(fleet.snapshot()) >= s.devices, 60, "devices to report")
         say(f"{s.devices} devices deciding at {s.rate:g}/s each on the initial release")
 
-        heuristic = float(np.mean(evaluate_heuristic(HeuristicPolicy(), env_id, s.eval_episodes, seed=4242)))
-        initial_return = float(np.mean(evaluate(initial, env_id, s.eval_episodes, seed=4242)))
+        heuristic = float(np.mean(evaluate_heuristic(lambda env: HeuristicPolicy(), s.eval_episodes, seed=4242)))
+        initial_return = _mean_return(initial, env_id, s.eval_episodes)
         say(f"initial release: mean return {initial_return:.1f} (heuristic baseline {heuristic:.1f})")
 
-        learner = ContinuousLearner(
-            LoopSettings(env=env_id, fleet=fleet_name, model="chain", store_url=store_url, workdir=work / "loop",
-                         train_steps=s.train_steps, vtrace_epochs=1, gate_sim_episodes=s.eval_episodes),
-            registry, controller, LocalTrainer(LoopSettings(env=env_id, fleet=fleet_name, vtrace_epochs=1)), signer)
-        learner.trainer.s.extra_train_args = ["--eval-episodes", "8"]
+        loop = LoopSettings(env=env_id, fleet=fleet_name, model="chain", store_url=store_url, workdir=work / "loop",
+                            train_steps=s.train_steps, vtrace_epochs=1, lr=s.lr, gate_sim_episodes=s.eval_episodes,
+                            extra_train_args=["--eval-episodes", "8"])
+        learner = ContinuousLearner(loop, registry, controller, LocalTrainer(loop), signer)
 
         rounds = []
         for r in range(1, s.rounds + 1):
@@ -179,9 +182,13 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
                 + (" (this round's candidate will be replaced by a broken one)" if broken else ""))
             res = learner.round(inject=_poison if broken else None)
             res["round"] = r
+            if res["decision"] == "training_failed":
+                say(f"round {r}: no candidate: {res['reason'][-200:]}")
+                res["mean_return"] = None
+                rounds.append(res)
+                continue
             bundle = registry.files(res["release"])[0]
-            res["mean_return"] = None if broken else float(np.mean(evaluate(_load(bundle), env_id, s.eval_episodes,
-                                                                             seed=4242)))
+            res["mean_return"] = None if broken else _mean_return(_load(bundle), env_id, s.eval_episodes)
             if res["decision"] == "rollout_started":
                 say(f"round {r}: gate {res['gate']['decision']}; canary rollout of release {res['release']}")
                 _wait(lambda: controller.rollout["state"] in ("promoted", "aborted"), 180, "the rollout")
@@ -204,8 +211,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         exp = ExperienceDataset(store, fleet_name).stats()
         final = registry.stable()
         final_bundle = _load(registry.files(final["counter"])[0])
-        final_return = initial_return if final["counter"] == 1 else float(
-            np.mean(evaluate(final_bundle, env_id, s.eval_episodes, seed=4242)))
+        final_return = initial_return if final["counter"] == 1 else _mean_return(final_bundle, env_id, s.eval_episodes)
         latencies, backend = _latencies(final_bundle)
         summary = {
             "env": env_id, "devices": s.devices, "seconds": round(time.time() - started, 1), "started_at": started,
@@ -241,18 +247,27 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             broker.stop()
 
 
+def _mean_return(bundle: Bundle, env_id: str, episodes: int) -> float:
+    """Mean undiscounted return sampling actions, as the devices run the policy; the same
+    seeded episodes for every release."""
+    from .train.ppo import evaluate
+    return float(np.mean(evaluate(bundle, env_id, episodes, seed=4242, deterministic=False)))
+
+
 def _load(data: bytes) -> Bundle:
     from cogbert_edge.bundle import load_bundle
     return load_bundle(data)
 
 
 def _poison(bundle: bytes) -> bytes:
-    """The fault the demo injects: finite weights whose outputs overflow to NaN/Inf at run time
-    (a corrupted training run would look like this). It loads and verifies; only running it
-    shows the problem, which is the devices' trial's job."""
+    """The fault the demo injects: a valid, signed model that has collapsed to one action (the
+    no-op: nothing released, nothing maintained), as a diverged training run can. It loads,
+    verifies and runs at normal speed; only what it earns shows the problem, which is the
+    canary analysis's job (reward per step against the control cohort)."""
     b = _load(bundle)
     fp32 = b.fp32_params()
-    fp32["encoder.0.weight"] = np.full_like(fp32["encoder.0.weight"], 3e38)
+    fp32["policy.weight"] = np.zeros_like(fp32["policy.weight"])
+    fp32["policy.bias"] = np.where(np.arange(fp32["policy.bias"].size) == 0, 20.0, 0.0).astype(np.float32)
     return Bundle.create(b.config, fp32, model_id=f"{b.model_id}-broken", parent=b.model_id).to_bytes()
 
 

@@ -48,10 +48,17 @@ class LoopSettings:
     workdir: Path = Path("loop-work")
     train_steps: int = 100_000
     vtrace_epochs: int = 2
+    # None: each step's default. A small rate keeps the candidate near the stable release, and
+    # so within reach of off-policy evaluation on the data that release logged (docs/ope.md).
+    lr: float | None = None
     interval: float = 3600.0
     min_new_transitions: int = 50_000
     gate_margin: float = 0.0
     gate_sim_episodes: int = 32
+    # Windows of 32 steps at gamma 0.95: the whole-episode estimand needs the candidate within a
+    # few thousandths of KL per step of the stable release to keep its weights usable (docs/ope.md).
+    gate_horizon: int = 32
+    gate_gamma: float = 0.95
     release_expiry: str = "30d"
     extra_train_args: list[str] = field(default_factory=list)
 
@@ -70,18 +77,23 @@ class LocalTrainer:
     def __init__(self, settings: LoopSettings) -> None:
         self.s = settings
 
-    def train(self, round_dir: Path, init: Path, data_url: str | None, steps: int) -> Path:
+    def train(self, round_dir: Path, init: Path | None, data_url: str | None, steps: int) -> Path:
+        """``init`` None trains from scratch (a first release); V-trace needs an ``init``."""
         base = [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "train"]
         current = init
-        if data_url and self.s.vtrace_epochs > 0:
+        if data_url and init is not None and self.s.vtrace_epochs > 0:
             out = round_dir / "vtrace"
             self._run(base + ["--data", data_url, "--fleet", self.s.fleet, "--from", str(current), "--out", str(out),
-                              "--bits", "32", "--epochs", str(self.s.vtrace_epochs), "--no-progress"])
+                              "--bits", "32", "--epochs", str(self.s.vtrace_epochs), "--no-progress", *self._lr()])
             current = out / "model-fp32.safetensors"
         out = round_dir / "ppo"
-        self._run(base + ["--env", self.s.env, "--from", str(current), "--out", str(out), "--steps", str(steps),
-                          "--no-progress", *self.s.extra_train_args])
+        start = [] if current is None else ["--from", str(current)]
+        self._run(base + ["--env", self.s.env, *start, "--out", str(out), "--steps", str(steps),
+                          "--no-progress", *self._lr(), *self.s.extra_train_args])
         return out / "model.safetensors"
+
+    def _lr(self) -> list[str]:
+        return [] if self.s.lr is None else ["--lr", repr(self.s.lr)]
 
     @staticmethod
     def _run(cmd: list[str]) -> None:
@@ -167,7 +179,16 @@ class ContinuousLearner:
         stable_bytes, _ = self.registry.files(stable["counter"])
         init.write_bytes(stable_bytes)
         data_url = self.s.store_url
-        candidate = self.trainer.train(round_dir, init, data_url, self.s.train_steps).read_bytes()
+        try:
+            candidate = self.trainer.train(round_dir, init, data_url, self.s.train_steps).read_bytes()
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            # A failed or refused training run (export's quantization check, a lost Job) ends the
+            # round with nothing released; the stable release keeps serving.
+            reason = str(e)[-400:]
+            self.registry.audit.record("round_failed", counter=counter, stable=stable["counter"], reason=reason)
+            event(log, "round_failed", counter=counter, reason=reason)
+            return {"release": None, "stable": stable["counter"], "decision": "training_failed", "reason": reason,
+                    "gate": None, "injected_fault": False, "train_s": round(time.time() - t0, 1)}
         train_info = json.loads(load_bundle(candidate).extra.get("x-train", "{}"))
         injected = inject is not None
         if injected:
@@ -197,4 +218,5 @@ class ContinuousLearner:
 def _default_gate(*, candidate: bytes, baseline: bytes, data_url: str, settings: LoopSettings) -> dict:
     from .gate import evaluate_candidate
     return evaluate_candidate(load_bundle(candidate), load_bundle(baseline), data_url=data_url, env=settings.env,
-                              margin=settings.gate_margin, sim_episodes=settings.gate_sim_episodes)
+                              margin=settings.gate_margin, sim_episodes=settings.gate_sim_episodes, fleet=settings.fleet,
+                              horizon=settings.gate_horizon, gamma=settings.gate_gamma)

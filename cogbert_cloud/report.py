@@ -97,11 +97,12 @@ def _markdown(s: dict) -> str:
         f"**{s['lost_records']} lost**, {s['experience']['duplicates']} duplicates, {s['experience']['gaps']} gaps.",
         "", "| round | release | decision | mean return | gate | rollout |", "|---|---|---|---|---|---|"]
     for r in s["rounds"]:
-        gate = r.get("gate", {})
+        gate = r.get("gate") or {}
         ret = "-" if r.get("mean_return") is None else f"{r['mean_return']:.1f}"
-        rollout = "; ".join(r.get("rollout_reasons") or []) or r.get("rollout", "-")
-        lines.append(f"| {r['round']} | #{r['release']} | {r['decision']} | {ret} | {gate.get('decision', '-')} | "
-                     f"{rollout} |")
+        rollout = "; ".join(r.get("rollout_reasons") or []) or r.get("reason") or r.get("rollout", "-")
+        release = "-" if r.get("release") is None else f"#{r['release']}"
+        lines.append(f"| {r['round']} | {release} | {r['decision']} | {ret} | {gate.get('decision', '-')} | "
+                     f"{rollout[:200]} |")
     lines += ["", "![return per release](returns.png)", "", "![decision latency](latency.png)", "",
               "![rollout timeline](rollouts.png)", "", "Full numbers: `metrics.json`."]
     return "\n".join(lines) + "\n"
