@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cogbert_edge import load_bundle
 
 
@@ -78,7 +80,18 @@ def test_bench_peer_rows_compute_the_same_model():
     assert row["backend"] == "onnxruntime" and row["max_abs_diff_vs_numpy"] < 1e-4
 
 
-def test_demo_runs_a_decision_loop():
-    out = json.loads(run("cogbert", "demo", "--steps", "20", "--sessions", "2", "--json").stdout)
-    assert {r["quant"] for r in out["rows"]} == {"fp32", "int8", "int4"}
-    assert all(sum(r["action_histogram"]) == 40 for r in out["rows"])
+@pytest.mark.slow
+def test_demo_runs_the_whole_loop_and_rolls_back_the_broken_release(tmp_path):
+    """A small fleet demo: real broker, ingest, devices, training, gate and canary rollouts. The
+    broken release of round 2 must be rolled back by the canary analysis, and every record the
+    devices logged must be stored exactly once."""
+    out = json.loads(run("cogbert", "demo", "--devices", "4", "--rounds", "2", "--initial-steps", "8192",
+                         "--train-steps", "8192", "--collect-seconds", "4", "--stage-seconds", "4",
+                         "--eval-episodes", "8", "--workdir", str(tmp_path / "work"), "--report",
+                         str(tmp_path / "report"), "--json").stdout)
+    r1, r2 = out["rounds"]
+    assert r1["decision"] in {"promoted", "rolled_back", "rejected_by_gate", "training_failed"}
+    assert r2["injected_fault"] and r2["decision"] == "rolled_back"
+    assert out["rolled_back"][-1] == r2["release"] and out["final"]["release"] != r2["release"]
+    assert out["lost_records"] == 0 and out["experience"]["duplicates"] == 0 and out["experience"]["logged"] > 0
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"report.md", "metrics.json", "returns.png"}

@@ -78,7 +78,11 @@ def run_train(a: argparse.Namespace) -> dict:
         if trainer.dp.rank != 0:
             return {"rank": trainer.dp.rank, **run}
         returns = evaluate(fp32, env_id, a.eval_episodes)
+        # Devices sample their actions (and must, for their logs to support off-policy
+        # evaluation); a policy that is still stochastic can do much worse greedily.
+        sampled = evaluate(fp32, env_id, a.eval_episodes, deterministic=False)
         summary = {"mode": "ppo", "env": env_id, **run, "eval_mean_return": float(np.mean(returns)),
+                   "eval_sampled_mean_return": float(np.mean(sampled)),
                    "eval_episodes": len(returns), "processes": trainer.dp.size}
     else:
         from ..dataset import ExperienceDataset
