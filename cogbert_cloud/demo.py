@@ -1,13 +1,13 @@
 """``cogbert demo``: the whole loop on one machine, the README's main job.
 
 It generates a PKI and release keys, starts Mosquitto, ingestion, the rollout controller with
-the operator API, and N simulated devices (16) that run the initial policy on
-ProductionChain-v0 over mutual-TLS MQTT. Then R rounds (3) of collect -> retrain (V-trace on
-the fleet's logs, then PPO in the simulator) -> gate -> sign -> canary -> promote; in one round
-(the second) it injects a broken candidate (a model collapsed to the no-op action), which the
-canary analysis must roll back by itself. It ends by
-stopping the devices, checking that every record they logged was stored exactly once, and
-writing ``demo-report/`` (report.md, metrics.json, plots). ``--json`` prints the summary.
+the operator API, and N simulated devices (16) that run a first release (trained briefly in
+the simulator) on ProductionChain-v0 over mutual-TLS MQTT. Then R rounds (3) of collect ->
+retrain (V-trace on the fleet's logs, then PPO in the simulator) -> gate -> sign -> canary ->
+promote; in one round (the second) it injects a broken candidate (a model collapsed to the
+no-op action), which the canary analysis must roll back by itself. It ends by stopping the
+devices, checking that every record they logged was stored exactly once, and writing
+``demo-report/`` (report.md, metrics.json, plots). ``--json`` prints the summary.
 """
 
 from __future__ import annotations
