@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 
 import numpy as np
 import pytest
@@ -23,3 +24,32 @@ def structured_obs(rng: np.random.Generator, steps: int, dim: int) -> np.ndarray
     for i in range(1, steps):
         wander[i] = 0.98 * wander[i - 1] + 0.1 * rng.standard_normal(dim)
     return (np.sin(freq * t + phase) + wander + 0.1 * rng.standard_normal((steps, dim))).astype(np.float32)
+
+
+def mutate_bundle(seed: bytes, data, kinds: list[str], max_rounds: int) -> bytes:
+    """Up to ``max_rounds`` hypothesis-drawn mutations of a bundle file: bytes of the header
+    replaced ("flip-header"), any bit flipped, truncated, bytes inserted, the header length
+    replaced ("length"), header bytes replaced by JSON syntax ("json")."""
+    from hypothesis import strategies as st
+    buf = bytearray(seed)
+    n = struct.unpack_from("<Q", buf)[0]
+    for _ in range(data.draw(st.integers(1, max_rounds))):
+        kind = data.draw(st.sampled_from(kinds))
+        if kind == "flip-header" and 8 < min(8 + n, len(buf)):
+            i = data.draw(st.integers(8, min(8 + n, len(buf)) - 1))
+            buf[i] = data.draw(st.integers(0, 255))
+        elif kind == "flip-any" and buf:
+            i = data.draw(st.integers(0, len(buf) - 1))
+            buf[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del buf[data.draw(st.integers(0, len(buf))):]
+        elif kind == "insert":
+            i = data.draw(st.integers(0, len(buf)))
+            buf[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+        elif kind == "length" and len(buf) >= 8:
+            struct.pack_into("<Q", buf, 0, data.draw(st.integers(0, 2 ** 64 - 1)))
+        elif kind == "json" and 8 < min(8 + n, len(buf)):
+            i = data.draw(st.integers(8, min(8 + n, len(buf)) - 1))
+            buf[i] = ord(data.draw(st.sampled_from('{}[]":,\\u0123456789-.eE \tntrfal')))
+    return bytes(buf)
+

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from cogbert_edge import Bundle, BundleError, ModelConfig, ActionSpace, init_params, load_bundle
 from cogbert_edge.quant import plan, quantize_params
 
+from .helpers import mutate_bundle
+
 SMALL = ModelConfig(obs_dim=32, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
 _params = init_params(SMALL, 0)
 _layers = plan(SMALL, 4, 32)
@@ -47,24 +49,8 @@ def test_random_bytes_never_crash_the_loader(data):
 @FUZZ
 @given(st.sampled_from(sorted(SEEDS)), st.data())
 def test_mutated_bundles_load_or_raise_bundle_error(which, data):
-    buf = bytearray(SEEDS[which])
-    n = struct.unpack_from("<Q", buf)[0]
-    for _ in range(data.draw(st.integers(1, 8))):
-        kind = data.draw(st.sampled_from(["flip-header", "flip-any", "truncate", "insert", "length"]))
-        if kind == "flip-header" and 8 < min(8 + n, len(buf)):
-            i = data.draw(st.integers(8, min(8 + n, len(buf)) - 1))
-            buf[i] = data.draw(st.integers(0, 255))
-        elif kind == "flip-any" and buf:
-            i = data.draw(st.integers(0, len(buf) - 1))
-            buf[i] ^= 1 << data.draw(st.integers(0, 7))
-        elif kind == "truncate":
-            del buf[data.draw(st.integers(0, len(buf))):]
-        elif kind == "insert":
-            i = data.draw(st.integers(0, len(buf)))
-            buf[i:i] = data.draw(st.binary(min_size=1, max_size=16))
-        elif kind == "length" and len(buf) >= 8:
-            struct.pack_into("<Q", buf, 0, data.draw(st.integers(0, 2**64 - 1)))
-    load_within_memory_bound(bytes(buf))
+    kinds = ["flip-header", "flip-any", "truncate", "insert", "length"]
+    load_within_memory_bound(mutate_bundle(SEEDS[which], data, kinds, 8))
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
