@@ -15,7 +15,9 @@ topic; the time until each device reports ``committed`` on its status topic is m
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--devices", type=int, default=200)
     r.add_argument("--procs", type=int, default=4, help="simulate processes to spread the devices over")
     r.add_argument("--rate", type=float, default=10.0, help="decisions per second per device")
+    r.add_argument("--sim-log", type=Path, default=None,
+                   help="write each simulate process's log to SIM_LOG.<n> (default: discard)")
+    r.add_argument("--sim-log-level", default="WARNING")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=rollout_main)
 
@@ -157,14 +162,15 @@ def rollout_main(args: argparse.Namespace) -> dict:
                 if n <= 0:
                     break
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "ERROR", "device", "simulate",
+                    [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", args.sim_log_level, "device", "simulate",
                      "--devices", str(n), "--first-index", str(first), "--prefix", "fleet", "--fleet", "bench",
                      "--steps", "0", "--keep-running", "60", "--rate", str(args.rate), "--broker", broker.url,
                      "--pki", str(pki.root), "--spool", str(root / "spool"), "--bundle",
                      str(root / "factory.safetensors"), "--trust-root", str(keys.root / "root.json"),
                      "--model-name", "bench", "--trial-decisions", "10", "--trial-seconds", "0",
-                     "--env", "sensor", "--telemetry-interval", "1"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                     "--env", "sensor", "--telemetry-interval", "1",
+                     "--drain-timeout", "0"],
+                    stdout=subprocess.DEVNULL, stderr=open(f"{args.sim_log}.{p}" if args.sim_log else os.devnull, "w")))
             # Wait until every device is connected and deciding (each sends telemetry).
             seen: set[str] = set()
             ctl.subscribe("cogbert/v1/bench/+/telemetry", lambda m: seen.add(m.topic.split("/")[3])).wait(10)
@@ -180,14 +186,19 @@ def rollout_main(args: argparse.Namespace) -> dict:
                 time.sleep(0.02)
             times = sorted(t - t0 for t in committed.values())
             for p in procs:
-                p.terminate()
+                p.terminate()       # with --drain-timeout 0: no ingestion here to wait for
             for p in procs:
-                p.wait(60)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
             ctl.close()
     return {"suite": "rollout", "devices": args.devices, "ready": ready, "committed": len(times),
             "p50_s": round(float(np.percentile(times, 50)), 3) if times else None,
             "max_s": round(times[-1], 3) if times else None,
-            "not_committed": sorted(set(ids) - set(committed))[:10]}
+            "not_committed": sorted(set(ids) - set(committed))[:10],
+            "last_status": dict(collections.Counter(v[-1] for v in statuses.values()))}
 
 
 def table(result: dict) -> str:

@@ -115,7 +115,7 @@ class Device:
         if self.updater is not None:
             with self._lock:
                 recent = self._lat[-500:]
-            self.updater.baseline_p95_us = float(np.percentile(recent, 95) * 1e6) if len(recent) >= 20 else None
+            self.updater.baseline_latency_us = np.asarray(recent) * 1e6 if len(recent) >= 20 else None
         self.policy = policy
         self.swaps += 1
 

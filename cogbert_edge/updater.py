@@ -73,7 +73,7 @@ class UpdateSettings:
     fleet: str = "default"
     trial_decisions: int = 200
     trial_seconds: float = 5.0
-    latency_factor: float = 3.0          # trial p95 may be at most this times the previous p95 ...
+    latency_factor: float = 3.0          # the trial's latency quantile may be at most this times the previous model's ...
     latency_slack_us: float = 500.0      # ... plus this much
     max_error_rate: float = 0.01
     download_timeout: float = 30.0
@@ -145,7 +145,8 @@ class UpdateAgent:
         self._swap: Callable[[Policy], None] = lambda policy: None
         self._busy = False
         self.trial: dict | None = None
-        self.baseline_p95_us: float | None = None   # the running model's, set by the device at a swap
+        # The running model's recent decision latencies (µs), set by the device at a swap.
+        self.baseline_latency_us: np.ndarray | None = None
         self.factory_bundle = Path(factory_bundle)
 
         root_path = self.dir / "root.json"
@@ -405,10 +406,16 @@ class UpdateAgent:
             return None
         if t["errors"] > self.s.max_error_rate * t["decisions"]:
             return self._end_trial("error_rate")
-        base = self.baseline_p95_us
-        p95 = float(np.percentile(t["lat"], 95) * 1e6)
-        if base is not None and p95 > base * self.s.latency_factor + self.s.latency_slack_us:
-            return self._end_trial(f"latency:{p95:.0f}us_vs_{base:.0f}us")
+        # The same quantile of both models: p95 once the trial has 100 decisions, else the median.
+        # The p95 of a short trial is its maximum, and one scheduler stall (another thread holding
+        # the GIL, a busy core) would roll back a model that is not slower.
+        base_lat = self.baseline_latency_us
+        if base_lat is not None and len(base_lat):
+            q = 95 if len(t["lat"]) >= 100 else 50
+            base = float(np.percentile(base_lat, q))
+            now = float(np.percentile(t["lat"], q) * 1e6)
+            if now > base * self.s.latency_factor + self.s.latency_slack_us:
+                return self._end_trial(f"latency:p{q}_{now:.0f}us_vs_{base:.0f}us")
         return self._end_trial(None)
 
     def _end_trial(self, failure: str | None) -> Policy | None:

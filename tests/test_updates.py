@@ -312,12 +312,29 @@ def test_trial_failure_rolls_back_on_nan_outputs(dev, keys):
 def test_trial_failure_rolls_back_on_a_latency_regression(tmp_path, keys):
     dev = Harness(tmp_path, keys, latency_factor=2.0, latency_slack_us=50.0)
     dev.decide(30)
-    dev.agent.baseline_p95_us = 1.0                # the running model decided in about 1 µs
+    dev.agent.baseline_latency_us = np.full(100, 100.0)   # the running model decided in 100 µs
     new = make_bundle(1)
     dev.offer(release(keys, new, 1), new, wait="trial")
-    dev.decide(25)
-    assert dev.wait_for("rolled_back:")["status"].startswith("rolled_back:latency")
+    trial_policy = dev.policy
+    fallback = None
+    for _ in range(dev.settings["trial_decisions"]):   # the new one takes 400 µs, every time
+        fallback = fallback or dev.agent.observe(trial_policy, 400e-6, True, True)
+    dev._swap(fallback)
+    assert dev.wait_for("rolled_back:")["status"].startswith("rolled_back:latency:p50")
     assert dev.model_id == "model-0"
+
+
+def test_one_scheduler_stall_in_a_short_trial_does_not_roll_back(tmp_path, keys):
+    # 200 simulated devices share one process and two cores: a decision may wait 50 ms for the
+    # GIL. A model that is as fast as the last one must still commit.
+    dev = Harness(tmp_path, keys, latency_factor=3.0, latency_slack_us=500.0)
+    dev.agent.baseline_latency_us = np.full(100, 100.0)
+    new = make_bundle(1)
+    dev.offer(release(keys, new, 1), new, wait="trial")
+    trial_policy = dev.policy
+    for i in range(dev.settings["trial_decisions"]):
+        assert dev.agent.observe(trial_policy, 0.050 if i == 3 else 100e-6, True, True) is None
+    assert dev.wait_for("committed")
 
 
 def test_golden_outputs_that_differ_on_this_device_reject_the_model(dev, keys):
