@@ -38,11 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth-episodes", type=int, default=2000, help="on-policy episodes per ground truth")
     p.add_argument("--trials", type=int, default=20, help="seeded gate trials per candidate")
     p.add_argument("--resamples", type=int, default=1000)
-    p.add_argument("--gamma", type=float, default=GateSettings.gamma)
+    p.add_argument("--gamma", type=float, default=0.99, help="discount of the ground truth (whole episodes)")
     p.add_argument("--level", type=float, default=GateSettings.level, help="the gate's confidence level")
     p.add_argument("--horizon", type=int, default=GateSettings.horizon, help="the gate's window horizon "
                    "(0: whole episodes; the estimation-error table always uses whole episodes)")
-    p.add_argument("--gate-gamma", type=float, default=None, help="the gate's discount (default: --gamma)")
+    p.add_argument("--gate-gamma", type=float, default=GateSettings.gamma, help="the gate's discount")
     p.add_argument("--sim-episodes", type=int, default=200, help="paired simulator episodes of the gate's "
                    "simulator check (0: skip it)")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> dict:
     pols = {k: fit_value_head(soft_heuristic(**v), g, seed=900 + i) for i, (k, v) in enumerate(specs.items())}
     returns = {k: ground_truth(b, g, args.truth_episodes, 10_000) for k, b in pols.items()}
     truth = {k: float(r.mean()) for k, r in returns.items()}
-    settings = GateSettings(gamma=args.gate_gamma or g, resamples=args.resamples, level=args.level,
+    settings = GateSettings(gamma=args.gate_gamma, resamples=args.resamples, level=args.level,
                             horizon=args.horizon)
     est = {k: {e: [] for e in ESTIMATORS} for k in pols}        # per trial: (estimate, lo, hi)
     diff = {k: {e: [] for e in ESTIMATORS} for k in CANDIDATES}

@@ -6,6 +6,9 @@ episodes with greedy actions. Cogbert's evaluation runs the trained bundle throu
 API. The SB3 peer uses rl-baselines3-zoo's hyperparameters for CartPoleNoVel-v1 (8 envs, 32
 steps, 20 epochs, lr 1e-3 linear, gamma 0.98, GAE 0.8, LSTM 64 with a separate critic LSTM,
 normalized observations and rewards), on the same numpy environment through Gymnasium.
+
+On ProductionChain it also compares the trained policy, sampling its actions as devices do,
+with the documented heuristic on the same 1,000 seeds (``gain_vs_heuristic_pct``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--peer", choices=("sb3",), default=None)
+    p.add_argument("--heuristic-episodes", type=int, default=1000,
+                   help="ProductionChain: episodes for the comparison with the heuristic (the same seeds)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 
@@ -44,10 +49,29 @@ def main(args: argparse.Namespace) -> dict:
            "steps_per_s": round(run["steps"] / wall, 1), "eval_mean_return": float(np.mean(returns)),
            "eval_std_return": float(np.std(returns)), "eval_episodes": len(returns), "seed": args.seed,
            "trainer": "cogbert MLX recurrent PPO"}
+    if env == "ProductionChain-v0":
+        out.update(_against_heuristic(trainer.bundle(), args.heuristic_episodes, seed=2026))
     if args.peer == "sb3":
         out["peer"] = _sb3(env, args.steps, args.seed, args.episodes)
         out["wall_ratio_vs_peer"] = round(out["wall_s"] / out["peer"]["wall_s"], 3)
     return out
+
+
+def _against_heuristic(bundle, episodes: int, seed: int) -> dict:
+    """The issue's comparison: the trained policy sampling its actions, as devices run it,
+    against the documented heuristic on the same ``episodes`` seeds."""
+    from cogbert_cloud.envs import HeuristicPolicy
+    from cogbert_cloud.envs import evaluate as evaluate_heuristic
+
+    trained = np.asarray(evaluate(bundle, "ProductionChain-v0", episodes, seed=seed, deterministic=False))
+    heuristic = np.asarray(evaluate_heuristic(lambda e: HeuristicPolicy(), episodes, seed=seed))
+    d = trained - heuristic
+    se = lambda x: float(x.std() / np.sqrt(len(x)))  # noqa: E731
+    return {"sampled_mean_return": float(trained.mean()), "sampled_se": se(trained),
+            "heuristic_mean_return": float(heuristic.mean()), "heuristic_se": se(heuristic),
+            "paired_difference": float(d.mean()), "paired_difference_se": se(d),
+            "gain_vs_heuristic_pct": round(100.0 * (trained.mean() / heuristic.mean() - 1.0), 1),
+            "heuristic_episodes": episodes}
 
 
 def _sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict:
@@ -90,6 +114,9 @@ def _sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict:
 def table(result: dict) -> str:
     lines = [f"{result['trainer']}: {result['env']} {result['steps']} steps in {result['wall_s']} s "
              f"({result['steps_per_s']}/s), eval return {result['eval_mean_return']:.1f} over {result['eval_episodes']}"]
+    if "gain_vs_heuristic_pct" in result:
+        lines.append(f"sampled {result['sampled_mean_return']:.1f} vs heuristic {result['heuristic_mean_return']:.1f} "
+                     f"over {result['heuristic_episodes']} episodes: {result['gain_vs_heuristic_pct']:+.1f} %")
     if "peer" in result:
         p = result["peer"]
         lines.append(f"{p['trainer']}: {p['wall_s']} s ({p['steps_per_s']}/s), eval return {p['eval_mean_return']:.1f}")

@@ -45,9 +45,11 @@ __all__ = ["GateSettings", "evaluate_candidate", "register"]
 @dataclass
 class GateSettings:
     estimator: str = field(default="dr", metadata={"help": "wis, pdwis or dr"})
-    gamma: float = field(default=0.99, metadata={"help": "discount of the estimated return per episode"})
-    horizon: int = field(default=0, metadata={"help": "0: the return from each episode's start; H: the "
-                                              "return over H steps from every --stride-th logged step"})
+    # Windows by default: over whole 256-step episodes the ratio products leave a retrained
+    # candidate a handful of effective episodes (docs/ope.md, "Windows").
+    gamma: float = field(default=0.95, metadata={"help": "discount of the estimated return"})
+    horizon: int = field(default=32, metadata={"help": "H: the return over H steps from every --stride-th "
+                                               "logged step; 0: the return from each episode's start"})
     stride: int = field(default=8, metadata={"help": "steps between window starts (with --horizon)"})
     margin: float = field(default=0.0, metadata={"help": "the difference's lower bound must exceed this (return units)"})
     relative_margin: float = field(default=0.0, metadata={"help": "... plus this fraction of |baseline estimate|"})

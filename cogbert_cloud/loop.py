@@ -30,6 +30,7 @@ from cogbert_edge._log import event
 from cogbert_edge.bundle import load_bundle
 
 from .dataset import ExperienceDataset
+from .gate import GateSettings
 from .registry import Registry
 from .rollout import RolloutController
 from .store import ObjectStore
@@ -57,8 +58,8 @@ class LoopSettings:
     gate_sim_episodes: int = 32
     # Windows of 32 steps at gamma 0.95: the whole-episode estimand needs the candidate within a
     # few thousandths of KL per step of the stable release to keep its weights usable (docs/ope.md).
-    gate_horizon: int = 32
-    gate_gamma: float = 0.95
+    gate_horizon: int = GateSettings.horizon
+    gate_gamma: float = GateSettings.gamma
     release_expiry: str = "30d"
     extra_train_args: list[str] = field(default_factory=list)
 

@@ -307,10 +307,12 @@ def test_cli_prints_the_decision_as_json_from_a_store(behaviour, tmp_path, capsy
     soft_heuristic(1.2).save(cand)
     behaviour.save(base)
     args = ["cloud", "evaluate", "--candidate", str(cand), "--baseline", str(base), "--json", "--resamples", "200"]
-    assert cli_main(args + ["--data", url, "--margin", "0.5"]) == 0
+    assert cli_main(args + ["--data", url, "--margin", "0.5"]) == 0     # the default: 32-step windows
     out = json.loads(capsys.readouterr().out)
     assert out["decision"] in ("promote", "reject") and {"estimates", "ci", "reasons"} <= set(out)
-    assert out["n_episodes"] == 60 and out["settings"]["margin"] == 0.5
+    assert out["n_episodes"] == 60 and out["settings"]["margin"] == 0.5 and out["settings"]["horizon"] == 32
+    assert cli_main(args + ["--data", url, "--horizon", "0", "--gamma", "0.99"]) == 0
+    out = json.loads(capsys.readouterr().out)
     # The baseline logged the data: its estimate is the on-policy mean of the logged returns.
     returns = (eps.reward * 0.99 ** np.arange(64)).sum(1)
     assert out["estimates"]["baseline"]["dr"] == pytest.approx(returns.mean(), rel=1e-5)
@@ -324,9 +326,10 @@ def test_cli_prints_the_decision_as_json_from_a_store(behaviour, tmp_path, capsy
 def test_gate_rejects_a_truly_worse_candidate_in_at_least_95_percent_of_seeded_trials(behaviour):
     """20 trials, each with 10,000 freshly logged steps (156 episodes of 64 steps). A truly
     better candidate runs through the same trials: a gate that rejected everything would fail
-    here. Measured: the worse candidate (truth -1.55, -5.6 standard errors) rejected 20/20, every
-    time on its CI (lower bounds -1.1 to -10.8, ESS 41-75 of 156); the better one (+1.15, +3.5
-    standard errors) promoted 5/20."""
+    here. Measured with the default gate (32-step windows, gamma 0.95): the worse candidate
+    (truth -1.55 per episode, -5.6 standard errors) rejected 20/20, every time on its CI (ESS
+    66-89 of 156); the better one (+1.15, +3.5 standard errors) promoted 15/20 (on whole
+    episodes at gamma 0.99: 20/20 and 5/20)."""
     worse, better = soft_heuristic(0.8), soft_heuristic(1.3)
     # Ground truth on shared episodes (the simulator draws an episode's randomness up front).
     truth = {k: (collect_episodes(b, ENV, 64 * 1500, seed=99, env_kwargs=SHORT).reward * 0.99 ** np.arange(64)).sum(1)
