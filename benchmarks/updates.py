@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=swap_main)
     r = sub.add_parser("rollout", help="time from publishing a release to every device committed")
     r.add_argument("--devices", type=int, default=200)
-    r.add_argument("--procs", type=int, default=4, help="simulate processes to spread the devices over")
+    r.add_argument("--procs", type=int, default=20, help="simulate processes to spread the devices over "
+                   "(few devices per process, as on real hardware where each runs its own)")
     r.add_argument("--rate", type=float, default=10.0, help="decisions per second per device")
     r.add_argument("--sim-log", type=Path, default=None,
                    help="write each simulate process's log to SIM_LOG.<n> (default: discard)")
@@ -198,7 +199,7 @@ def rollout_main(args: argparse.Namespace) -> dict:
             "p50_s": round(float(np.percentile(times, 50)), 3) if times else None,
             "max_s": round(times[-1], 3) if times else None,
             "not_committed": sorted(set(ids) - set(committed))[:10],
-            "last_status": dict(collections.Counter(v[-1] for v in statuses.values()))}
+            "status_reports": dict(collections.Counter(x.split(":")[0] for v in statuses.values() for x in v))}
 
 
 def table(result: dict) -> str:

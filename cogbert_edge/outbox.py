@@ -6,9 +6,9 @@ stored in a *segment* file as one frame:
     u32 length | u32 crc32(seq, payload) | u64 seq | payload
 
 ``append`` only frames the record into memory (about a microsecond; no system call on the
-decision path, where a ``write`` alone costs several). A writer thread moves frames to the
-segment file every ``write_interval`` seconds (2 ms): from then on a kill -9 of the process
-loses nothing. It fsyncs by a count/time policy (``fsync_every`` records or
+decision path, where a ``write`` alone costs several). A writer thread, woken by the first
+record of a burst, moves frames to the segment file ``write_interval`` (2 ms) later, in one
+write: from then on a kill -9 of the process loses nothing. An idle writer sleeps. It fsyncs by a count/time policy (``fsync_every`` records or
 ``fsync_interval`` seconds), which is what protects against power loss; only fsynced records
 (``durable_seq``) are handed to the uploader. A crash can thus lose at most the last
 ``write_interval`` of decisions, which never got to disk; records that did are never lost.
@@ -38,7 +38,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ._fs import atomic_write, fsync_dir
 from ._log import event
@@ -61,6 +61,10 @@ class OutboxSettings:
     fsync_interval: float = 0.2
     write_interval: float = 0.002
     max_buffer_bytes: int = 8 << 20
+
+
+_IDLE_WAKE = 1.0       # s: an idle writer still wakes this often for housekeeping
+_HOUSEKEEPING = 0.1    # s: bounds and the saved state at most this often
 
 
 @dataclass
@@ -94,6 +98,8 @@ class Outbox:
         self._frames: list[bytes] = []          # appended, not yet written
         self._buffered_bytes = 0
         self._to_sync: list[int] = []
+        self._dir_dirty = False
+        self.on_durable: Callable[[], None] | None = None   # called (writer thread) when durable_seq advances
         self._write_errors = 0
         self._closed = False
         self._io = threading.Lock()             # writer-side file work (never taken by append)
@@ -116,11 +122,16 @@ class Outbox:
                 self.dropped_unwritten += not self._closed
                 return None
             seq = self.last_seq + 1
+            first_pending = not self._frames
             self._frames.append(FRAME.pack(len(payload), zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))), seq)
                                 + payload)
             self._buffered_bytes += len(payload) + FRAME.size
             self.last_seq = seq
-            return seq
+        if first_pending:
+            # Only the first record of a burst wakes the writer: an idle device's writer sleeps
+            # instead of polling (200 devices polling every 2 ms kept two cores busy in the kernel).
+            self._wake.set()
+        return seq
 
     # -- the upload path --------------------------------------------------------------------
 
@@ -237,10 +248,18 @@ class Outbox:
     def _writer_loop(self) -> None:
         last_sync = time.monotonic()
         while True:
-            self._wake.wait(self.s.write_interval)
+            # Sleep until a record arrives, an fsync is due, or housekeeping; then give the burst
+            # `write_interval` to gather so that one write carries many records.
+            if self.written_seq > self.durable_seq:
+                timeout = max(0.0, last_sync + self.s.fsync_interval - time.monotonic())
+            else:
+                timeout = _IDLE_WAKE
+            woken = self._wake.wait(timeout)
             self._wake.clear()
             with self._lock:
                 closed = self._closed
+            if woken and not closed:
+                time.sleep(self.s.write_interval)
             with self._io:
                 self._write_frames()
                 now = time.monotonic()
@@ -249,7 +268,7 @@ class Outbox:
                         or self._to_sync):
                     self._sync()
                     last_sync = now
-            if now - self._last_housekeeping >= 0.1:
+            if now - self._last_housekeeping >= _HOUSEKEEPING or closed:
                 self._last_housekeeping = now
                 self._enforce_bounds()
                 if self._dirty_state:
@@ -297,6 +316,7 @@ class Outbox:
             self._to_sync.append(self._fd)
         path = self.dir / f"{seq:016d}.seg"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._dir_dirty = True          # the new file's name is durable only after a directory fsync
         with self._lock:
             self._segments.append(_Segment(seq, path, seq - 1, 0))
 
@@ -306,16 +326,21 @@ class Outbox:
             for f in self._to_sync:
                 os.fsync(f)
                 os.close(f)
-            had_new_segments = bool(self._to_sync)
             self._to_sync = []
             if self._fd is not None and seq > self.durable_seq:
                 os.fsync(self._fd)
-            if had_new_segments or seq > self.durable_seq:
+            # Only a new segment changes the directory; fsyncing it on every sync doubled the
+            # journal commits (200 simulated devices: 2,000 a second).
+            if self._dir_dirty:
                 fsync_dir(self.dir)
+                self._dir_dirty = False
         except OSError as e:
             event(log, "outbox_fsync_failed", level=logging.ERROR, error=str(e))
             return
-        self.durable_seq = max(self.durable_seq, seq)
+        if seq > self.durable_seq:
+            self.durable_seq = seq
+            if self.on_durable is not None:
+                self.on_durable()
 
     def _enforce_bounds(self) -> None:
         now = time.time()

@@ -39,6 +39,8 @@ __all__ = ["Uploader", "UploaderSettings", "BatchJournal"]
 
 log = logging.getLogger("cogbert.uploader")
 
+_MAX_IDLE = 1.0     # s: the longest an idle uploader sleeps without a reason to wake
+
 
 @dataclass
 class UploaderSettings:
@@ -125,6 +127,7 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name=f"cogbert-uploader-{device}", daemon=True)
 
     def start(self) -> "Uploader":
+        self.outbox.on_durable = self._wake.set
         self.link.subscribe(device_topic(self.fleet, self.device, "ack"), self._on_ack)
         self._thread.start()
         return self
@@ -156,15 +159,30 @@ class Uploader:
                                                                           "device": self.device}})
                 progressed = False
             if not progressed:
-                self._wake.wait(self.s.linger)
+                # Sleep until something can change: new durable records or an ack (both set
+                # `_wake`), a partial batch's linger ending, or a resend falling due. Polling
+                # every `linger` cost 20 wake-ups a second per idle device.
+                self._wake.wait(self._idle_timeout())
                 self._wake.clear()
+
+    def _idle_timeout(self) -> float:
+        now = time.monotonic()
+        t = _MAX_IDLE
+        if self._partial_since is not None:
+            t = min(t, self._partial_since[1] + self.s.linger - now)
+        with self._lock:
+            for f in self._inflight.values():
+                t = min(t, f.sent_at + self._resend_after(f.attempts) - now)
+        return max(t, 0.001)
+
+    def _resend_after(self, attempts: int) -> float:
+        return min(self.s.ack_timeout * 2 ** (attempts - 1), self.s.max_backoff)
 
     def _step(self) -> bool:
         now = time.monotonic()
         with self._lock:
             room = self.s.window - len(self._inflight)
-            due = [f for f in self._inflight.values()
-                   if now - f.sent_at > min(self.s.ack_timeout * 2 ** (f.attempts - 1), self.s.max_backoff)]
+            due = [f for f in self._inflight.values() if now - f.sent_at >= self._resend_after(f.attempts)]
         for f in due:
             self._send(f.first, f.last, attempt=f.attempts + 1)
         if room <= 0:
