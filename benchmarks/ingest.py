@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -32,7 +33,9 @@ from cogbert_cloud.pki import PKI
 from cogbert_cloud.store import open_store
 from cogbert_edge.link import LinkSettings, MqttLink
 from cogbert_edge.outbox import Outbox, OutboxSettings
+from cogbert_edge import batch as batch_codec
 from cogbert_edge.records import Record, encode
+from cogbert_edge.topics import device_topic
 from cogbert_edge.uploader import Uploader, UploaderSettings
 
 from ._timing import summary_us
@@ -46,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=4, help="ingestion worker threads")
     p.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
                    help="zlib-compress batches (the uploader's default)")
+    p.add_argument("--procs", type=int, default=2, help="processes to run the device stacks in")
+    p.add_argument("--replicas", type=int, default=1, help="ingestion processes on one shared subscription")
+    p.add_argument("--replay", type=int, default=0, metavar="RECORDS",
+                   help="devices send RECORDS transitions as batches encoded before the clock starts "
+                        "(measures broker + ingestion + store without the device-side encoding)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
     o = sub.add_parser("outbox", help="latency of logging a decision (encode + outbox append)")
@@ -79,18 +87,31 @@ def main(args: argparse.Namespace) -> dict:
         store_url = f"file://{root / 'store'}"
         stats_file = root / "ingest-stats.json"
         with LocalBroker(pki.root, root / "broker", config=BrokerConfig(plugin_in_confdir=False)) as broker:
-            ingest = subprocess.Popen(
+            replicas = [subprocess.Popen(
                 [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "ingest",
                  "--broker", broker.service_url, "--pki", str(pki.root), "--store", store_url,
-                 "--stats-file", str(stats_file), "--stats-interval", "0.5", "--workers", str(args.workers)],
-                stderr=subprocess.DEVNULL)
-            while not stats_file.exists():
+                 "--client-id", f"ingest-bench-{r}", "--stats-file", f"{stats_file}.{r}", "--stats-interval", "0.5",
+                 "--workers", str(args.workers)],
+                stderr=subprocess.DEVNULL) for r in range(args.replicas)]
+            while not all(Path(f"{stats_file}.{r}").exists() for r in range(args.replicas)):
                 time.sleep(0.05)
-            result = _run_devices(args, pki, broker, root, ids)
-            ingest.terminate()
-            ingest.wait(30)
-            ingest_stats = json.loads(stats_file.read_text())
+            cpu0 = _cpu_seconds([p.pid for p in replicas] + [broker.proc.pid])
+            if args.replay:
+                result = _replay_devices(args, pki, broker, ids)
+            else:
+                result = _run_devices(args, pki, broker, root, ids)
+            cpu1 = _cpu_seconds([p.pid for p in replicas] + [broker.proc.pid])
+            for p in replicas:
+                p.terminate()
+            for p in replicas:
+                p.wait(30)
+            per_replica = [json.loads(Path(f"{stats_file}.{r}").read_text()) for r in range(args.replicas)]
+            ingest_stats = {k: sum(s.get(k, 0) for s in per_replica) for k in ("bytes", "duplicate", "accepted")}
         stored = ExperienceDataset(open_store(store_url)).stats()
+        wall = result["elapsed"]
+        cpu = {"devices": round(result["cpu_s"] / wall, 2),
+               "ingestion": round(sum(cpu1[p.pid] - cpu0[p.pid] for p in replicas) / wall, 2),
+               "broker": round((cpu1[broker.proc.pid] - cpu0[broker.proc.pid]) / wall, 2)}
     produced = result["produced"]
     return {"suite": "ingest", "devices": args.devices, "compress": args.compress, "seconds": round(result["elapsed"], 2),
             "transitions": stored["transitions"], "produced": produced,
@@ -99,54 +120,165 @@ def main(args: argparse.Namespace) -> dict:
             "lost": produced - stored["transitions"], "duplicates": stored["duplicates"], "gaps": stored["gaps"],
             "batches": stored["batches"], "drained": result["drained"],
             "ingest_duplicate_deliveries": ingest_stats.get("duplicate", 0),
+            "mode": "replay" if args.replay else "device stacks", "replicas": args.replicas,
+            "replica_batches": [s.get("accepted", 0) for s in per_replica],
+            "cores_busy": cpu, "cpu_us_per_transition": {k: round(v * 1e6 / max(stored["transitions"] / wall, 1), 2)
+                                                          for k, v in cpu.items()},
             "record_bytes": int(np.mean([len(r) for r in reference_records()])),
             "cpu": os.cpu_count()}
 
 
 def _run_devices(args, pki: PKI, broker: LocalBroker, root: Path, ids: list[str]) -> dict:
+    """The device stacks, spread over ``args.procs`` processes (a fleet's devices are separate
+    machines; eight in one interpreter share one GIL). The clock runs from the common start
+    until the last process has every record acknowledged."""
+    job = dict(broker=broker.url, pki=str(pki.root), spool=str(root / "spool"), seconds=args.seconds,
+               backlog=args.backlog, compress=args.compress)
+    if args.procs <= 1:
+        go = threading.Event()
+        go.set()
+        t0 = time.time()
+        r = _device_worker(job, ids, go, None)
+        return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"], "cpu_s": r["cpu_s"]}
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    pipes, procs = [], []
+    for k in range(args.procs):
+        mine = ids[k::args.procs]
+        if not mine:
+            continue
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=_device_worker, args=(job, mine, go, child), daemon=True))
+        pipes.append(parent)
+        procs[-1].start()
+    for p in pipes:
+        if not p.poll(60) or p.recv() != "ready":
+            raise RuntimeError("a device process did not start")
+    t0 = time.time()
+    go.set()
+    results = [p.recv() for p in pipes]
+    for pr in procs:
+        pr.join(30)
+    return {"elapsed": max(r["end"] for r in results) - t0, "produced": sum(r["produced"] for r in results),
+            "drained": all(r["drained"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results)}
+
+
+def _device_worker(job: dict, ids: list[str], go, conn) -> dict:
     payloads = reference_records()
     stacks = []
     for d in ids:
-        ob = Outbox(OutboxSettings(root / "spool" / d))
-        link = MqttLink(LinkSettings.for_device(broker.url, pki.root, d))
-        up = Uploader(ob, link, fleet="bench", device=d, settings=UploaderSettings(ack_timeout=10.0, compress=args.compress))
+        ob = Outbox(OutboxSettings(Path(job["spool"]) / d))
+        link = MqttLink(LinkSettings.for_device(job["broker"], Path(job["pki"]), d))
+        up = Uploader(ob, link, fleet="bench", device=d,
+                      settings=UploaderSettings(ack_timeout=10.0, compress=job["compress"]))
         link.start()
         up.start()
         stacks.append((ob, link, up))
     for _, link, _ in stacks:
         link.wait_connected(10)
+    if conn is not None:
+        conn.send("ready")
+    go.wait()
     stop = threading.Event()
 
     def produce(ob: Outbox) -> None:
         i = 0
         n = len(payloads)
         while not stop.is_set():
-            if ob.last_seq - ob.acked_seq >= args.backlog:
+            if ob.last_seq - ob.acked_seq >= job["backlog"]:
                 time.sleep(0.001)
                 continue
             for _ in range(64):
                 ob.append(payloads[i % n])
                 i += 1
 
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     threads = [threading.Thread(target=produce, args=(ob,), daemon=True) for ob, _, _ in stacks]
     for t in threads:
         t.start()
-    time.sleep(args.seconds)
+    time.sleep(job["seconds"])
     stop.set()
     for t in threads:
         t.join()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all(ob.acked_seq >= ob.last_seq for ob, _, _ in stacks):
         time.sleep(0.02)
-    elapsed = time.perf_counter() - t0
-    produced = sum(ob.last_seq for ob, _, _ in stacks)
-    drained = all(ob.acked_seq >= ob.last_seq for ob, _, _ in stacks)
+    result = {"end": time.time(), "cpu_s": time.process_time() - c0,
+              "produced": sum(ob.last_seq for ob, _, _ in stacks),
+              "drained": all(ob.acked_seq >= ob.last_seq for ob, _, _ in stacks)}
     for ob, link, up in stacks:
         up.stop()
         link.close()
         ob.close()
-    return {"elapsed": elapsed, "produced": produced, "drained": drained}
+    if conn is not None:
+        conn.send(result)
+    return result
+
+
+def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict:
+    """Each device sends its share of ``args.replay`` records as batches encoded beforehand,
+    keeping at most the uploader's window (8) unacknowledged, over its own mutual-TLS link, and
+    waits for ingestion's end-to-end acknowledgement of each."""
+    payloads = reference_records()
+    per_device = args.replay // len(ids)
+    rows = batch_codec.estimate_records(float(np.mean([len(p) for p in payloads])) + 16, 128 * 1024)
+    batches: dict[str, list[bytes]] = {}
+    for d in ids:
+        out = batches[d] = []
+        for first in range(1, per_device + 1, rows):
+            recs = [(q, payloads[(q - 1) % len(payloads)]) for q in range(first, min(first + rows, per_device + 1))]
+            out.append(batch_codec.encode(d, "bench", recs, compress=args.compress))
+    window, links, done = 8, [], threading.Event()
+    acked = {d: 0 for d in ids}
+    sems = {d: threading.Semaphore(window) for d in ids}
+    lock = threading.Lock()
+
+    def on_ack(d: str):
+        def cb(msg) -> None:
+            with lock:
+                acked[d] += 1
+                if all(acked[x] == len(batches[x]) for x in ids):
+                    done.set()
+            sems[d].release()
+        return cb
+
+    for d in ids:
+        link = MqttLink(LinkSettings.for_device(broker.url, pki.root, d))
+        link.start()
+        links.append(link)
+    for d, link in zip(ids, links):
+        link.wait_connected(10)
+        link.subscribe(device_topic("bench", d, "ack"), on_ack(d)).wait(10)
+
+    def send(d: str, link: MqttLink) -> None:
+        topic = device_topic("bench", d, "exp")
+        for data in batches[d]:
+            sems[d].acquire()
+            link.publish(topic, data, qos=1)
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    threads = [threading.Thread(target=send, args=(d, link), daemon=True) for d, link in zip(ids, links)]
+    for t in threads:
+        t.start()
+    drained = done.wait(300)
+    elapsed = time.perf_counter() - t0
+    cpu_s = time.process_time() - c0
+    for link in links:
+        link.close()
+    return {"elapsed": elapsed, "produced": per_device * len(ids), "drained": drained, "cpu_s": cpu_s}
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process so far (Linux /proc; 0 elsewhere)."""
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            out[pid] = 0.0
+    return out
 
 
 def outbox_main(args: argparse.Namespace) -> dict:

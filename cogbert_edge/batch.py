@@ -86,7 +86,8 @@ class Batch:
         return np.arange(self.first, self.last + 1, dtype=np.int64)
 
 
-def encode(device: str, fleet: str, records: list[tuple[int, bytes]], *, compress: bool = True) -> bytes:
+def encode(device: str, fleet: str, records: list[tuple[int, bytes]], *, compress: bool = True,
+           min_saving: float = 0.1) -> bytes:
     """Columnar batch of consecutive ``(seq, record payload)`` pairs of one model shape.
 
     Works on the encoded records directly (one ``struct`` unpack and a few slices each), so
@@ -141,7 +142,7 @@ def encode(device: str, fleet: str, records: list[tuple[int, bytes]], *, compres
     raw = msgpack.packb(body, use_bin_type=True)
     if compress:
         packed = zlib.compress(raw, 1)
-        if len(packed) < 0.9 * len(raw):   # float data barely compresses: then do not bother
+        if len(packed) < (1.0 - min_saving) * len(raw):   # float data barely compresses: then do not bother
             return MAGIC + bytes([CODEC_ZLIB]) + packed
     return MAGIC + bytes([CODEC_NONE]) + raw
 

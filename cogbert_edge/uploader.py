@@ -50,6 +50,12 @@ class UploaderSettings:
     max_backoff: float = 120.0
     linger: float = 0.05          # wait this long for a batch to fill before sending a small one
     compress: bool = True
+    # Send a batch compressed only if that saves this share of its bytes. zlib on float
+    # observations saves about a fifth at ~9 µs a record, a quarter of the device-side cost of
+    # a record; when a batch does not pay, the next `compress_probe` batches go uncompressed
+    # without trying.
+    min_compression_saving: float = 0.25
+    compress_probe: int = 64
 
 
 class BatchJournal:
@@ -123,6 +129,7 @@ class Uploader:
         self._next = max([outbox.acked_seq] + [b for _, b in self.journal.ranges]) + 1
         self._avg_record = 300.0
         self._partial_since: tuple[int, float] | None = None
+        self._skip_compress = 0      # batches to send uncompressed before trying again
         self.sent = self.resent = self.acked = self.rejected = self.duplicates = 0
         self._thread = threading.Thread(target=self._run, name=f"cogbert-uploader-{device}", daemon=True)
 
@@ -197,6 +204,8 @@ class Uploader:
         if first > self.outbox.durable_seq:
             return False
         want = batch_codec.estimate_records(self._avg_record, self.s.batch_bytes)
+        if self.outbox.durable_seq - first + 1 < want and not self._linger_over(first):
+            return False      # not a full batch yet: wait, without reading (reads parse and checksum)
         records = self.outbox.read(first, want, max_bytes=self.s.batch_bytes)
         if not records:
             # A gap: the outbox dropped records (bounds). Skip to what is still there.
@@ -205,13 +214,9 @@ class Uploader:
                 return False
             self._next = nxt[0]
             return True
-        if len(records) < want:
-            # Not full: give it up to `linger` seconds to fill before sending a small batch.
-            now = time.monotonic()
-            if self._partial_since is None or self._partial_since[0] != first:
-                self._partial_since = (first, now)
-            if now - self._partial_since[1] < self.s.linger:
-                return False
+        full = len(records) >= want or sum(len(p) for _, p in records) >= 0.9 * self.s.batch_bytes
+        if not full and not self._linger_over(first):
+            return False
         self._partial_since = None
         records, data = self._fit(records)
         a, b = records[0][0], records[-1][0]
@@ -220,15 +225,29 @@ class Uploader:
         self._avg_record = 0.8 * self._avg_record + 0.2 * (sum(len(p) for _, p in records) / len(records))
         return self._send(a, b, attempt=1, data=data)
 
+    def _linger_over(self, first: int) -> bool:
+        """A batch starting at ``first`` that is not full may go once it has waited `linger`
+        seconds to fill (the clock starts at the first call for this ``first``)."""
+        now = time.monotonic()
+        if self._partial_since is None or self._partial_since[0] != first:
+            self._partial_since = (first, now)
+        return now - self._partial_since[1] >= self.s.linger
+
     def _fit(self, records: list[tuple[int, bytes]]) -> tuple[list[tuple[int, bytes]], bytes]:
         """Shrink until the encoded batch fits ``batch_bytes`` (and shares one record shape)."""
         while True:
+            compress = self.s.compress and self._skip_compress == 0
             try:
-                data = batch_codec.encode(self.device, self.fleet, records, compress=self.s.compress)
+                data = batch_codec.encode(self.device, self.fleet, records, compress=compress,
+                                          min_saving=self.s.min_compression_saving)
             except ValueError:       # mixed shapes (a model with another obs size): split
                 records = records[: max(1, len(records) // 2)]
                 continue
             if len(data) <= self.s.batch_bytes or len(records) == 1:
+                if compress and data[4] == batch_codec.CODEC_NONE:
+                    self._skip_compress = self.s.compress_probe
+                elif self._skip_compress:
+                    self._skip_compress -= 1
                 return records, data
             records = records[: max(1, int(len(records) * self.s.batch_bytes / len(data) * 0.95))]
 
@@ -242,7 +261,8 @@ class Uploader:
                 with self._lock:
                     self._inflight.pop(first, None)
                 return False
-            data = batch_codec.encode(self.device, self.fleet, records, compress=self.s.compress)
+            data = batch_codec.encode(self.device, self.fleet, records, compress=self.s.compress,
+                                      min_saving=self.s.min_compression_saving)
         try:
             self.link.publish(self._topic, data, qos=1)
         except LinkError as e:

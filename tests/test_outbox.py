@@ -66,6 +66,23 @@ def test_only_durable_records_are_handed_to_the_uploader(tmp_path):
     ob.close()
 
 
+def test_reads_from_anywhere_return_the_right_records(tmp_path):
+    # The uploader re-reads inside its last read (a trimmed batch, a lingering partial one),
+    # after it (the next batch), before it (a resend) and across segments.
+    payloads = {i: f"record-{i}-".encode() * (1 + i % 7) for i in range(1, 601)}
+    for segment_bytes in (1 << 20, 4096):       # one segment; many
+        ob = Outbox(OutboxSettings(tmp_path / str(segment_bytes), segment_bytes=segment_bytes))
+        for i in range(1, 601):
+            assert ob.append(payloads[i]) == i
+        ob.flush()
+        for first, n in ((1, 100), (40, 30), (70, 50), (120, 1), (120, 2), (5, 3), (121, 400), (300, 10),
+                         (590, 50), (1, 600)):
+            got = ob.read(first, n)
+            assert [s for s, _ in got] == list(range(first, min(first + n, 601))), (first, n)
+            assert all(p == payloads[s] for s, p in got), (first, n)
+        ob.close()
+
+
 @pytest.mark.parametrize("damage", ["partial frame", "garbage", "flipped byte in last record"])
 def test_a_torn_or_corrupt_tail_is_detected_and_cut(tmp_path, damage):
     ob = open_outbox(tmp_path)
