@@ -13,7 +13,8 @@ After ``stage_seconds`` a stage is analysed from what the devices reported since
   report a status within ``report_timeout`` of their offer, which count as failures;
 - error rate and NaN rate of the canary devices' decisions;
 - decision latency p95, canary median against control median;
-- reward per step, canary devices against control devices, with a one-sided Welch t-test.
+- reward per step, canary devices against control devices, with a one-sided Welch t-test
+  on the reward per step of every telemetry interval since the stage began.
 
 Missing metrics never count as success: a canary device without telemetry since its offer is
 not healthy, and no stage passes until ``min_devices`` devices and ``min_decisions`` decisions
@@ -76,6 +77,9 @@ def bucket(fleet: str, device: str) -> float:
 # -- what devices report ------------------------------------------------------------------------
 
 
+_REWARD_HISTORY = 1000      # telemetry reports kept per device for the reward test
+
+
 class FleetView:
     """Every device's latest telemetry and its status reports, from the MQTT topics."""
 
@@ -88,6 +92,10 @@ class FleetView:
             d = self.devices.setdefault(device, {"statuses": []})
             d["telemetry"] = t
             d["last_seen"] = now if now is not None else time.time()
+            if isinstance(t.get("reward_sum"), (int, float)) and isinstance(t.get("reward_count"), int):
+                rewards = d.setdefault("rewards", [])
+                rewards.append((d["last_seen"], float(t["reward_sum"]), t["reward_count"]))
+                del rewards[:-_REWARD_HISTORY]
 
     def on_status(self, device: str, s: dict, now: float | None = None) -> None:
         with self._lock:
@@ -165,6 +173,12 @@ def _betainc(a: float, b: float, x: float) -> float:
     return front * (f - 1.0) / a
 
 
+def _interval_rates(device: dict, since: float) -> list[float]:
+    """Reward per step over each interval between consecutive telemetry reports since ``since``."""
+    h = [x for x in device.get("rewards", ()) if x[0] >= since]
+    return [(b[1] - a[1]) / (b[2] - a[2]) for a, b in zip(h, h[1:]) if b[2] > a[2]]
+
+
 @dataclass
 class StageResult:
     verdict: str                     # "pass", "wait" or "abort"
@@ -232,8 +246,15 @@ def analyze(s: RolloutSettings, *, canary: dict[str, float], control: list[str],
     rc = [w["reward"] / w["reward_n"] for w in can.values() if w["reward_n"] > 0]
     rk = [w["reward"] / w["reward_n"] for w in ctl.values() if w["reward_n"] > 0]
     if rc and rk:
-        p = welch_p_less(rc, rk)
-        m.update(reward_per_step_canary=float(np.mean(rc)), reward_per_step_control=float(np.mean(rk)), reward_p=p)
+        # The test's samples are the reward per step of each telemetry interval of each device:
+        # with two control devices, per-device means leave Welch ~2 degrees of freedom and missed
+        # a policy that had collapsed to no-ops. Intervals of one device are not independent
+        # when devices differ, which makes the test quicker to abort, not to promote.
+        wc = [r for d in can for r in _interval_rates(devices[d], stage_started)]
+        wk = [r for d in ctl for r in _interval_rates(devices[d], stage_started)]
+        p = welch_p_less(wc, wk) if len(wc) >= 2 and len(wk) >= 2 else welch_p_less(rc, rk)
+        m.update(reward_per_step_canary=float(np.mean(rc)), reward_per_step_control=float(np.mean(rk)), reward_p=p,
+                 reward_intervals_canary=len(wc), reward_intervals_control=len(wk))
         if p < s.reward_alpha:
             reasons.append(f"reward: canary {np.mean(rc):.3f}/step < control {np.mean(rk):.3f}/step (p={p:.3f})")
     if reasons:

@@ -3,6 +3,7 @@ missing metrics, the notification cap, and the registry and audit trail it leave
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cogbert_cloud.registry import AuditLog, Registry, RegistryError
@@ -87,6 +88,29 @@ def test_welch_test():
     assert welch_p_less([2, 2.1, 1.9], [1, 1.1, 0.9]) > 0.99
     assert 0.3 < welch_p_less([1, 2, 3], [1.1, 2.1, 2.9]) < 0.7
     assert welch_p_less([1], [2, 3]) == 1.0
+
+
+def test_the_reward_test_uses_every_telemetry_interval_of_small_cohorts():
+    # Two canaries against two controls, each reporting every second for 6 s. The canaries
+    # earn 0.45 less a step. Per-device means alone (Welch with ~2 degrees of freedom) cannot
+    # tell at 5 %; the 12 against 12 intervals can.
+    rng = np.random.default_rng(3)
+    fleet = FleetView()
+    for d, level in (("c0", -1.0), ("c1", -0.9), ("k0", -0.5), ("k1", -0.6)):
+        total, count = 0.0, 0
+        for t in range(7):
+            fleet.on_telemetry(d, {**tel(decisions=count), "reward_sum": total, "reward_count": count}, now=float(t))
+            total += 150 * (level + rng.normal(0, 0.15))
+            count += 150
+    devices = fleet.snapshot()
+    means = {d: devices[d]["telemetry"]["reward_sum"] / devices[d]["telemetry"]["reward_count"] for d in devices}
+    assert welch_p_less([means["c0"], means["c1"]], [means["k0"], means["k1"]]) > 0.05
+    r = analyze(S, canary={"c0": 0.0, "c1": 0.0}, control=["k0", "k1"],
+                devices={d: {**v, "statuses": [{"status": "committed", "counter": 7, "received": 1.0}]}
+                         for d, v in devices.items()},
+                baseline={}, candidate_counter=7, stage_started=0.0, now=6.0)
+    assert r.verdict == "abort" and any(x.startswith("reward") for x in r.reasons), r
+    assert r.metrics["reward_intervals_canary"] == 12 and r.metrics["reward_intervals_control"] == 12
 
 
 def test_cohorts_are_deterministic_and_spread():
