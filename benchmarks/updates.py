@@ -156,12 +156,13 @@ def rollout_main(args: argparse.Namespace) -> dict:
             ctl.start()
             ctl.subscribe("cogbert/v1/bench/+/status", on_status).wait(10)
             per = -(-args.devices // args.procs)
-            procs = []
+            procs, logs = [], []
             for p in range(args.procs):
                 first = p * per
                 n = min(per, args.devices - first)
                 if n <= 0:
                     break
+                logs.append(open(f"{args.sim_log}.{p}" if args.sim_log else os.devnull, "w"))
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", args.sim_log_level, "device", "simulate",
                      "--devices", str(n), "--first-index", str(first), "--prefix", "fleet", "--fleet", "bench",
@@ -171,7 +172,7 @@ def rollout_main(args: argparse.Namespace) -> dict:
                      "--model-name", "bench", "--trial-decisions", "10", "--trial-seconds", "0",
                      "--env", "sensor", "--telemetry-interval", "1",
                      "--drain-timeout", "0"],
-                    stdout=subprocess.DEVNULL, stderr=open(f"{args.sim_log}.{p}" if args.sim_log else os.devnull, "w")))
+                    stdout=subprocess.DEVNULL, stderr=logs[-1]))
             # Wait until every device is connected and deciding (each sends telemetry).
             seen: set[str] = set()
             ctl.subscribe("cogbert/v1/bench/+/telemetry", lambda m: seen.add(m.topic.split("/")[3])).wait(10)
@@ -194,6 +195,8 @@ def rollout_main(args: argparse.Namespace) -> dict:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            for f in logs:
+                f.close()
             ctl.close()
     return {"suite": "rollout", "devices": args.devices, "ready": ready, "committed": len(times),
             "p50_s": round(float(np.percentile(times, 50)), 3) if times else None,

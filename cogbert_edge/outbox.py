@@ -8,7 +8,8 @@ stored in a *segment* file as one frame:
 ``append`` only frames the record into memory (about a microsecond; no system call on the
 decision path, where a ``write`` alone costs several). A writer thread, woken by the first
 record of a burst, moves frames to the segment file ``write_interval`` (2 ms) later, in one
-write: from then on a kill -9 of the process loses nothing. An idle writer sleeps. It fsyncs by a count/time policy (``fsync_every`` records or
+write: from then on a kill -9 of the process loses nothing. An idle writer sleeps. It fsyncs
+by a count/time policy (``fsync_every`` records or
 ``fsync_interval`` seconds), which is what protects against power loss; only fsynced records
 (``durable_seq``) are handed to the uploader. A crash can thus lose at most the last
 ``write_interval`` of decisions, which never got to disk; records that did are never lost.

@@ -51,9 +51,9 @@ class UploaderSettings:
     linger: float = 0.05          # wait this long for a batch to fill before sending a small one
     compress: bool = True
     # Send a batch compressed only if that saves this share of its bytes. zlib on float
-    # observations saves about a fifth at ~9 µs a record, a quarter of the device-side cost of
-    # a record; when a batch does not pay, the next `compress_probe` batches go uncompressed
-    # without trying.
+    # observations saves about a fifth at ~9 µs a record, as much as everything else a record
+    # costs on the device; when a batch does not pay, the next `compress_probe` batches go
+    # uncompressed without trying.
     min_compression_saving: float = 0.25
     compress_probe: int = 64
 
