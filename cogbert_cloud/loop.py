@@ -104,36 +104,67 @@ class LocalTrainer:
 
 
 class KubernetesJobTrainer:
-    """Training as a Kubernetes Job (deploy/k8s/trainer-job.yaml), through ``kubectl``: the
-    round's inputs and outputs travel through the object store."""
+    """Training as Kubernetes Jobs through ``kubectl``: a V-trace Job on the fleet's data when
+    there is some (as :class:`LocalTrainer`), then a PPO Job in simulation. Inputs and outputs
+    travel through the object store. The pod is the one in deploy/k8s/jobs/trainer-job.yaml:
+    store settings from the ``cogbert-settings`` ConfigMap, credentials from the
+    ``cogbert-store-credentials`` Secret, non-root, read-only root filesystem, bounded
+    (tests/test_k8s.py holds the two to the same pod spec)."""
 
     def __init__(self, settings: LoopSettings, store: ObjectStore, *, namespace: str = "cogbert",
                  image: str = "cogbert:latest", kubectl: str = "kubectl") -> None:
         self.s, self.store, self.ns, self.image, self.kubectl = settings, store, namespace, image, kubectl
 
-    def manifest(self, name: str, init_key: str, out_prefix: str, steps: int) -> dict:
-        args = ["cloud", "train", "--env", self.s.env, "--from", f"store:{init_key}", "--out", "/work/out",
-                "--steps", str(steps), "--store", self.s.store_url, "--prefix", out_prefix, "--no-progress"]
+    def manifest(self, name: str, init_key: str, out_prefix: str, steps: int, *, data_url: str | None = None) -> dict:
+        """The Job for one run: V-trace on ``data_url`` when given, else PPO for ``steps``."""
+        args = ["cloud", "train", "--from", f"store:{init_key}", "--out", "/work/out", "--store", self.s.store_url,
+                "--prefix", out_prefix, "--no-progress"]
+        if data_url:
+            args += ["--data", data_url, "--fleet", self.s.fleet, "--bits", "32", "--epochs", str(self.s.vtrace_epochs)]
+        else:
+            args += ["--env", self.s.env, "--steps", str(steps), *self.s.extra_train_args]
+        if self.s.lr is not None:
+            args += ["--lr", repr(self.s.lr)]
+        labels = {"app.kubernetes.io/name": "cogbert-trainer", "app.kubernetes.io/part-of": "cogbert",
+                  "cogbert/component": "trainer"}
         return {"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"name": name, "namespace": self.ns, "labels": {"app.kubernetes.io/part-of": "cogbert",
-                                                                             "cogbert/component": "trainer"}},
-                "spec": {"backoffLimit": 1, "ttlSecondsAfterFinished": 3600, "template": {
-                    "metadata": {"labels": {"cogbert/component": "trainer"}},
-                    "spec": {"restartPolicy": "Never", "containers": [{
-                        "name": "train", "image": self.image, "command": ["cogbert"], "args": args,
-                        "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}]}}}}
+                "metadata": {"name": name, "namespace": self.ns, "labels": labels},
+                "spec": {"backoffLimit": 1, "activeDeadlineSeconds": 86400, "ttlSecondsAfterFinished": 3600,
+                         "template": {"metadata": {"labels": labels}, "spec": self._pod(args)}}}
+
+    def _pod(self, args: list[str]) -> dict:
+        return {
+            "restartPolicy": "Never", "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "train", "image": self.image, "command": ["cogbert"], "args": args,
+                "env": [{"name": "COGBERT_S3_ENDPOINT", "valueFrom": {"configMapKeyRef": {
+                    "name": "cogbert-settings", "key": "s3-endpoint", "optional": True}}}],
+                "envFrom": [{"secretRef": {"name": "cogbert-store-credentials"}}],
+                "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "6Gi"}},
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"}]}],
+            "volumes": [{"name": "work", "emptyDir": {"sizeLimit": "4Gi"}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]}
 
     def train(self, round_dir: Path, init: Path, data_url: str | None, steps: int) -> Path:
         name = f"cogbert-train-{int(time.time())}"
-        init_key = f"loop/{name}/init.safetensors"
-        self.store.put(init_key, init.read_bytes())
-        spec = json.dumps(self.manifest(name, init_key, f"loop/{name}", steps))
-        subprocess.run([self.kubectl, "apply", "-f", "-"], input=spec, text=True, check=True)
-        subprocess.run([self.kubectl, "-n", self.ns, "wait", "--for=condition=complete", f"job/{name}",
-                        "--timeout=6h"], check=True)
+        key = f"loop/{name}/init.safetensors"
+        self.store.put(key, init.read_bytes())
+        if data_url and self.s.vtrace_epochs > 0:
+            self._run(self.manifest(f"{name}-vtrace", key, f"loop/{name}/vtrace", steps, data_url=data_url))
+            key = f"loop/{name}/vtrace/model.safetensors"
+        self._run(self.manifest(f"{name}-ppo", key, f"loop/{name}/ppo", steps))
         out = round_dir / "model.safetensors"
-        out.write_bytes(self.store.get(f"loop/{name}/model.safetensors"))
+        out.write_bytes(self.store.get(f"loop/{name}/ppo/model.safetensors"))
         return out
+
+    def _run(self, job: dict) -> None:
+        subprocess.run([self.kubectl, "apply", "-f", "-"], input=json.dumps(job), text=True, check=True)
+        subprocess.run([self.kubectl, "-n", self.ns, "wait", "--for=condition=complete",
+                        f"job/{job['metadata']['name']}", "--timeout=6h"], check=True)
 
 
 class KeySigner:

@@ -30,6 +30,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -100,7 +102,7 @@ def _containers(spec: dict) -> list[dict]:
     return spec.get("initContainers", []) + spec["containers"]
 
 
-def _loop_job() -> dict:
+def _loop_job(data_url: str | None = None) -> dict:
     """The trainer Job that `cogbert cloud serve --loop --trainer kubernetes` creates."""
     from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
     from cogbert_cloud.store import open_store
@@ -111,7 +113,7 @@ def _loop_job() -> dict:
     trainer = KubernetesJobTrainer(LoopSettings(store_url="s3://bucket/prefix"),
                                    open_store("file:///tmp/x"), namespace=ns,
                                    image=args[args.index("--image") + 1])
-    return trainer.manifest("cogbert-train-1", "loop/x/init.safetensors", "loop/x", 1000)
+    return trainer.manifest("cogbert-train-1", "loop/x/init.safetensors", "loop/x", 1000, data_url=data_url)
 
 
 OUR_WORKLOADS = [d for _, d in DOCS if d["kind"] in WORKLOAD_KINDS]
@@ -359,7 +361,7 @@ def _quantity(q: str | int) -> float:
 
 
 def test_every_container_has_requests_and_limits():
-    for w in OUR_WORKLOADS:
+    for w in OUR_WORKLOADS + [_loop_job()]:
         for c in _containers(_pod_spec(w)):
             res = c.get("resources", {})
             for r in ("cpu", "memory"):
@@ -409,7 +411,7 @@ def test_the_ingest_probe_command_tells_a_fresh_stats_file_from_a_stale_or_missi
 
 
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
-    for w in OUR_WORKLOADS:
+    for w in OUR_WORKLOADS + [_loop_job()]:
         spec = _pod_spec(w)
         sc = spec.get("securityContext", {})
         assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, _name(w)
@@ -420,6 +422,28 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
             assert csc.get("readOnlyRootFilesystem") is True, f"{_name(w)}/{c['name']}"
             assert csc.get("capabilities", {}).get("drop") == ["ALL"], f"{_name(w)}/{c['name']}"
             assert "privileged" not in csc and "runAsUser" not in csc, f"{_name(w)}/{c['name']}"
+
+
+def test_the_loop_creates_the_trainer_pod_of_the_job_manifest():
+    # The Jobs the learning loop creates and deploy/k8s/jobs/trainer-job.yaml run the same pod
+    # (security, store settings and credentials, volumes, resources); only what to train differs.
+    static = _pod_spec(_load(DEPLOY / "k8s" / "jobs" / "trainer-job.yaml")[0])
+    for job in (_loop_job(), _loop_job(data_url="s3://bucket/prefix")):
+        pod = _pod_spec(job)
+        assert {k: v for k, v in pod.items() if k != "containers"} == \
+            {k: v for k, v in static.items() if k != "containers"}
+        # The loop passes the store URL it knows as --store; the rest of the environment is shared.
+        assert _env(pod) == {k: v for k, v in _env(static).items() if k != "COGBERT_STORE"}
+        assert pod["containers"][0]["envFrom"] == static["containers"][0]["envFrom"]
+        assert pod["containers"][0]["securityContext"] == static["containers"][0]["securityContext"]
+        assert pod["containers"][0]["resources"] == static["containers"][0]["resources"]
+        assert pod["containers"][0]["volumeMounts"] == static["containers"][0]["volumeMounts"]
+    vtrace = _loop_job(data_url="s3://bucket/prefix")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--data" in vtrace and "--env" not in vtrace and vtrace[vtrace.index("--bits") + 1] == "32"
+
+
+def _env(pod: dict) -> dict[str, dict]:
+    return {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
 
 
 def test_the_controller_is_one_replica_recreated_never_rolled():
@@ -832,3 +856,42 @@ def test_the_distributed_trainer_hostfile_matches_its_indexed_job_and_service():
     assert not _ingress_allowed(me, _pods()["sim"], port)
     # Every rank runs the same training command (one ring, one model).
     assert train["command"] == ["cogbert"] and train["args"][:2] == ["cloud", "train"]
+
+
+def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
+    # A stand-in kubectl: `apply` records the Job; `wait` plays the Job by writing the bundle its
+    # args say it exports (PREFIX/model.safetensors in the store) after checking its input exists.
+    from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
+    from cogbert_cloud.store import open_store
+
+    store_url = f"file://{tmp_path / 'store'}"
+    fake = tmp_path / "kubectl"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        from pathlib import Path
+        from cogbert_cloud.store import open_store
+        jobs = Path({str(tmp_path / 'jobs')!r})
+        jobs.mkdir(exist_ok=True)
+        if sys.argv[1] == "apply":
+            job = json.load(sys.stdin)
+            (jobs / (job["metadata"]["name"] + ".json")).write_text(json.dumps(job))
+        else:
+            name = sys.argv[-2].split("/", 1)[1]
+            args = json.loads((jobs / (name + ".json")).read_text())["spec"]["template"]["spec"]["containers"][0]["args"]
+            store = open_store(args[args.index("--store") + 1])
+            src = store.get(args[args.index("--from") + 1][len("store:"):])
+            store.put(args[args.index("--prefix") + 1] + "/model.safetensors", src + name.encode())
+        """))
+    fake.chmod(0o755)
+    trainer = KubernetesJobTrainer(LoopSettings(store_url=store_url, fleet="plant"), open_store(store_url),
+                                   kubectl=str(fake))
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(b"stable")
+    (tmp_path / "round").mkdir()
+    out = trainer.train(tmp_path / "round", init, "file:///data", 5000)
+    jobs = sorted((tmp_path / "jobs").glob("*.json"))
+    assert [j.stem.rsplit("-", 1)[1] for j in jobs] == ["ppo", "vtrace"]
+    name = jobs[0].stem.rsplit("-", 1)[0]
+    # The PPO Job started from what the V-trace Job exported, which started from the stable bundle.
+    assert out.read_bytes() == b"stable" + f"{name}-vtrace".encode() + f"{name}-ppo".encode()
