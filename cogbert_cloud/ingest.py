@@ -40,7 +40,7 @@ import msgpack
 from cogbert_edge import batch as batch_codec
 from cogbert_edge._fs import atomic_write
 from cogbert_edge._log import event
-from cogbert_edge.link import LinkSettings, Message, MqttLink
+from cogbert_edge.link import LinkSettings, LinkState, Message, MqttLink
 from cogbert_edge.topics import PREFIX, device_topic, parse_device_topic
 
 from .errors import StoreError
@@ -116,7 +116,8 @@ class IngestService:
     def stats(self) -> dict:
         with self._lock:
             return {**self.counters, "rejected": sum(self.rejected.values()),
-                    "rejected_by_reason": dict(self.rejected)}
+                    "rejected_by_reason": dict(self.rejected), "link": self.link.state.value,
+                    "connected": self.link.state is LinkState.CONNECTED}
 
     # -- message path -----------------------------------------------------------------------
 

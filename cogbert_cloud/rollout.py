@@ -77,6 +77,7 @@ def bucket(fleet: str, device: str) -> float:
 # -- what devices report ------------------------------------------------------------------------
 
 
+ROOTS_PREFIX = "trust/roots/"   # root metadata the devices may need, put there by the signing service
 _REWARD_HISTORY = 1000      # telemetry reports kept per device for the reward test
 
 
@@ -416,7 +417,17 @@ class RolloutController:
     def _publish(self, manifest: bytes, bundle_key: str, *, device: str | None) -> None:
         self.notifications += 1
         if self.link is not None:
-            publish_release(self.link, self.s.fleet, manifest, url=self.url_for(bundle_key), device=device)
+            publish_release(self.link, self.s.fleet, manifest, url=self.url_for(bundle_key), device=device,
+                            root_chain=self.root_chain())
+
+    def root_chain(self) -> list[bytes]:
+        """The signed root versions after the first, oldest first, as the signing service put them
+        in the store (``trust/roots/{version}.json``): a device that missed a key rotation walks
+        them before it checks the release. Public, signed metadata; the device verifies each."""
+        keys = self.registry.store.list(ROOTS_PREFIX)
+        versions = sorted((int(k.rsplit("/", 1)[1].split(".")[0]), k) for k in keys
+                          if k.rsplit("/", 1)[1].split(".")[0].isdigit())
+        return [self.registry.store.get(k) for _, k in versions]
 
     def _set(self, new: str, expect: str, actor: str) -> dict:
         with self._lock:

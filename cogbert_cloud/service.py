@@ -86,7 +86,14 @@ class StoreSigner:
 def sign_requests(store: ObjectStore, keys_dir: Path, *, model: str, fleet: str, expires: str = "30d") -> int:
     """The signing service's side: sign every pending request; returns how many."""
     from .loop import KeySigner
+    from .releases import KeyStore
+    from .rollout import ROOTS_PREFIX
     signer = KeySigner(keys_dir, model, fleet, expires)
+    # The public root versions after the first, for the controller to send with its offers.
+    for raw in KeyStore(keys_dir).root_chain(after=1):
+        key = f"{ROOTS_PREFIX}{json.loads(raw)['signed']['version']}.json"
+        if not store.exists(key):
+            store.put(key, raw)
     n = 0
     for key in sorted(store.list("signing/requests/")):
         counter = json.loads(store.get(key))["counter"]

@@ -408,6 +408,12 @@ def test_the_ingest_probe_command_tells_a_fresh_stats_file_from_a_stale_or_missi
     old = time.time() - 120
     os.utime(f, (old, old))
     assert subprocess.run(local).returncode != 0           # stale
+    # Readiness also needs the broker link up, as the service writes it.
+    ready = [part.replace(stats, str(f)) for part in ingest["readinessProbe"]["exec"]["command"]]
+    for connected, code in ((True, 0), (False, 1)):
+        f.write_text(json.dumps({"accepted": 3, "link": "connected" if connected else "backoff",
+                                 "connected": connected}))
+        assert (subprocess.run(ready).returncode != 0) == bool(code), connected
 
 
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem():

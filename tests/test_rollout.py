@@ -234,3 +234,51 @@ def test_audit_log_is_append_only(tmp_path):
     for i in range(5):
         log.record("e", i=i)
     assert [e["i"] for e in log.entries()] == list(range(5))
+
+
+def test_offers_carry_the_root_chain_the_signing_service_published(tmp_path):
+    # The signer (which holds the keys) puts the public root versions in the store; the
+    # controller (which holds none) sends them with every offer, so a device that missed two
+    # root rotations walks them and then accepts a release signed by the newest release key.
+    import datetime as dt
+
+    import msgpack
+
+    from cogbert_cloud.releases import KeyStore
+    from cogbert_cloud.service import sign_requests
+    from cogbert_edge.trust import TrustedState
+
+    keys = KeyStore.init(tmp_path / "keys")
+    factory_root = keys.root_bytes()
+    keys.rotate(root=True)
+    keys.rotate(root=True)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    reg = Registry(store)
+    reg.add(1, small_bundle(1), b"manifest-1", state="stable")
+    bundle = small_bundle(2)
+    store.put("signing/bundles/2.safetensors", bundle)
+    store.put("signing/requests/2.json", b'{"counter": 2}')
+    assert sign_requests(store, tmp_path / "keys", model="m", fleet="f") == 1
+    manifest = store.get("signing/done/2.json")
+    reg.add(2, bundle, manifest, rollback=b"rollback-3", parent_release=1)
+
+    sent = []
+
+    class Link:
+        def publish(self, topic, payload, *, qos=1, retain=False, properties=None):
+            sent.append(msgpack.unpackb(payload))
+
+    fleet, clock = FleetView(), Clock()
+    for i in range(10):
+        fleet.on_telemetry(f"dev-{i}", tel(decisions=0, reward=0.0), now=clock.t)
+    ctl = RolloutController(RolloutSettings(fleet="f", stages=(100,), control_pct=30, min_devices=2, notify_rate=100),
+                            reg, Link(), fleet, clock=clock)
+    ctl.start(2)
+    clock.t += 1
+    ctl.tick()
+    assert sent and all(len(m["root_chain"]) == 2 for m in sent)
+    device = TrustedState(factory_root, now=dt.datetime.now(dt.timezone.utc))
+    assert device.update_root_chain(sent[0]["root_chain"]) == 2 and device.root.version == 3
+    release = device.verify_release(sent[0]["manifest"], model="m", fleet="f", highest_counter=1,
+                                    sdk_format_version=1, sdk_version=(99,))
+    assert release.counter == 2
