@@ -35,7 +35,7 @@ from cogbert_edge._fs import atomic_write
 from cogbert_edge.bundle import FORMAT_VERSION, load_bundle
 from cogbert_edge.errors import CogbertError
 from cogbert_edge.model import ARCHITECTURE
-from cogbert_edge.trust import TrustedState, VerificationError, format_time, key_id, sign
+from cogbert_edge.trust import Release, TrustedState, VerificationError, format_time, key_id, sign
 
 __all__ = ["KeyStore", "create_release", "parse_duration"]
 
@@ -184,26 +184,65 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     p.add_argument("--above", type=int, default=0, help="the counter must be above this")
 
     def verify(a: argparse.Namespace) -> int:
-        manifest = a.manifest.read_bytes()
         try:
-            signed = json.loads(manifest).get("signed", {})
-        except ValueError:
-            signed = {}
-        try:
-            ts = TrustedState(a.trust.read_bytes(), now=_now())
-            rel = ts.verify_release(manifest, model=a.model or str(signed.get("model")),
-                                    fleet=a.fleet or str(signed.get("fleet")), highest_counter=a.above,
-                                    sdk_format_version=FORMAT_VERSION,
-                                    sdk_version=tuple(int(x) for x in __version__.split(".")))
-            TrustedState.verify_bundle(rel, a.bundle.read_bytes())
-            load_bundle(a.bundle.read_bytes())
+            rel = _verified(a)
         except VerificationError as e:
             print(f"cogbert: release rejected: {e}", file=sys.stderr)
             return 1
         return _say(f"ok: release {rel.counter} of {rel.model} for fleet {rel.fleet}, bundle {rel.sha256[:16]}…")
 
     p.set_defaults(func=verify)
+
+    p = rsub.add_parser("register", help="add a signed release to the store's registry (the first stable "
+                                         "release of a fleet, or one signed outside the loop)")
+    p.add_argument("--store", required=True, help="object store URL of the control plane")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--trust", type=Path, required=True,
+                   help="the root.json the devices trust: the release must verify against it")
+    p.add_argument("--model", default=None, help="expected model (default: the manifest's)")
+    p.add_argument("--fleet", default=None, help="expected fleet (default: the manifest's)")
+    p.add_argument("--state", choices=("stable", "candidate"), default="stable")
+
+    def register_release(a: argparse.Namespace) -> int:
+        from .registry import Registry
+        from .store import open_store
+
+        a.above = 0
+        try:
+            rel = _verified(a)
+        except VerificationError as e:
+            print(f"cogbert: release not registered: {e}", file=sys.stderr)
+            return 1
+        registry = Registry(open_store(a.store))
+        if a.state == "stable" and (current := registry.stable()) is not None:
+            print(f"cogbert: release {current['counter']} is already stable; a new one becomes stable through a "
+                  "rollout (register it with --state candidate)", file=sys.stderr)
+            return 1
+        rec = registry.add(rel.counter, a.bundle.read_bytes(), a.manifest.read_bytes(), state=a.state,
+                           actor="operator")
+        return _say(json.dumps({k: rec[k] for k in ("counter", "model_id", "sha256", "state")}))
+
+    p.set_defaults(func=register_release)
     return rsub
+
+
+def _verified(a: argparse.Namespace) -> Release:
+    """The release of ``a.manifest`` and ``a.bundle``, checked as a device would against
+    ``a.trust``; raises :class:`VerificationError`."""
+    manifest = a.manifest.read_bytes()
+    try:
+        signed = json.loads(manifest).get("signed", {})
+    except ValueError:
+        signed = {}
+    ts = TrustedState(a.trust.read_bytes(), now=_now())
+    rel = ts.verify_release(manifest, model=a.model or str(signed.get("model")),
+                            fleet=a.fleet or str(signed.get("fleet")), highest_counter=a.above,
+                            sdk_format_version=FORMAT_VERSION,
+                            sdk_version=tuple(int(x) for x in __version__.split(".")))
+    TrustedState.verify_bundle(rel, a.bundle.read_bytes())
+    load_bundle(a.bundle.read_bytes())
+    return rel
 
 
 def _say(msg: str) -> int:

@@ -459,6 +459,18 @@ def test_commands_sign_and_verify_releases_with_exit_codes(tmp_path):
                 "--bundle", bundle)
     assert stale.returncode == 1 and "unknown_key" in stale.stderr   # signed by the retired release key
     assert stat_mode(tmp_path / "keys" / "private" / "root-key.pem") == 0o600
+    # Registering a fleet's first stable release: only one that verifies, only one stable.
+    store = f"file://{tmp_path / 'store'}"
+    root1 = tmp_path / "keys" / "roots" / "1.json"
+    reg = ["release", "register", "--store", store, "--manifest", manifest, "--trust", root1]
+    refused = run(*reg, "--bundle", tampered)
+    assert refused.returncode == 1 and "hash_mismatch" in refused.stderr
+    done = run(*reg, "--bundle", bundle)
+    assert done.returncode == 0 and json.loads(done.stdout)["state"] == "stable", done.stderr
+    from cogbert_cloud.registry import Registry
+    from cogbert_cloud.store import open_store
+    assert Registry(open_store(store)).stable()["counter"] == 3
+    assert run(*reg, "--bundle", bundle).returncode == 1, "a second stable release, or the same one twice"
 
 
 def stat_mode(p: Path) -> int:
