@@ -155,8 +155,10 @@ class PKI:
         return self._issue("device", device_id, self.root / "devices" / device_id,
                            ExtendedKeyUsageOID.CLIENT_AUTH, days=days, public_key=csr.public_key())
 
-    def revoke(self, name: str, *, kind: str | None = None) -> list[int]:
-        """Revoke every unrevoked certificate issued to ``name`` and publish a new CRL.
+    def revoke(self, name: str, *, kind: str | None = None, serial: int | None = None) -> list[int]:
+        """Revoke every unrevoked certificate issued to ``name`` (or only the one with
+        ``serial``: the old certificate after a rotation, while the new one stays valid) and
+        publish a new CRL.
 
         ``kind`` (device, service or server) is needed only when a device and a service share
         the name. Returns the serials revoked. Brokers see the new CRL on reload (SIGHUP).
@@ -164,10 +166,12 @@ class PKI:
         index = self._load_index()
         names = {"device": name, "service": SERVICE_PREFIX + name, "server": name}
         matches = [e for e in index if (kind is None or e["kind"] == kind)
-                   and e["name"] == names[e["kind"]] and e["revoked_at"] is None]
+                   and e["name"] == names[e["kind"]] and e["revoked_at"] is None
+                   and (serial is None or int(e["serial"]) == serial)]
         kinds = {e["kind"] for e in matches}
         if not matches:
-            raise PKIError(f"no unrevoked certificate is issued to {name!r}")
+            which = f" with serial {serial}" if serial is not None else ""
+            raise PKIError(f"no unrevoked certificate{which} is issued to {name!r} (see `cogbert pki list`)")
         if len(kinds) > 1:
             raise PKIError(f"{name!r} names a {' and a '.join(sorted(kinds))}; say which with --kind")
         stamp = _now().isoformat()
@@ -326,9 +330,11 @@ def register(sub) -> None:
     p.add_argument("name")
     p.add_argument("--days", type=int, default=365)
     p = cmd("revoke", "revoke an identity and publish a new CRL (then reload the broker)",
-            lambda a: _say(f"revoked serials {PKI.open(a.dir).revoke(a.name, kind=a.kind)}"))
+            lambda a: _say(f"revoked serials {PKI.open(a.dir).revoke(a.name, kind=a.kind, serial=a.serial)}"))
     p.add_argument("name")
     p.add_argument("--kind", choices=("device", "service", "server"), default=None)
+    p.add_argument("--serial", type=int, default=None,
+                   help="only this certificate of the name (e.g. the old one after a rotation)")
     p = cmd("crl", "re-sign the CRL (run well before it expires)",
             lambda a: _say(PKI.open(a.dir).refresh_crl(days=a.days) or PKI.open(a.dir).crl_path))
     p.add_argument("--days", type=int, default=CRL_DAYS)

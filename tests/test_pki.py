@@ -90,6 +90,18 @@ def test_revoke_publishes_a_crl_and_the_revoked_list(pki):
     assert pki.revoked_path.read_text() == ""
 
 
+def test_revoking_one_serial_rotates_a_certificate_cleanly(pki):
+    old = pki.issue_service("ingest").serial
+    new = pki.issue_service("ingest").serial       # the rotation: both valid for a while
+    with pytest.raises(PKIError, match="serial 12345"):
+        pki.revoke("ingest", serial=12345)
+    assert pki.revoke("ingest", serial=old) == [old]
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(old) is not None
+    assert crl.get_revoked_certificate_by_serial_number(new) is None
+    assert pki.revoked_path.read_text() == "", "the name keeps a valid certificate: no session is dropped"
+
+
 def test_a_name_shared_by_a_device_and_a_service_needs_a_kind(pki):
     pki.issue_device("ingest")
     pki.issue_service("ingest")
