@@ -93,7 +93,8 @@ class FleetView:
             d = self.devices.setdefault(device, {"statuses": []})
             d["telemetry"] = t
             d["last_seen"] = now if now is not None else time.time()
-            if isinstance(t.get("reward_sum"), (int, float)) and isinstance(t.get("reward_count"), int):
+            if (isinstance(t.get("reward_sum"), (int, float)) and math.isfinite(t["reward_sum"])
+                    and isinstance(t.get("reward_count"), int)):
                 rewards = d.setdefault("rewards", [])
                 rewards.append((d["last_seen"], float(t["reward_sum"]), t["reward_count"]))
                 del rewards[:-_REWARD_HISTORY]
