@@ -73,7 +73,7 @@ class BrokerConfig:
 
 def write_config(pki_dir: Path, out: Path, cfg: BrokerConfig) -> Path:
     """Write ``out/mosquitto.conf``, its ``out/acl`` and the ACL plugin ``out/cogbert_acl.so``."""
-    pki = PKI.open(pki_dir)
+    pki = PKI.open(pki_dir, with_ca_key=False)
     server = pki.root / "server"
     if not (server / "cert.pem").exists():
         raise BrokerError(f"no broker certificate in {pki_dir} (run `cogbert pki issue-server {pki_dir} "

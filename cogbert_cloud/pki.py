@@ -104,9 +104,12 @@ class PKI:
         return pki
 
     @classmethod
-    def open(cls, root: Path) -> "PKI":
+    def open(cls, root: Path, *, with_ca_key: bool = True) -> "PKI":
+        """Open a PKI directory. ``with_ca_key=False`` is for readers (the broker's
+        configuration): they need the CA certificate, the CRL and the index, never the key, so
+        they work on a copy without ``private/``; issuing or revoking there fails clearly."""
         pki = cls(root)
-        if not pki.ca_cert_path.exists() or not pki._ca_key_path.exists():
+        if not pki.ca_cert_path.exists() or (with_ca_key and not pki._ca_key_path.exists()):
             raise PKIError(f"{root} is not a PKI directory (run `cogbert pki init {root}` first)")
         return pki
 

@@ -149,3 +149,12 @@ def test_broker_config_has_every_security_setting(pki, tmp_path):
     assert "user svc:ingest-0\ntopic read cogbert/v1/+/+/exp\ntopic write cogbert/v1/+/+/ack" in acl
     assert "user svc:rollout" in acl
     assert (tmp_path / "conf/cogbert_acl.so").exists()
+    # The same configuration from a copy of the PKI without the CA key (as a broker host has it).
+    import shutil
+    public = tmp_path / "public-pki"
+    shutil.copytree(pki.root, public, ignore=shutil.ignore_patterns("private"))
+    assert not (public / "private").exists()
+    again = write_config(public, tmp_path / "conf2", BrokerConfig(port=18883, autosave_interval=3))
+    assert (tmp_path / "conf2/acl").read_text() == acl
+    assert again.read_text().replace(str(public.resolve()), "P").replace(str(tmp_path / "conf2"), "C") == \
+        text.replace(str(pki.root.resolve()), "P").replace(str(tmp_path / "conf"), "C")
