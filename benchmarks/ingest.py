@@ -38,6 +38,7 @@ from cogbert_edge.records import Record, encode
 from cogbert_edge.topics import device_topic
 from cogbert_edge.uploader import Uploader, UploaderSettings
 
+from ._fleet import local_fleet
 from ._timing import summary_us
 
 
@@ -77,16 +78,11 @@ def reference_records(n: int = 256) -> list[bytes]:
 def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pki = PKI.init(root / "pki")
-        pki.issue_server(["localhost"])
-        pki.issue_service("ingest")
         ids = [f"bench-{i:04d}" for i in range(args.devices)]
-        for d in ids:
-            pki.issue_device(d)
-        (root / "broker").mkdir()
         store_url = f"file://{root / 'store'}"
         stats_file = root / "ingest-stats.json"
-        with LocalBroker(pki.root, root / "broker", config=BrokerConfig(plugin_in_confdir=False)) as broker:
+        with local_fleet(root, services=["ingest"], devices=ids,
+                         config=BrokerConfig(plugin_in_confdir=False)) as (pki, broker):
             replicas = [subprocess.Popen(
                 [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "ingest",
                  "--broker", broker.service_url, "--pki", str(pki.root), "--store", store_url,

@@ -23,6 +23,8 @@ from cogbert_cloud.pki import PKI
 from cogbert_edge.link import LinkSettings, MqttLink
 from cogbert_edge.topics import device_topic
 
+from ._fleet import local_fleet
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("link", help="mTLS handshake time and QoS 1 throughput through Mosquitto")
@@ -37,13 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        pki = PKI.init(root / "pki")
-        pki.issue_server(["localhost"])
-        pki.issue_device("bench-dev")
-        pki.issue_service("ingest")
-        (root / "broker").mkdir()
-        with LocalBroker(pki.root, root / "broker") as broker:
+        with local_fleet(Path(tmp), services=["ingest"], devices=["bench-dev"]) as (pki, broker):
             handshake = _handshakes(broker, pki, args.connects)
             rows = [_throughput(broker, pki, int(size), int(n))
                     for size, n in zip(args.payloads.split(","), args.messages.split(","))]

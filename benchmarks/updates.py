@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cogbert_cloud.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.broker import BrokerConfig
 from cogbert_cloud.distribution import publish_release, release_message
 from cogbert_cloud.pki import PKI
 from cogbert_cloud.releases import KeyStore, create_release
@@ -36,6 +36,7 @@ from cogbert_edge.agent import Device, DeviceSettings
 from cogbert_edge.link import LinkSettings, MqttLink
 from cogbert_edge.updater import golden_outputs
 
+from ._fleet import local_fleet
 from ._timing import summary_us
 
 
@@ -128,19 +129,13 @@ def rollout_main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         keys = KeyStore.init(root / "keys")
-        pki = PKI.init(root / "pki")
-        pki.issue_server(["localhost"])
-        pki.issue_service("rollout")
         ids = [f"fleet-{i:04d}" for i in range(args.devices)]
-        for d in ids:
-            pki.issue_device(d)
         (root / "factory.safetensors").write_bytes(_bundle(0, config))
         new = _bundle(1, config)
         (root / "release.safetensors").write_bytes(new)
         manifest = create_release(new, keys, counter=1, model="bench", fleet="bench")
-        (root / "broker").mkdir()
-        with LocalBroker(pki.root, root / "broker",
-                         config=BrokerConfig(plugin_in_confdir=False, max_inflight_messages=1000)) as broker:
+        with local_fleet(root, services=["rollout"], devices=ids,
+                         config=BrokerConfig(plugin_in_confdir=False, max_inflight_messages=1000)) as (pki, broker):
             committed: dict[str, float] = {}
             statuses: dict[str, list] = {}
             lock = threading.Lock()

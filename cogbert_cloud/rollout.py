@@ -282,6 +282,7 @@ class RolloutController:
         self.s, self.registry, self.link, self.fleet = settings, registry, link, fleet
         self.clock = clock
         self.url_for = url_for or (lambda key: _default_url(registry.store, key))
+        self._roots: list[bytes] | None = None    # the root chain, read once per rollout
         self.rollout: dict | None = None
         self.history: list[dict] = []
         self._lock = threading.Lock()
@@ -300,6 +301,7 @@ class RolloutController:
                 raise ValueError(f"release {candidate} is {rec['state']}, not a candidate")
             stable = self.registry.stable()
             now = self.clock()
+            self._roots = None        # a rotation since the last rollout shows up in this one
             self.rollout = {"candidate": candidate, "stable": stable["counter"] if stable else None,
                             "state": "running", "stage": 0, "started": now, "stage_started": now,
                             "offered": {}, "baseline": self._telemetry_now(), "timeline": [], "result": None}
@@ -418,8 +420,10 @@ class RolloutController:
     def _publish(self, manifest: bytes, bundle_key: str, *, device: str | None) -> None:
         self.notifications += 1
         if self.link is not None:
+            if self._roots is None:   # not per offer: on S3 that would be a LIST and a GET per root each time
+                self._roots = self.root_chain()
             publish_release(self.link, self.s.fleet, manifest, url=self.url_for(bundle_key), device=device,
-                            root_chain=self.root_chain())
+                            root_chain=self._roots)
 
     def root_chain(self) -> list[bytes]:
         """The signed root versions after the first, oldest first, as the signing service put them

@@ -214,15 +214,18 @@ class Uploader:
                 return False
             self._next = nxt[0]
             return True
-        full = len(records) >= want or sum(len(p) for _, p in records) >= 0.9 * self.s.batch_bytes
-        if not full and not self._linger_over(first):
+        size = sum(len(p) for _, p in records)
+        if len(records) < want and size < 0.9 * self.s.batch_bytes and not self._linger_over(first):
             return False
         self._partial_since = None
+        n = len(records)
         records, data = self._fit(records)
+        if len(records) < n:          # trimmed to fit: count only what goes
+            size = sum(len(p) for _, p in records)
         a, b = records[0][0], records[-1][0]
         self.journal.add(a, b)
         self._next = b + 1
-        self._avg_record = 0.8 * self._avg_record + 0.2 * (sum(len(p) for _, p in records) / len(records))
+        self._avg_record = 0.8 * self._avg_record + 0.2 * (size / len(records))
         return self._send(a, b, attempt=1, data=data)
 
     def _linger_over(self, first: int) -> bool:
