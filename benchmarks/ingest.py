@@ -120,6 +120,8 @@ def main(args: argparse.Namespace) -> dict:
             "replica_batches": [s.get("accepted", 0) for s in per_replica],
             "cores_busy": cpu, "cpu_us_per_transition": {k: round(v * 1e6 / max(stored["transitions"] / wall, 1), 2)
                                                           for k, v in cpu.items()},
+            "device_cpu_us_per_transition": {k: round(v * 1e6 / max(stored["transitions"], 1), 2)
+                                             for k, v in sorted(result.get("thread_cpu_s", {}).items())},
             "record_bytes": int(np.mean([len(r) for r in reference_records()])),
             "cpu": os.cpu_count()}
 
@@ -135,7 +137,8 @@ def _run_devices(args, pki: PKI, broker: LocalBroker, root: Path, ids: list[str]
         go.set()
         t0 = time.time()
         r = _device_worker(job, ids, go, None)
-        return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"], "cpu_s": r["cpu_s"]}
+        return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"], "cpu_s": r["cpu_s"],
+                "thread_cpu_s": r["thread_cpu_s"]}
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     pipes, procs = [], []
@@ -156,7 +159,9 @@ def _run_devices(args, pki: PKI, broker: LocalBroker, root: Path, ids: list[str]
     for pr in procs:
         pr.join(30)
     return {"elapsed": max(r["end"] for r in results) - t0, "produced": sum(r["produced"] for r in results),
-            "drained": all(r["drained"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results)}
+            "drained": all(r["drained"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results),
+            "thread_cpu_s": {k: sum(r["thread_cpu_s"].get(k, 0.0) for r in results)
+                             for k in set().union(*(r["thread_cpu_s"] for r in results))}}
 
 
 def _device_worker(job: dict, ids: list[str], go, conn) -> dict:
@@ -177,6 +182,8 @@ def _device_worker(job: dict, ids: list[str], go, conn) -> dict:
     go.wait()
     stop = threading.Event()
 
+    producer_cpu: list[float] = []
+
     def produce(ob: Outbox) -> None:
         i = 0
         n = len(payloads)
@@ -187,9 +194,10 @@ def _device_worker(job: dict, ids: list[str], go, conn) -> dict:
             for _ in range(64):
                 ob.append(payloads[i % n])
                 i += 1
+        producer_cpu.append(time.thread_time())
 
-    c0 = time.process_time()
-    threads = [threading.Thread(target=produce, args=(ob,), daemon=True) for ob, _, _ in stacks]
+    c0, t0 = time.process_time(), _thread_cpu_seconds()
+    threads = [threading.Thread(target=produce, args=(ob,), name="producer", daemon=True) for ob, _, _ in stacks]
     for t in threads:
         t.start()
     time.sleep(job["seconds"])
@@ -199,7 +207,10 @@ def _device_worker(job: dict, ids: list[str], go, conn) -> dict:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all(ob.acked_seq >= ob.last_seq for ob, _, _ in stacks):
         time.sleep(0.02)
-    result = {"end": time.time(), "cpu_s": time.process_time() - c0,
+    threads_cpu = {k: v - t0.get(k, 0.0) for k, v in _thread_cpu_seconds().items()}
+    threads_cpu["producer (append)"] = sum(producer_cpu)
+    threads_cpu["other"] -= threads_cpu["producer (append)"]
+    result = {"end": time.time(), "cpu_s": time.process_time() - c0, "thread_cpu_s": threads_cpu,
               "produced": sum(ob.last_seq for ob, _, _ in stacks),
               "drained": all(ob.acked_seq >= ob.last_seq for ob, _, _ in stacks)}
     for ob, link, up in stacks:
@@ -265,16 +276,33 @@ def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict
     return {"elapsed": elapsed, "produced": per_device * len(ids), "drained": drained, "cpu_s": cpu_s}
 
 
-def _cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """User + system CPU seconds of each process so far (Linux /proc; 0 elsewhere)."""
-    out = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            out[pid] = 0.0
+def _thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's live threads, summed by kind (the thread name without its
+    device suffix); ``other`` holds the rest of the process's time (threads that have ended)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {"other": time.process_time()}
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.is_dir() else []:
+        name = names.get(int(task.name), "other")
+        kind = name.split("-bench-")[0] if name.startswith("cogbert-") else name
+        cpu = _stat_cpu_seconds(task / "stat")
+        out[kind] = out.get(kind, 0.0) + cpu
+        out["other"] -= cpu
     return out
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process so far."""
+    return {pid: _stat_cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in pids}
+
+
+def _stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a /proc stat file (Linux; 0 elsewhere or once gone)."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def outbox_main(args: argparse.Namespace) -> dict:

@@ -303,5 +303,8 @@ class Uploader:
         self.acked += 1
         self.outbox.ack(first, last)
         if self.acked % 64 == 0:
-            self.journal.compact(self.outbox.acked_seq)
+            # Only ranges the outbox has *saved* as acknowledged: after a crash the outbox
+            # restarts from its saved state, and a range the journal forgot would then be
+            # formed again with other boundaries, a batch id ingestion has not seen.
+            self.journal.compact(self.outbox.saved_acked_seq)
         self._wake.set()

@@ -137,26 +137,3 @@ def test_a_reference_model_batch_fits_128_kib_with_hundreds_of_transitions():
     data = codec.encode("d", "f", recs)
     assert len(data) < 128 * 1024
     assert struct.unpack_from("<4s", data)[0] == codec.MAGIC
-
-
-def test_the_uploader_compresses_only_batches_that_pay_and_probes_again(tmp_path):
-    from cogbert_edge.outbox import Outbox, OutboxSettings
-    from cogbert_edge.uploader import Uploader, UploaderSettings
-
-    ob = Outbox(OutboxSettings(tmp_path))
-    up = Uploader(ob, link=None, fleet="f", device="d", settings=UploaderSettings(compress_probe=3))
-    rng = np.random.default_rng(1)
-
-    def records(compressible: bool) -> list[tuple[int, bytes]]:
-        obs = (np.zeros((200, 64)) if compressible else rng.standard_normal((200, 64))).astype(np.float32)
-        return [(i + 1, encode(Record("s", i, obs[i], 1, -1.0, 0.0, "m", 1.8e9 + i))) for i in range(200)]
-
-    def codec_of(recs) -> int:
-        return up._fit(recs)[1][4]
-
-    assert codec_of(records(True)) == codec.CODEC_ZLIB
-    assert codec_of(records(False)) == codec.CODEC_NONE          # saves < 25 %: sent as it is
-    assert [codec_of(records(True)) for _ in range(3)] == [codec.CODEC_NONE] * 3   # not even tried
-    assert codec_of(records(True)) == codec.CODEC_ZLIB           # the probe: compressible again
-    up.journal.close()
-    ob.close()

@@ -66,21 +66,60 @@ def test_only_durable_records_are_handed_to_the_uploader(tmp_path):
     ob.close()
 
 
-def test_reads_from_anywhere_return_the_right_records(tmp_path):
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_reads_from_anywhere_return_the_right_records(tmp_path, size):
     # The uploader re-reads inside its last read (a trimmed batch, a lingering partial one),
-    # after it (the next batch), before it (a resend) and across segments.
-    payloads = {i: f"record-{i}-".encode() * (1 + i % 7) for i in range(1, 601)}
-    for segment_bytes in (1 << 20, 4096):       # one segment; many
-        ob = Outbox(OutboxSettings(tmp_path / str(segment_bytes), segment_bytes=segment_bytes))
+    # after it (the next batch), before it (a resend) and across segments. Large records make
+    # reads span several chunks of the file, and one record is larger than a chunk.
+    scale = 1 if size == "small" else 300
+    payloads = {i: f"record-{i}-".encode() * scale * (1 + i % 7) for i in range(1, 601)}
+    payloads[333] = b"x" * (300 << 10)
+    for segment_bytes in (1 << 20, 4096):       # one segment (when small); many
+        ob = Outbox(OutboxSettings(tmp_path / str(segment_bytes), segment_bytes=segment_bytes,
+                                   max_buffer_bytes=64 << 20))
         for i in range(1, 601):
             assert ob.append(payloads[i]) == i
+            if i % 7 == 0:                      # segments written in many pieces
+                ob.flush()
         ob.flush()
         for first, n in ((1, 100), (40, 30), (70, 50), (120, 1), (120, 2), (5, 3), (121, 400), (300, 10),
-                         (590, 50), (1, 600)):
+                         (590, 50), (1, 600), (330, 5)):
             got = ob.read(first, n)
             assert [s for s, _ in got] == list(range(first, min(first + n, 601))), (first, n)
             assert all(p == payloads[s] for s, p in got), (first, n)
+        for first in (1, 65, 300, 333, 334):     # by bytes: at least one record, then up to the limit
+            got = ob.read(first, 1000, max_bytes=20_000)
+            sizes = [len(p) for _, p in got]
+            assert got and got[0][0] == first and all(p == payloads[s] for s, p in got)
+            assert sum(sizes) <= 20_000 or len(got) == 1
+            assert first + len(got) > 600 or sum(sizes) + len(payloads[first + len(got)]) > 20_000
         ob.close()
+
+
+def test_the_acknowledged_prefix_survives_a_torn_state_write(tmp_path):
+    from cogbert_edge.outbox import _StateFile
+
+    state = _StateFile(tmp_path / "state.bin")
+    state.save(10, 1)
+    state.save(20, 2)                              # into the other slot
+    state.close()
+    path = tmp_path / "state.bin"
+    good = path.read_bytes()
+    reopened = _StateFile(path)
+    assert (reopened.acked_seq, reopened.dropped_oldest) == (20, 2)
+    reopened.close()
+    slot = len(good) // 2
+    newest = max((0, slot), key=lambda off: int.from_bytes(good[off + 4:off + 12], "little"))
+    torn = bytearray(good)
+    torn[newest + 14] ^= 0xFF                      # the last write was torn
+    path.write_bytes(bytes(torn))
+    reopened = _StateFile(path)
+    assert (reopened.acked_seq, reopened.dropped_oldest) == (10, 1), "the slot written before it holds"
+    reopened.save(30, 3)                           # and the next save replaces the torn one
+    reopened.close()
+    reopened = _StateFile(path)
+    assert reopened.acked_seq == 30
+    reopened.close()
 
 
 @pytest.mark.parametrize("damage", ["partial frame", "garbage", "flipped byte in last record"])
