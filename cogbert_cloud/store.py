@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import parse_qs, urlparse
 
-from cogbert_edge._fs import atomic_write
+from cogbert_edge._fs import atomic_write, makedirs_durable
 
 from .errors import StoreError
 
@@ -58,8 +58,11 @@ class FileStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data)
+            try:
+                atomic_write(path, data)
+            except FileNotFoundError:     # the first object under this prefix
+                makedirs_durable(path.parent)
+                atomic_write(path, data)
         except OSError as e:
             raise StoreError(f"cannot write {key}: {e.strerror or e}") from e
 

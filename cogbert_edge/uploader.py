@@ -130,7 +130,7 @@ class Uploader:
         self._avg_record = 300.0
         self._partial_since: tuple[int, float] | None = None
         self._skip_compress = 0      # batches to send uncompressed before trying again
-        self.sent = self.resent = self.acked = self.rejected = self.duplicates = 0
+        self.sent = self.resent = self.acked = self.rejected = self.duplicates = self.unencodable = 0
         self._thread = threading.Thread(target=self._run, name=f"cogbert-uploader-{device}", daemon=True)
 
     def start(self) -> "Uploader":
@@ -219,7 +219,17 @@ class Uploader:
             return False
         self._partial_since = None
         n = len(records)
-        records, data = self._fit(records)
+        try:
+            records, data = self._fit(records)
+        except ValueError as e:
+            # One record that does not encode (only a bug could write one: the outbox checks
+            # every record's checksum). Sending it can never succeed; it leaves as a gap.
+            seq = records[0][0]
+            event(log, "record_unencodable", level=logging.ERROR, device=self.device, seq=seq, error=str(e))
+            self.unencodable += 1
+            self._next = seq + 1
+            self.outbox.ack(seq, seq)
+            return True
         if len(records) < n:          # trimmed to fit: count only what goes
             size = sum(len(p) for _, p in records)
         a, b = records[0][0], records[-1][0]
@@ -244,7 +254,9 @@ class Uploader:
                 data = batch_codec.encode(self.device, self.fleet, records, compress=compress,
                                           min_saving=self.s.min_compression_saving)
             except ValueError:       # mixed shapes (a model with another obs size): split
-                records = records[: max(1, len(records) // 2)]
+                if len(records) == 1:
+                    raise
+                records = records[: len(records) // 2]
                 continue
             if len(data) <= self.s.batch_bytes or len(records) == 1:
                 if compress and data[4] == batch_codec.CODEC_NONE:

@@ -58,6 +58,48 @@ def test_batch_round_trip_is_columnar_and_exact(compress, continuous):
     assert b.flags[20] & DONE and not b.flags[21] & DONE
 
 
+NAMES = ["s", "unit-7", "unit-12", "é" * 40, "a" + "é" * 40, "a" + "é" * 31 + "Ā" * 5, "x" * 80]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_mix_of_layouts_round_trips_record_by_record(data):
+    # Sessions and models of different lengths (cut at 64 bytes, inside a character too),
+    # state snapshots anywhere: records of many layouts in one batch.
+    n = data.draw(st.integers(1, 40))
+    obs_dim, act_dim = data.draw(st.integers(1, 6)), data.draw(st.sampled_from([0, 2]))
+    names = st.sampled_from(NAMES)
+    recs = []
+    for i in range(n):
+        snap = data.draw(st.booleans())
+        recs.append(encode(Record(data.draw(names), i, np.full(obs_dim, i, np.float32),
+                                  np.full(act_dim, -i, np.float32) if act_dim else i % 7, -1.0 * i, 0.5,
+                                  data.draw(names), 1.8e9 + i, reward=float(i), flags=data.draw(st.integers(0, 3)),
+                                  h=np.full(3, i, np.float32) if snap else None,
+                                  c=np.full(3, -i, np.float32) if snap else None)))
+    b = codec.decode(codec.encode("d", "f", list(enumerate(recs, start=1)), compress=False))
+    state_row = {int(r): k for k, r in enumerate(b.state_rows)}
+    for row, raw in enumerate(recs):
+        r = decode(raw)
+        assert b.sessions[b.session_idx[row]] == r.session and b.models[b.model_idx[row]] == r.model
+        assert (b.step[row], b.time[row], b.reward[row], b.flags[row]) == (r.step, r.time, r.reward, r.flags & ~STATE)
+        np.testing.assert_array_equal(b.obs[row], r.obs)
+        np.testing.assert_array_equal(b.action[row], r.action)
+        assert (row in state_row) == (r.h is not None)
+        if r.h is not None:
+            np.testing.assert_array_equal(b.state_h[state_row[row]], r.h)
+            np.testing.assert_array_equal(b.state_c[state_row[row]], r.c)
+    assert len(set(b.sessions)) == len(b.sessions) and len(set(b.models)) == len(b.models)
+
+
+def test_a_record_whose_length_disagrees_with_its_head_is_refused():
+    good = encode(make_records(1)[0][1])
+    with pytest.raises(ValueError, match="length"):
+        codec.encode("d", "f", [(1, good), (2, good + b"\0\0\0\0")])
+    with pytest.raises(ValueError, match="shorter than its head"):
+        codec.encode("d", "f", [(1, good), (2, good[:10])])
+
+
 def _body(**changes):
     recs = make_records(10)
     raw = codec.encode("d", "f", [(s, encode(r)) for s, r in recs], compress=False)

@@ -78,3 +78,19 @@ def test_the_uploader_compresses_only_batches_that_pay_and_probes_again(tmp_path
     assert codec_of(records(True)) == codec.CODEC_ZLIB           # the probe: compressible again
     up.journal.close()
     ob.close()
+
+
+def test_a_record_that_cannot_be_encoded_leaves_as_a_gap_and_the_rest_go(tmp_path):
+    ob = Outbox(OutboxSettings(tmp_path))
+    good = [encode(Record("s", i, np.full(8, i, np.float32), 1, -1.0, 0.0, "m", 1.8e9 + i)) for i in range(6)]
+    for p in good[:3] + [good[3][:-4]] + good[4:]:       # record 4's length disagrees with its head
+        ob.append(p)
+    ob.flush()
+    link = RecordingLink()
+    up = Uploader(ob, link, fleet="f", device="d", settings=UploaderSettings(linger=0.0))
+    for _ in range(10):
+        up._step()
+    assert [(b.first, b.last) for b in map(codec.decode, link.sent)] == [(1, 3), (5, 6)]
+    assert up.unencodable == 1
+    up.journal.close()
+    ob.close()
