@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import json
 import logging
 import queue
@@ -69,9 +70,14 @@ class IngestSettings:
 
 def batch_key(b: batch_codec.Batch) -> str:
     t = float(b.time[0])
-    day = (dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d")
-           if 946684800 <= t < 7258118400 else "undated")   # 2000..2200; a wild clock gets its own bin
+    # 2000..2200; a device with a wild clock gets its own bin.
+    day = _day(int(t // 86400)) if 946684800 <= t < 7258118400 else "undated"
     return f"experience/{b.fleet}/{day}/{b.device}/{b.first:016d}-{b.last:016d}.cbx"
+
+
+@functools.lru_cache(maxsize=64)
+def _day(days_since_epoch: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=days_since_epoch)).isoformat()
 
 
 class IngestService:

@@ -481,6 +481,7 @@ def _read_frames(path: Path, seg_first: int, index: array.array, seq: int, last:
         while True:
             f.seek(off)
             data = f.read(chunk)
+            view = memoryview(data)
             pos = 0
             while pos + FRAME.size <= len(data):
                 n, crc, rec_seq = FRAME.unpack_from(data, pos)
@@ -492,10 +493,9 @@ def _read_frames(path: Path, seg_first: int, index: array.array, seq: int, last:
                 if rec_seq >= seq:
                     if rec_seq > last or (out and total + n > limit):
                         return seq, total
-                    payload = data[pos + FRAME.size:end]
-                    if zlib.crc32(payload, zlib.crc32(_SEQ.pack(rec_seq))) != crc:
+                    if zlib.crc32(view[pos + 8:end]) != crc:     # seq and payload are adjacent
                         return seq, total
-                    out.append((rec_seq, payload))
+                    out.append((rec_seq, data[pos + FRAME.size:end]))
                     total += n
                     seq = rec_seq + 1
                 pos, expect = end, rec_seq + 1
