@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import queue
+import re
 import signal
 import socket
 import threading
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cogbert_edge import batch as batch_codec
 from cogbert_edge._fs import atomic_write
@@ -50,6 +53,7 @@ from .store import ObjectStore, open_store
 __all__ = ["IngestService", "IngestSettings", "batch_key"]
 
 log = logging.getLogger("cogbert.ingest")
+_MAX_REASONS = 64
 
 
 @dataclass
@@ -66,6 +70,7 @@ class IngestSettings:
     max_message_bytes: int = 1 << 20
     stats_file: Path | None = None
     stats_interval: float = 5.0
+    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port (0: off)"})
 
 
 def batch_key(b: batch_codec.Batch) -> str:
@@ -98,6 +103,7 @@ class IngestService:
         self._workers = [threading.Thread(target=self._work, name=f"cogbert-ingest-{i}", daemon=True)
                          for i in range(settings.workers)]
         self._stop = threading.Event()
+        self._metrics_server = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -107,11 +113,18 @@ class IngestService:
         self.link.start()
         self.link.subscribe(f"$share/{self.s.group}/{PREFIX}/+/+/exp", self._on_message)
         threading.Thread(target=self._report_loop, name="cogbert-ingest-stats", daemon=True).start()
-        event(log, "ingest_started", broker=self.s.broker, store=self.store.url, group=self.s.group)
+        if self.s.metrics_port:
+            registry = CollectorRegistry()
+            registry.register(_Metrics(self))
+            self._metrics_server, _ = start_http_server(self.s.metrics_port, registry=registry)
+        event(log, "ingest_started", broker=self.s.broker, store=self.store.url, group=self.s.group,
+              metrics_port=self.s.metrics_port)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.link.close()
         for _ in self._workers:
             self._queue.put(None)
@@ -181,8 +194,13 @@ class IngestService:
 
     def _reject(self, msg: Message, who: tuple[str, str] | None, reason: str,
                 rng: tuple[int, int] | None = None) -> None:
-        short = reason.split(":")[0][:80]
+        # Counted by the fixed part of the reason (before ":", numbers as N), at most
+        # _MAX_REASONS of them: the rest of a message can carry what the sender chose, and a
+        # counter (and metric label) per distinct value would let a device grow them forever.
+        short = re.sub(r"\d+", "N", reason.split(":")[0][:80])
         with self._lock:
+            if short not in self.rejected and len(self.rejected) >= _MAX_REASONS:
+                short = "other"
             self.rejected[short] += 1
         event(log, "batch_rejected", level=logging.WARNING, topic=msg.topic[:200], reason=reason[:200],
               bytes=len(msg.payload))
@@ -210,6 +228,36 @@ class IngestService:
         event(log, "ingest_stats", **{k: v for k, v in stats.items() if k != "rejected_by_reason"})
         if self.s.stats_file:
             atomic_write(Path(self.s.stats_file), json.dumps(stats).encode())
+
+
+class _Metrics:
+    """The service's counters for Prometheus, read from :meth:`IngestService.stats` on each
+    scrape (``GET /metrics`` on ``--metrics-port``)."""
+
+    def __init__(self, service: IngestService) -> None:
+        self.service = service
+
+    def collect(self):
+        st = self.service.stats()
+        batches = CounterMetricFamily("cogbert_ingest_batches", "Experience batches acknowledged to devices, "
+                                      "by outcome", labels=["outcome"])
+        batches.add_metric(["stored"], st.get("accepted", 0))
+        batches.add_metric(["duplicate"], st.get("duplicate", 0))
+        yield batches
+        rejected = CounterMetricFamily("cogbert_ingest_rejected_batches", "Messages rejected, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(st["rejected_by_reason"].items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily("cogbert_ingest_transitions", "Transitions stored", value=st.get("transitions", 0))
+        yield CounterMetricFamily("cogbert_ingest_stored_bytes", "Batch bytes stored", value=st.get("bytes", 0))
+        errors = CounterMetricFamily("cogbert_ingest_errors", "Messages not stored for a failure of ours "
+                                     "(left unacknowledged: delivered again)", labels=["kind"])
+        errors.add_metric(["store"], st.get("store_errors", 0))
+        errors.add_metric(["internal"], st.get("errors", 0))
+        yield errors
+        yield GaugeMetricFamily("cogbert_ingest_broker_connected", "1 while the link to the broker is up",
+                                value=int(st["connected"]))
 
 
 def run(settings: IngestSettings) -> int:

@@ -243,7 +243,7 @@ def decode(data: bytes, *, max_decompressed: int = MAX_DECOMPRESSED) -> Batch:
     if not isinstance(m, dict) or set(m) != _KEYS:
         raise BatchError("body has the wrong set of fields")
     if m["v"] != 1:
-        raise BatchError(f"unsupported batch version {m['v']!r}")
+        raise BatchError(f"unsupported batch version: {str(m['v'])[:40]!r}")
     for k in ("device", "fleet"):
         if not isinstance(m[k], str) or not 0 < len(m[k]) <= MAX_NAME:
             raise BatchError(f"{k} must be a short string")

@@ -10,17 +10,13 @@ import time
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cogbert_cloud.broker import free_port
 
 
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server: a real S3 HTTP API on loopback."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], env=env,

@@ -51,7 +51,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(path):
     assert docs, f"{path} holds no document"
     for doc in docs:
         if doc["apiVersion"].startswith(CRD_GROUPS):
-            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"], doc
+            endpoints = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}
+            assert doc["kind"] in endpoints and doc["spec"][endpoints[doc["kind"]]], doc
             continue
         for version in VERSIONS:
             try:
@@ -139,6 +140,22 @@ def test_the_monitoring_overlay_adds_a_service_monitor_that_selects_the_api():
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
     assert _ns(svc) in sm["spec"]["namespaceSelector"]["matchNames"]
+
+
+def test_ingestion_serves_metrics_where_its_annotations_and_pod_monitor_look():
+    deployment = _find("Deployment", "cogbert-ingest")
+    ingest = _pod_spec(deployment)["containers"][0]
+    port = int(ingest["args"][ingest["args"].index("--metrics-port") + 1])
+    assert [(p["name"], p["containerPort"]) for p in ingest["ports"]] == [("metrics", port)]
+    notes = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert (notes["prometheus.io/port"], notes["prometheus.io/path"]) == (str(port), "/metrics")
+    monitor = _find("PodMonitor", "cogbert-ingest")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert _ns(deployment) in monitor["spec"]["namespaceSelector"]["matchNames"]
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]] == [("metrics", "/metrics")]
+    overlay = yaml.safe_load((OVERLAYS / "monitoring" / "kustomization.yaml").read_text())
+    assert "podmonitor.yaml" in overlay["resources"]
 
 
 # -- secrets and the signing key ------------------------------------------------------------
@@ -305,7 +322,7 @@ def test_serving_containers_have_readiness_and_liveness_probes():
         for c in _pod_spec(w)["containers"]:
             if c.get("ports"):
                 assert "readinessProbe" in c and "livenessProbe" in c, f"{_name(w)}/{c['name']}"
-    # Ingestion serves nothing but is watched anyway: through the stats file it is told to write.
+    # Ingestion serves only /metrics and is watched through the stats file it is told to write.
     ingest = _pod_spec(_find("Deployment", "cogbert-ingest"))["containers"][0]
     stats = ingest["args"][ingest["args"].index("--stats-file") + 1]
     for probe in ("readinessProbe", "livenessProbe"):

@@ -150,6 +150,17 @@ def test_the_api_is_reachable_from_the_monitoring_and_ingress_namespaces_only():
     assert not _ingress_allowed(pods["signer"], None, 443)
 
 
+def test_ingestion_metrics_are_reachable_from_the_monitoring_namespace_only():
+    pods = _pods()
+    ingest = pods["ingest"]
+    assert _ingress_allowed(ingest, ("monitoring", {"app": "prometheus"}), 9102)
+    assert not _ingress_allowed(ingest, ("ingress-nginx", {"app": "ingress-nginx"}), 9102)
+    assert not _ingress_allowed(ingest, None, 9102)
+    for name, pod in pods.items():
+        assert not _ingress_allowed(ingest, pod, 9102), name
+    assert not _ingress_allowed(ingest, ("monitoring", {"app": "prometheus"}), 8080)
+
+
 def test_the_policy_evaluation_is_not_vacuous():
     # Without the broker's policy, the sims could reach the service listener: the evaluator
     # must see that, or the tests above would pass whatever the policies said.

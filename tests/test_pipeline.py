@@ -10,14 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from cogbert_cloud.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.broker import BrokerConfig, LocalBroker, free_port
 from cogbert_cloud.dataset import ExperienceDataset
 from cogbert_cloud.pki import PKI
 from cogbert_cloud.store import open_store
@@ -49,11 +51,12 @@ def world(tmp_path_factory):
 class Ingest:
     """A `cogbert cloud ingest` process."""
 
-    def __init__(self, world, broker, store: str, name: str, env: dict | None = None):
+    def __init__(self, world, broker, store: str, name: str, env: dict | None = None, metrics_port: int = 0):
         self.stats_file = world["root"] / f"ingest-{name}-{time.monotonic_ns()}.json"
         self.args = [str(BIN / "cogbert"), "--log-level", "WARNING", "cloud", "ingest", "--broker",
                      broker.service_url, "--pki", str(world["pki"].root), "--store", store, "--client-id",
-                     f"ingest-{name}", "--stats-file", str(self.stats_file), "--stats-interval", "0.2"]
+                     f"ingest-{name}", "--stats-file", str(self.stats_file), "--stats-interval", "0.2",
+                     "--metrics-port", str(metrics_port)]
         self.env = {**os.environ, **(env or {})}
         self.proc = None
 
@@ -164,7 +167,8 @@ def _valid_batch(device: str, first: int, n: int = 5, **overrides) -> bytes:
 def test_hostile_payloads_are_rejected_and_counted_and_the_service_keeps_running(world):
     broker = new_broker(world, "hostile")
     store = f"file://{world['root'] / 'store-hostile'}"
-    ingest = Ingest(world, broker, store, "h").start()
+    port = free_port()
+    ingest = Ingest(world, broker, store, "h", metrics_port=port).start()
     dev = "sim-0005"
     link = MqttLink(LinkSettings.for_device(broker.url, world["pki"].root, dev)).start()
     try:
@@ -175,6 +179,9 @@ def test_hostile_payloads_are_rejected_and_counted_and_the_service_keeps_running
                    codec.MAGIC + b"\x01" + zlib.compress(b"\0" * (200 << 20), 9),       # decompression bomb
                    _valid_batch("sim-0004", 1),                                         # another device's id
                    _valid_batch(dev, 1, reward=np.full(5, np.inf, "<f4").tobytes())]
+        # What a sender writes into a field must not become a counter (or metric label) of its own.
+        hostile += [_valid_batch(dev, 1, v=k) for k in range(2, 80)]
+        hostile += [_valid_batch(dev, 1, last=k) for k in range(6, 20)]
         for payload in hostile:
             link.publish(topic, payload).wait(10)
         link.publish(topic, _valid_batch(dev, 1)).wait(10)
@@ -185,7 +192,18 @@ def test_hostile_payloads_are_rejected_and_counted_and_the_service_keeps_running
         st = ingest.stats()
         assert st["rejected"] == len(hostile), st["rejected_by_reason"]
         assert st["accepted"] == 1 and ingest.proc.poll() is None
+        assert st["rejected_by_reason"]["unsupported batch version"] == 78
+        assert st["rejected_by_reason"]["n=N does not match first..last N..N (max N records)"] == 14
         assert ExperienceDataset(open_store(store)).stats()["transitions"] == 5
+        # The same counters for Prometheus.
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert samples[("cogbert_ingest_batches_total", (("outcome", "stored"),))] == 1
+        assert sum(v for (name, _), v in samples.items()
+                   if name == "cogbert_ingest_rejected_batches_total") == len(hostile)
+        assert samples[("cogbert_ingest_transitions_total", ())] == 5
+        assert samples[("cogbert_ingest_broker_connected", ())] == 1
     finally:
         link.close()
         ingest.stop()
