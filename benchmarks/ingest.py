@@ -1,12 +1,13 @@
 """``cogbert-bench ingest``: experience end to end, devices -> mutual-TLS Mosquitto -> ingestion
 -> file store, on this machine.
 
-Devices are real :class:`Outbox` + :class:`Uploader` + :class:`MqttLink` stacks in this process,
-fed with reference-model records (obs 64, a recurrent-state snapshot every 64 steps) as fast
-as the pipeline takes them: a producer keeps each device's unacknowledged backlog under a
-bound, as a device whose link keeps up would. Inference is not part of it
-(``cogbert-bench edge`` measures that). Ingestion runs as its own process, as deployed. The
-broker, ingestion and the devices share the machine's cores.
+Devices are real :class:`Outbox` + :class:`Uploader` + :class:`MqttLink` stacks, in ``--procs``
+processes (2), fed with reference-model records (obs 64, a recurrent-state snapshot every 64
+steps) as fast as the pipeline takes them: a producer keeps each device's unacknowledged
+backlog under a bound (``--backlog``, 6,000 records: about two upload windows), as a device
+whose link keeps up would. Inference is not part of it (``cogbert-bench edge`` measures
+that). Ingestion runs as its own process, as deployed. The broker, ingestion and the devices
+share the machine's cores.
 
 ``transitions_per_s`` counts transitions stored, from the first append until the cloud has
 acknowledged the last one; ``lost`` and ``duplicates`` come from reading the store back.
@@ -46,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="experience throughput: devices -> broker -> ingestion -> store")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0, help="how long devices produce")
-    p.add_argument("--backlog", type=int, default=20000, help="max unacknowledged records per device")
+    p.add_argument("--backlog", type=int, default=6000,
+                   help="max unacknowledged records per device (about two upload windows of reference records)")
     p.add_argument("--workers", type=int, default=4, help="ingestion worker threads")
     p.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
                    help="zlib-compress batches (the uploader's default)")

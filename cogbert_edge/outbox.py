@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import collections
 import errno
 import itertools
 import logging
@@ -65,6 +66,10 @@ class OutboxSettings:
     fsync_interval: float = 0.2
     write_interval: float = 0.002
     max_buffer_bytes: int = 8 << 20
+    # The newest records are also kept in memory, up to this many bytes, so that an uploader
+    # that keeps up reads what was just written without reading it back from the file and
+    # checking it (~1.5 µs a record under load). One that falls behind reads the file.
+    read_cache_bytes: int = 2 << 20
 
 
 _IDLE_WAKE = 1.0       # s: an idle writer still wakes this often for housekeeping
@@ -113,6 +118,10 @@ class Outbox:
         self._wake = threading.Event()
         self._dirty_state = False
         self._last_housekeeping = 0.0
+        # Payloads of the records _cache_first, _cache_first + 1, ...: contiguous, in order.
+        self._cache: collections.deque[bytes] = collections.deque()
+        self._cache_first = 0
+        self._cache_bytes = 0
         for seg in self._segments:
             _fsync_path(seg.path)
         self._writer = threading.Thread(target=self._writer_loop, name="cogbert-outbox-writer", daemon=True)
@@ -133,6 +142,14 @@ class Outbox:
                                 + payload)
             self._buffered_bytes += len(payload) + FRAME.size
             self.last_seq = seq
+            # Contiguous only: once full, the cache takes new records again after the
+            # uploader has read it empty; the records in between come from the file.
+            if not self._cache:
+                self._cache_first = seq
+            if (seq == self._cache_first + len(self._cache)
+                    and self._cache_bytes + len(payload) <= self.s.read_cache_bytes):
+                self._cache.append(payload)
+                self._cache_bytes += len(payload)
         if first_pending:
             # Only the first record of a burst wakes the writer: an idle device's writer sleeps
             # instead of polling (200 devices polling every 2 ms kept two cores busy in the kernel).
@@ -149,8 +166,10 @@ class Outbox:
         limit = max_bytes if max_bytes is not None else 1 << 62
         with self._lock:
             durable = self.durable_seq
-            segs = [(seg.first, seg.path, seg.index) for seg in self._segments if seg.last >= first]
-        seq, total = first, 0
+            seq, total = self._read_cache(first, min(durable, first + max_records - 1), limit, out)
+            if len(out) >= max_records or (out and total >= limit) or seq > durable:
+                return out
+            segs = [(seg.first, seg.path, seg.index) for seg in self._segments if seg.last >= seq]
         for seg_first, path, index in segs:
             if seg_first > seq or seq > durable:
                 break
@@ -159,6 +178,27 @@ class Outbox:
             if len(out) >= max_records or (out and total >= limit) or seq > durable:
                 break
         return out
+
+    def _read_cache(self, first: int, last: int, limit: int, out: list[tuple[int, bytes]]) -> tuple[int, int]:
+        """Records ``first..last`` from the memory cache into ``out`` while their bytes stay
+        within ``limit`` (``_lock`` held); returns the next seq and the bytes taken. Reads are
+        sequential, so what lies before ``first`` leaves the cache."""
+        self._drop_cache_through(first - 1)
+        if not self._cache or self._cache_first != first:
+            return first, 0
+        seq, total = first, 0
+        for payload in self._cache:
+            if seq > last or (out and total + len(payload) > limit):
+                break
+            out.append((seq, payload))
+            total += len(payload)
+            seq += 1
+        return seq, total
+
+    def _drop_cache_through(self, seq: int) -> None:
+        while self._cache and self._cache_first <= seq:
+            self._cache_bytes -= len(self._cache.popleft())
+            self._cache_first += 1
 
     def iter_from(self, first: int) -> Iterator[tuple[int, bytes]]:
         """Every stored record with seq >= ``first``, in order, durable or not (for tools)."""
@@ -348,6 +388,7 @@ class Outbox:
                 self.dropped_oldest += lost
                 self.acked_seq = max(self.acked_seq, oldest.last)   # gone: nothing to wait for
                 self._segments.pop(0)
+                self._drop_cache_through(oldest.last)      # dropped means not uploaded
                 dropped.append((oldest, lost, "bytes" if total > self.s.max_bytes else "age"))
                 self._dirty_state = True
         for seg, lost, why in dropped:

@@ -66,17 +66,19 @@ def test_only_durable_records_are_handed_to_the_uploader(tmp_path):
     ob.close()
 
 
+@pytest.mark.parametrize("cache", [2 << 20, 0, 3000], ids=["cached", "file only", "cache fills up"])
 @pytest.mark.parametrize("size", ["small", "large"])
-def test_reads_from_anywhere_return_the_right_records(tmp_path, size):
+def test_reads_from_anywhere_return_the_right_records(tmp_path, size, cache):
     # The uploader re-reads inside its last read (a trimmed batch, a lingering partial one),
-    # after it (the next batch), before it (a resend) and across segments. Large records make
-    # reads span several chunks of the file, and one record is larger than a chunk.
+    # after it (the next batch), before it (a resend) and across segments; from the memory
+    # cache, the file, or both in one read. Large records make reads span several chunks of
+    # the file, and one record is larger than a chunk.
     scale = 1 if size == "small" else 300
     payloads = {i: f"record-{i}-".encode() * scale * (1 + i % 7) for i in range(1, 601)}
     payloads[333] = b"x" * (300 << 10)
     for segment_bytes in (1 << 20, 4096):       # one segment (when small); many
         ob = Outbox(OutboxSettings(tmp_path / str(segment_bytes), segment_bytes=segment_bytes,
-                                   max_buffer_bytes=64 << 20))
+                                   max_buffer_bytes=64 << 20, read_cache_bytes=cache))
         for i in range(1, 601):
             assert ob.append(payloads[i]) == i
             if i % 7 == 0:                      # segments written in many pieces
@@ -94,6 +96,23 @@ def test_reads_from_anywhere_return_the_right_records(tmp_path, size):
             assert sum(sizes) <= 20_000 or len(got) == 1
             assert first + len(got) > 600 or sum(sizes) + len(payloads[first + len(got)]) > 20_000
         ob.close()
+
+
+def test_the_read_cache_never_serves_a_record_under_another_number(tmp_path):
+    # A cache that filled up and was partly read must not take records after a gap.
+    ob = open_outbox(tmp_path, read_cache_bytes=5 * 100)
+    for i in range(10):
+        ob.append(payload(i))
+    ob.flush()
+    assert [s for s, _ in ob.read(4, 1)] == [4]                # frees room for three
+    for i in range(10, 20):
+        ob.append(payload(i))
+    ob.flush()
+    for first in (4, 1, 4, 11):
+        got = ob.read(first, 100)
+        assert [s for s, _ in got] == list(range(first, 21))
+        assert all(p == payload(s - 1) for s, p in got)
+    ob.close()
 
 
 def test_the_acknowledged_prefix_survives_a_torn_state_write(tmp_path):
