@@ -63,7 +63,7 @@ def makedirs_durable(path: Path) -> None:
     try:
         path.mkdir()
     except FileExistsError:
-        return
+        pass      # made by another writer just now, which may not have synced its parent yet
     fsync_dir(path.parent)
 
 

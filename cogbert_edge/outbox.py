@@ -14,7 +14,11 @@ by a count/time policy (``fsync_every`` records or
 (``durable_seq``) are handed to the uploader. A crash can thus lose at most the last
 ``write_interval`` of decisions, which never got to disk; records that did are never lost.
 Segments roll at ``segment_bytes``; a segment is deleted once every record in it is
-acknowledged (``ack``).
+acknowledged (``ack``). The acknowledged prefix is saved in ``state.bin`` (two checksummed
+slots, written alternately in place).
+
+Reads (the uploader's) take the newest records from memory (``read_cache_bytes``) and older
+ones from the file, through a sparse index of record offsets, checking each record's crc.
 
 Bounds: when the spool exceeds ``max_bytes`` or its oldest segment is older than ``max_age``,
 the oldest segment is dropped, acknowledged or not, and its unacknowledged records are counted
