@@ -139,8 +139,8 @@ def _run_devices(args, pki: PKI, broker: LocalBroker, root: Path, ids: list[str]
         go.set()
         t0 = time.time()
         r = _device_worker(job, ids, go, None)
-        return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"], "cpu_s": r["cpu_s"],
-                "thread_cpu_s": r["thread_cpu_s"]}
+        return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"],
+                "cpu_s": r["cpu_s"], "thread_cpu_s": r["thread_cpu_s"]}
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     pipes, procs = [], []

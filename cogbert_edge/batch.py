@@ -193,7 +193,8 @@ class _NameTables:
     row's index into them, from name columns given a block of rows at a time."""
 
     def __init__(self, n: int) -> None:
-        self._seen: list[tuple[int, int, bytes, np.ndarray, np.ndarray]] = []  # first row, kind, name, rows, mask
+        # (first row, kind, name, rows of the block, mask of those rows with this name or None: all)
+        self._seen: list[tuple[int, int, bytes, np.ndarray, np.ndarray | None]] = []
         self._idx = (np.empty(n, "<u2"), np.empty(n, "<u2"))
 
     def add(self, rows: np.ndarray, sessions: np.ndarray, models: np.ndarray) -> None:
