@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import threading
+import zlib
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "makedirs_durable"]
+__all__ = ["atomic_write", "fsync_path", "makedirs_durable", "SlotFile"]
+
+_datasync = getattr(os, "fdatasync", os.fsync)     # macOS has no fdatasync
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable (a no-op where directories cannot be opened)."""
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory to make a rename or unlink in it durable, by its path (a
+    no-op where it cannot be opened, as directories on some systems)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -51,7 +56,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def makedirs_durable(path: Path) -> None:
@@ -64,8 +69,56 @@ def makedirs_durable(path: Path) -> None:
         path.mkdir()
     except FileExistsError:
         pass      # made by another writer just now, which may not have synced its parent yet
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 # Tells apart processes on different hosts sharing a directory (a pid is unique to one host).
 _TMP_TAG = secrets.token_hex(4)
+
+
+class SlotFile:
+    """A few unsigned 64-bit counters kept durable in place: two checksummed slots written
+    alternately, so a torn write leaves the previous values intact.
+
+    A save is one small ``pwrite`` and an ``fdatasync``. (The outbox saved its acknowledged
+    prefix with a temp file, fsync, rename and directory fsync ten times a second: ~1 µs of a
+    device's CPU per record at 50,000 records a second.)
+    """
+
+    MAGIC = b"CBSF"
+
+    def __init__(self, path: Path, count: int) -> None:
+        self._slot = struct.Struct(f"<4sQ{count}Q")    # magic, generation, the values
+        self.generation, self.values = 0, (0,) * count
+        size = self._slot.size + 4
+        created = not Path(path).exists()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if created:
+            # Both slots exist from the start (zeros fail the checksum), so a later save
+            # overwrites in place and needs no new disk blocks, even on a full disk.
+            os.pwrite(self._fd, bytes(2 * size), 0)
+            os.fsync(self._fd)
+            fsync_path(Path(path).parent)
+            return
+        data = os.pread(self._fd, 2 * size, 0)
+        for off in (0, size):
+            slot = data[off:off + size]
+            if len(slot) < size or zlib.crc32(slot[:-4]) != int.from_bytes(slot[-4:], "little"):
+                continue
+            magic, gen, *values = self._slot.unpack_from(slot)
+            if magic == self.MAGIC and gen >= self.generation:
+                self.generation, self.values = gen, tuple(values)
+
+    def save(self, *values: int) -> None:
+        gen = self.generation + 1
+        slot = self._slot.pack(self.MAGIC, gen, *values)
+        slot += zlib.crc32(slot).to_bytes(4, "little")
+        os.pwrite(self._fd, slot, (gen % 2) * len(slot))
+        _datasync(self._fd)
+        self.generation, self.values = gen, values
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+

@@ -53,7 +53,7 @@ import msgpack
 import numpy as np
 
 from . import __version__
-from ._fs import atomic_write, fsync_dir
+from ._fs import atomic_write, fsync_path
 from ._log import event
 from .bundle import FORMAT_VERSION, Bundle, BundleError, load_bundle
 from .policy import Policy
@@ -441,7 +441,7 @@ class UpdateAgent:
 
     def _save_state(self) -> None:
         atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
-        fsync_dir(self.dir)
+        fsync_path(self.dir)
 
     def _status(self, release: Release | None, status: str, detail: str = "") -> None:
         report = {"status": status, "counter": release.counter if release else None,

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from cogbert_edge._fs import SlotFile
 from cogbert_edge.experience import ExperienceLog
 from cogbert_edge.outbox import Outbox, OutboxSettings
 from cogbert_edge.policy import Decision, State
@@ -116,28 +117,26 @@ def test_the_read_cache_never_serves_a_record_under_another_number(tmp_path):
 
 
 def test_the_acknowledged_prefix_survives_a_torn_state_write(tmp_path):
-    from cogbert_edge.outbox import _StateFile
-
-    state = _StateFile(tmp_path / "state.bin")
+    state = SlotFile(tmp_path / "state.bin", 2)      # the outbox's: acked_seq, dropped_oldest
     state.save(10, 1)
     state.save(20, 2)                              # into the other slot
     state.close()
     path = tmp_path / "state.bin"
     good = path.read_bytes()
-    reopened = _StateFile(path)
-    assert (reopened.acked_seq, reopened.dropped_oldest) == (20, 2)
+    reopened = SlotFile(path, 2)
+    assert reopened.values == (20, 2)
     reopened.close()
     slot = len(good) // 2
     newest = max((0, slot), key=lambda off: int.from_bytes(good[off + 4:off + 12], "little"))
     torn = bytearray(good)
     torn[newest + 14] ^= 0xFF                      # the last write was torn
     path.write_bytes(bytes(torn))
-    reopened = _StateFile(path)
-    assert (reopened.acked_seq, reopened.dropped_oldest) == (10, 1), "the slot written before it holds"
+    reopened = SlotFile(path, 2)
+    assert reopened.values == (10, 1), "the slot written before it holds"
     reopened.save(30, 3)                           # and the next save replaces the torn one
     reopened.close()
-    reopened = _StateFile(path)
-    assert reopened.acked_seq == 30
+    reopened = SlotFile(path, 2)
+    assert reopened.values[0] == 30
     reopened.close()
 
 
