@@ -31,7 +31,7 @@ import numpy as np
 
 from .records import HEAD, KNOWN_FLAGS, STATE
 
-__all__ = ["Batch", "BatchError", "encode", "decode", "batch_id", "MAGIC", "MAX_DECOMPRESSED", "MAX_RECORDS"]
+__all__ = ["Batch", "BatchError", "encode", "encode_run", "decode", "batch_id", "MAGIC", "MAX_DECOMPRESSED", "MAX_RECORDS"]
 
 MAGIC = b"CBX1"
 CODEC_NONE, CODEC_ZLIB = 0, 1
@@ -97,20 +97,28 @@ _NAME_LENS = _HEAD.fields["slen"][1]      # slen, mlen: adjacent u2 fields
 
 def encode(device: str, fleet: str, records: list[tuple[int, bytes]], *, compress: bool = True,
            min_saving: float = 0.1) -> bytes:
-    """Columnar batch of consecutive ``(seq, record payload)`` pairs of one model shape.
+    """Columnar batch of consecutive ``(seq, record payload)`` pairs of one model shape."""
+    if not records:
+        raise ValueError("empty batch")
+    if records[-1][0] - records[0][0] + 1 != len(records):
+        raise ValueError("batch records must have consecutive sequence numbers")
+    return encode_run(device, fleet, records[0][0], [p for _, p in records], compress=compress,
+                      min_saving=min_saving)
+
+
+def encode_run(device: str, fleet: str, first: int, payloads: list[bytes], *, compress: bool = True,
+               min_saving: float = 0.1) -> bytes:
+    """Columnar batch of the record payloads ``first, first+1, ...`` of one model shape.
 
     Works on the encoded records as numpy arrays rather than one by one (a Python loop cost
     ~1.2 µs a record, as much as the rest of the upload path): the records of one layout (the
     same length and name lengths; usually two layouts, with and without a state snapshot)
     form one 2-D byte array, whose column slices are the fields.
     """
-    if not records:
+    if not payloads:
         raise ValueError("empty batch")
-    n = len(records)
-    first, last = records[0][0], records[-1][0]
-    if last - first + 1 != n:
-        raise ValueError("batch records must have consecutive sequence numbers")
-    payloads = [p for _, p in records]
+    n = len(payloads)
+    last = first + n - 1
     blocks = _layouts(payloads)
     head_bytes = np.empty((n, HEAD.size), np.uint8)
     for rows, table, _, _ in blocks:

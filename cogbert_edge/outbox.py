@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import array
 import bisect
-import collections
 import errno
 import itertools
 import logging
@@ -122,8 +121,11 @@ class Outbox:
         self._wake = threading.Event()
         self._dirty_state = False
         self._last_housekeeping = 0.0
-        # Payloads of the records _cache_first, _cache_first + 1, ...: contiguous, in order.
-        self._cache: collections.deque[bytes] = collections.deque()
+        # Payloads of the records _cache_first, _cache_first + 1, ...: contiguous, in order, in
+        # _cache[_cache_head:]. A list and a head index rather than a deque: the uploader drops
+        # a batch's worth at a time, with slices instead of a Python loop of popleft.
+        self._cache: list[bytes] = []
+        self._cache_head = 0
         self._cache_first = 0
         self._cache_bytes = 0
         for seg in self._segments:
@@ -148,9 +150,10 @@ class Outbox:
             self.last_seq = seq
             # Contiguous only: once full, the cache takes new records again after the
             # uploader has read it empty; the records in between come from the file.
-            if not self._cache:
-                self._cache_first = seq
-            if (seq == self._cache_first + len(self._cache)
+            if self._cache_head == len(self._cache):
+                self._cache.clear()
+                self._cache_head, self._cache_first = 0, seq
+            if (seq == self._cache_first + len(self._cache) - self._cache_head
                     and self._cache_bytes + len(payload) <= self.s.read_cache_bytes):
                 self._cache.append(payload)
                 self._cache_bytes += len(payload)
@@ -163,46 +166,58 @@ class Outbox:
     # -- the upload path --------------------------------------------------------------------
 
     def read(self, first: int, max_records: int, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
-        """Durable records ``first, first+1, ...``: at most ``max_records``, and no more than
-        ``max_bytes`` of payload unless a single record is larger. Stops at a gap (dropped
-        records) or a corrupt record."""
-        out: list[tuple[int, bytes]] = []
+        """Durable records ``first, first+1, ...`` as ``(seq, payload)``: at most ``max_records``,
+        and no more than ``max_bytes`` of payload unless a single record is larger. Stops at a
+        gap (dropped records) or a corrupt record."""
+        return list(zip(itertools.count(first), self.read_run(first, max_records, max_bytes)))
+
+    def read_run(self, first: int, max_records: int, max_bytes: int | None = None) -> list[bytes]:
+        """The payloads of :meth:`read`: the records ``first, first+1, ...`` (what a batch is
+        made of, without a tuple per record)."""
+        out: list[bytes] = []
         limit = max_bytes if max_bytes is not None else 1 << 62
         with self._lock:
-            durable = self.durable_seq
-            seq, total = self._read_cache(first, min(durable, first + max_records - 1), limit, out)
-            if len(out) >= max_records or (out and total >= limit) or seq > durable:
+            last = min(self.durable_seq, first + max_records - 1)
+            total, full = self._read_cache(first, last, limit, out)
+            seq = first + len(out)
+            if full or seq > last:
                 return out
             segs = [(seg.first, seg.path, seg.index) for seg in self._segments if seg.last >= seq]
         for seg_first, path, index in segs:
-            if seg_first > seq or seq > durable:
+            if seg_first > seq:
                 break
-            last = min(durable, seq + max_records - len(out) - 1)
-            seq, total = _read_frames(path, seg_first, index, seq, last, limit, out, total)
-            if len(out) >= max_records or (out and total >= limit) or seq > durable:
+            seq, total, full = _read_frames(path, seg_first, index, seq, last, limit, out, total)
+            if full or seq > last:
                 break
         return out
 
-    def _read_cache(self, first: int, last: int, limit: int, out: list[tuple[int, bytes]]) -> tuple[int, int]:
-        """Records ``first..last`` from the memory cache into ``out`` while their bytes stay
-        within ``limit`` (``_lock`` held); returns the next seq and the bytes taken. Reads are
-        sequential, so what lies before ``first`` leaves the cache."""
+    def _read_cache(self, first: int, last: int, limit: int, out: list[bytes]) -> tuple[int, bool]:
+        """The payloads of records ``first..last`` from the memory cache into ``out`` while their
+        bytes stay within ``limit`` (at least one; ``_lock`` held); returns the bytes taken and
+        whether ``limit`` stopped it. Reads are sequential, so what lies before ``first`` leaves
+        the cache."""
         self._drop_cache_through(first - 1)
-        if not self._cache or self._cache_first != first:
-            return first, 0
-        seq, total = first, 0
-        for payload in self._cache:
-            if seq > last or (out and total + len(payload) > limit):
-                break
-            out.append((seq, payload))
-            total += len(payload)
-            seq += 1
-        return seq, total
+        if self._cache_head == len(self._cache) or self._cache_first != first or last < first:
+            return 0, False
+        # At C speed: a Python loop over the records was a tenth of the uploader's time.
+        run = self._cache[self._cache_head:self._cache_head + last - first + 1]
+        ends = list(itertools.accumulate(map(len, run)))
+        count = max(1, bisect.bisect_right(ends, limit))
+        out.extend(run[:count] if count < len(run) else run)
+        # Full when the next record did not fit. (Testing `total >= limit` instead sent every
+        # byte-limited read on to the file, to find that one more record does not fit.)
+        return ends[count - 1], count < len(run)
 
     def _drop_cache_through(self, seq: int) -> None:
-        while self._cache and self._cache_first <= seq:
-            self._cache_bytes -= len(self._cache.popleft())
-            self._cache_first += 1
+        h = self._cache_head
+        n = min(seq - self._cache_first + 1, len(self._cache) - h)
+        if n <= 0:
+            return
+        self._cache_bytes -= sum(map(len, self._cache[h:h + n]))
+        self._cache_head, self._cache_first = h + n, self._cache_first + n
+        if self._cache_head * 2 > len(self._cache):     # amortized: each entry moves at most once
+            del self._cache[:self._cache_head]
+            self._cache_head = 0
 
     def iter_from(self, first: int) -> Iterator[tuple[int, bytes]]:
         """Every stored record with seq >= ``first``, in order, durable or not (for tools)."""
@@ -469,21 +484,21 @@ def _cut_short(data: bytes, pos: int, expect: int) -> bool:
 
 
 def _read_frames(path: Path, seg_first: int, index: array.array, seq: int, last: int, limit: int,
-                 out: list[tuple[int, bytes]], total: int) -> tuple[int, int]:
-    """Append the records ``seq..last`` of one segment to ``out`` while their payload bytes
-    stay within ``limit``; returns the next seq and the bytes taken. Stops early at the end of
-    the file or at a torn or corrupt frame.
+                 out: list[bytes], total: int) -> tuple[int, int, bool]:
+    """Append the payloads of records ``seq..last`` of one segment to ``out`` while their bytes
+    stay within ``limit``; returns the next seq, the bytes taken and whether ``limit`` stopped
+    it. Stops early at the end of the file or at a torn or corrupt frame.
 
     Reads from the nearest indexed frame, only about as many bytes as the request needs."""
     k = (seq - seg_first) // _STRIDE
     if k >= len(index):
-        return seq, total
+        return seq, total, False
     off, expect = index[k], seg_first + k * _STRIDE
     chunk = max(64 << 10, min(limit, 4 << 20) + (4 << 10))
     try:
         f = open(path, "rb")
     except FileNotFoundError:       # dropped or acknowledged meanwhile
-        return seq, total
+        return seq, total, False
     with f:
         while True:
             f.seek(off)
@@ -492,13 +507,13 @@ def _read_frames(path: Path, seg_first: int, index: array.array, seq: int, last:
             for rec_seq, start, end in _scan(data, 0, expect, seq):
                 if rec_seq >= seq:
                     if rec_seq > last or (out and total + end - start > limit):
-                        return seq, total
-                    out.append((rec_seq, data[start:end]))
+                        return seq, total, rec_seq <= last
+                    out.append(data[start:end])
                     total += end - start
                     seq = rec_seq + 1
                 pos, expect = end, rec_seq + 1
             if len(data) < chunk or not _cut_short(data, pos, expect):
-                return seq, total           # the end of the file, or a torn or corrupt frame
+                return seq, total, False    # the end of the file, or a torn or corrupt frame
             if pos == 0:                    # a frame larger than the chunk
                 chunk = FRAME.size + FRAME.unpack_from(data, 0)[0]
             off += pos

@@ -206,37 +206,36 @@ class Uploader:
         want = batch_codec.estimate_records(self._avg_record, self.s.batch_bytes)
         if self.outbox.durable_seq - first + 1 < want and not self._linger_over(first):
             return False      # not a full batch yet: wait, without reading (reads parse and checksum)
-        records = self.outbox.read(first, want, max_bytes=self.s.batch_bytes)
-        if not records:
+        payloads = self.outbox.read_run(first, want, max_bytes=self.s.batch_bytes)
+        if not payloads:
             # A gap: the outbox dropped records (bounds). Skip to what is still there.
             nxt = next(iter(self.outbox.iter_from(first)), None)
             if nxt is None or nxt[0] <= first:
                 return False
             self._next = nxt[0]
             return True
-        size = sum(len(p) for _, p in records)
-        if len(records) < want and size < 0.9 * self.s.batch_bytes and not self._linger_over(first):
+        size = sum(map(len, payloads))
+        if len(payloads) < want and size < 0.9 * self.s.batch_bytes and not self._linger_over(first):
             return False
         self._partial_since = None
-        n = len(records)
+        n = len(payloads)
         try:
-            records, data = self._fit(records)
+            payloads, data = self._fit(first, payloads)
         except ValueError as e:
             # One record that does not encode (only a bug could write one: the outbox checks
             # every record's checksum). Sending it can never succeed; it leaves as a gap.
-            seq = records[0][0]
-            event(log, "record_unencodable", level=logging.ERROR, device=self.device, seq=seq, error=str(e))
+            event(log, "record_unencodable", level=logging.ERROR, device=self.device, seq=first, error=str(e))
             self.unencodable += 1
-            self._next = seq + 1
-            self.outbox.ack(seq, seq)
+            self._next = first + 1
+            self.outbox.ack(first, first)
             return True
-        if len(records) < n:          # trimmed to fit: count only what goes
-            size = sum(len(p) for _, p in records)
-        a, b = records[0][0], records[-1][0]
-        self.journal.add(a, b)
-        self._next = b + 1
-        self._avg_record = 0.8 * self._avg_record + 0.2 * (size / len(records))
-        return self._send(a, b, attempt=1, data=data)
+        if len(payloads) < n:          # trimmed to fit: count only what goes
+            size = sum(map(len, payloads))
+        last = first + len(payloads) - 1
+        self.journal.add(first, last)
+        self._next = last + 1
+        self._avg_record = 0.8 * self._avg_record + 0.2 * (size / len(payloads))
+        return self._send(first, last, attempt=1, data=data)
 
     def _linger_over(self, first: int) -> bool:
         """A batch starting at ``first`` that is not full may go once it has waited `linger`
@@ -246,38 +245,38 @@ class Uploader:
             self._partial_since = (first, now)
         return now - self._partial_since[1] >= self.s.linger
 
-    def _fit(self, records: list[tuple[int, bytes]]) -> tuple[list[tuple[int, bytes]], bytes]:
+    def _fit(self, first: int, payloads: list[bytes]) -> tuple[list[bytes], bytes]:
         """Shrink until the encoded batch fits ``batch_bytes`` (and shares one record shape)."""
         while True:
             compress = self.s.compress and self._skip_compress == 0
             try:
-                data = batch_codec.encode(self.device, self.fleet, records, compress=compress,
-                                          min_saving=self.s.min_compression_saving)
+                data = batch_codec.encode_run(self.device, self.fleet, first, payloads, compress=compress,
+                                              min_saving=self.s.min_compression_saving)
             except ValueError:       # mixed shapes (a model with another obs size): split
-                if len(records) == 1:
+                if len(payloads) == 1:
                     raise
-                records = records[: len(records) // 2]
+                payloads = payloads[: len(payloads) // 2]
                 continue
-            if len(data) <= self.s.batch_bytes or len(records) == 1:
+            if len(data) <= self.s.batch_bytes or len(payloads) == 1:
                 if compress and data[4] == batch_codec.CODEC_NONE:
                     self._skip_compress = self.s.compress_probe
                 elif self._skip_compress:
                     self._skip_compress -= 1
-                return records, data
-            records = records[: max(1, int(len(records) * self.s.batch_bytes / len(data) * 0.95))]
+                return payloads, data
+            payloads = payloads[: max(1, int(len(payloads) * self.s.batch_bytes / len(data) * 0.95))]
 
     def _send(self, first: int, last: int, *, attempt: int, data: bytes | None = None) -> bool:
         if data is None:
-            records = self.outbox.read(first, last - first + 1)
-            if not records or records[0][0] != first or records[-1][0] != last:
+            payloads = self.outbox.read_run(first, last - first + 1)
+            if len(payloads) != last - first + 1:
                 # The outbox dropped these records (bounds) before they were acknowledged.
                 event(log, "batch_lost_before_ack", level=logging.WARNING, device=self.device,
                       batch=batch_codec.batch_id(self.device, first, last))
                 with self._lock:
                     self._inflight.pop(first, None)
                 return False
-            data = batch_codec.encode(self.device, self.fleet, records, compress=self.s.compress,
-                                      min_saving=self.s.min_compression_saving)
+            data = batch_codec.encode_run(self.device, self.fleet, first, payloads, compress=self.s.compress,
+                                          min_saving=self.s.min_compression_saving)
         try:
             self.link.publish(self._topic, data, qos=1)
         except LinkError as e:

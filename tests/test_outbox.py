@@ -115,6 +115,23 @@ def test_the_read_cache_never_serves_a_record_under_another_number(tmp_path):
         assert all(p == payload(s - 1) for s, p in got)
     ob.close()
 
+def test_a_read_the_cache_can_answer_does_not_touch_the_file(tmp_path, monkeypatch):
+    # The uploader's reads are byte-limited (a batch's worth) and the newest records are in
+    # memory: going to the file just to find that one more record does not fit doubled the
+    # read's cost.
+    import cogbert_edge.outbox as outbox_module
+
+    ob = open_outbox(tmp_path)
+    for i in range(100):
+        ob.append(payload(i))
+    ob.flush()
+    monkeypatch.setattr(outbox_module, "_read_frames", lambda *a: pytest.fail("read the file"))
+    assert [len(p) for p in ob.read_run(1, 50, max_bytes=1050)] == [100] * 10     # stopped by bytes
+    assert len(ob.read_run(11, 20)) == 20                                          # by count
+    assert len(ob.read_run(31, 1000)) == 70                                        # by durable_seq
+    ob.close()
+
+
 
 def test_the_acknowledged_prefix_survives_a_torn_state_write(tmp_path):
     state = SlotFile(tmp_path / "state.bin", 2)      # the outbox's: acked_seq, dropped_oldest

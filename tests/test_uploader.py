@@ -65,12 +65,12 @@ def test_the_uploader_compresses_only_batches_that_pay_and_probes_again(tmp_path
     up = Uploader(ob, link=None, fleet="f", device="d", settings=UploaderSettings(compress_probe=3))
     rng = np.random.default_rng(1)
 
-    def records(compressible: bool) -> list[tuple[int, bytes]]:
+    def records(compressible: bool) -> list[bytes]:
         obs = (np.zeros((200, 64)) if compressible else rng.standard_normal((200, 64))).astype(np.float32)
-        return [(i + 1, encode(Record("s", i, obs[i], 1, -1.0, 0.0, "m", 1.8e9 + i))) for i in range(200)]
+        return [encode(Record("s", i, obs[i], 1, -1.0, 0.0, "m", 1.8e9 + i)) for i in range(200)]
 
-    def codec_of(recs) -> int:
-        return up._fit(recs)[1][4]
+    def codec_of(payloads) -> int:
+        return up._fit(1, payloads)[1][4]
 
     assert codec_of(records(True)) == codec.CODEC_ZLIB
     assert codec_of(records(False)) == codec.CODEC_NONE          # saves < 25 %: sent as it is
