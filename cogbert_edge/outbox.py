@@ -121,12 +121,13 @@ class Outbox:
         self._wake = threading.Event()
         self._dirty_state = False
         self._last_housekeeping = 0.0
-        # Payloads of the records _cache_first, _cache_first + 1, ...: contiguous, in order, in
+        # Payloads of the records _cache_first .. _cache_next - 1: contiguous, in order, in
         # _cache[_cache_head:]. A list and a head index rather than a deque: the uploader drops
         # a batch's worth at a time, with slices instead of a Python loop of popleft.
         self._cache: list[bytes] = []
         self._cache_head = 0
-        self._cache_first = 0
+        self._cache_first = self._cache_next = 0
+        self._cache_limit = settings.read_cache_bytes
         self._cache_bytes = 0
         for seg in self._segments:
             fsync_path(seg.path)
@@ -150,13 +151,13 @@ class Outbox:
             self.last_seq = seq
             # Contiguous only: once full, the cache takes new records again after the
             # uploader has read it empty; the records in between come from the file.
-            if self._cache_head == len(self._cache):
+            if self._cache_first == self._cache_next:
                 self._cache.clear()
-                self._cache_head, self._cache_first = 0, seq
-            if (seq == self._cache_first + len(self._cache) - self._cache_head
-                    and self._cache_bytes + len(payload) <= self.s.read_cache_bytes):
+                self._cache_head, self._cache_first, self._cache_next = 0, seq, seq
+            if seq == self._cache_next and self._cache_bytes + len(payload) <= self._cache_limit:
                 self._cache.append(payload)
                 self._cache_bytes += len(payload)
+                self._cache_next = seq + 1
         if first_pending:
             # Only the first record of a burst wakes the writer: an idle device's writer sleeps
             # instead of polling (200 devices polling every 2 ms kept two cores busy in the kernel).
@@ -197,7 +198,7 @@ class Outbox:
         whether ``limit`` stopped it. Reads are sequential, so what lies before ``first`` leaves
         the cache."""
         self._drop_cache_through(first - 1)
-        if self._cache_head == len(self._cache) or self._cache_first != first or last < first:
+        if self._cache_first == self._cache_next or self._cache_first != first or last < first:
             return 0, False
         # At C speed: a Python loop over the records was a tenth of the uploader's time.
         run = self._cache[self._cache_head:self._cache_head + last - first + 1]
