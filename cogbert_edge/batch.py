@@ -31,7 +31,8 @@ import numpy as np
 
 from .records import HEAD, KNOWN_FLAGS, STATE
 
-__all__ = ["Batch", "BatchError", "encode", "encode_run", "decode", "batch_id", "MAGIC", "MAX_DECOMPRESSED", "MAX_RECORDS"]
+__all__ = ["Batch", "BatchError", "encode", "encode_run", "decode", "batch_id", "MAGIC",
+           "MAX_DECOMPRESSED", "MAX_RECORDS"]
 
 MAGIC = b"CBX1"
 CODEC_NONE, CODEC_ZLIB = 0, 1
