@@ -75,7 +75,7 @@ class FileStore:
             raise StoreError(f"cannot read {key}: {e.strerror or e}") from e
 
     def exists(self, key: str) -> bool:
-        return os.path.isfile(os.path.join(self.root, check_key(key)))
+        return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[str]:
         if prefix:

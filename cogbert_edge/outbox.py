@@ -127,7 +127,6 @@ class Outbox:
         self._cache: list[bytes] = []
         self._cache_head = 0
         self._cache_first = self._cache_next = 0
-        self._cache_limit = settings.read_cache_bytes
         self._cache_bytes = 0
         for seg in self._segments:
             fsync_path(seg.path)
@@ -154,7 +153,7 @@ class Outbox:
             if self._cache_first == self._cache_next:
                 self._cache.clear()
                 self._cache_head, self._cache_first, self._cache_next = 0, seq, seq
-            if seq == self._cache_next and self._cache_bytes + len(payload) <= self._cache_limit:
+            if seq == self._cache_next and self._cache_bytes + len(payload) <= self.s.read_cache_bytes:
                 self._cache.append(payload)
                 self._cache_bytes += len(payload)
                 self._cache_next = seq + 1

@@ -248,22 +248,27 @@ class Uploader:
     def _fit(self, first: int, payloads: list[bytes]) -> tuple[list[bytes], bytes]:
         """Shrink until the encoded batch fits ``batch_bytes`` (and shares one record shape)."""
         while True:
-            compress = self.s.compress and self._skip_compress == 0
             try:
-                data = batch_codec.encode_run(self.device, self.fleet, first, payloads, compress=compress,
-                                              min_saving=self.s.min_compression_saving)
+                data = self._encode(first, payloads)
             except ValueError:       # mixed shapes (a model with another obs size): split
                 if len(payloads) == 1:
                     raise
                 payloads = payloads[: len(payloads) // 2]
                 continue
             if len(data) <= self.s.batch_bytes or len(payloads) == 1:
-                if compress and data[4] == batch_codec.CODEC_NONE:
-                    self._skip_compress = self.s.compress_probe
-                elif self._skip_compress:
-                    self._skip_compress -= 1
                 return payloads, data
             payloads = payloads[: max(1, int(len(payloads) * self.s.batch_bytes / len(data) * 0.95))]
+
+    def _encode(self, first: int, payloads: list[bytes]) -> bytes:
+        """The batch of ``payloads`` from ``first``, compressed when that has been paying."""
+        compress = self.s.compress and self._skip_compress == 0
+        data = batch_codec.encode_run(self.device, self.fleet, first, payloads, compress=compress,
+                                      min_saving=self.s.min_compression_saving)
+        if compress and data[4] == batch_codec.CODEC_NONE:
+            self._skip_compress = self.s.compress_probe
+        elif self._skip_compress:
+            self._skip_compress -= 1
+        return data
 
     def _send(self, first: int, last: int, *, attempt: int, data: bytes | None = None) -> bool:
         if data is None:
@@ -275,8 +280,7 @@ class Uploader:
                 with self._lock:
                     self._inflight.pop(first, None)
                 return False
-            data = batch_codec.encode_run(self.device, self.fleet, first, payloads, compress=self.s.compress,
-                                          min_saving=self.s.min_compression_saving)
+            data = self._encode(first, payloads)
         try:
             self.link.publish(self._topic, data, qos=1)
         except LinkError as e:
