@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from cogbert_edge.cli import CliParser, run_command, version
 
 from . import edge, ingest, link, native, ope, train, updates
 
@@ -14,18 +15,23 @@ SUITES = {"edge": edge, "link": link, "native": native, "ingest": ingest, "outbo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cogbert-bench", description=__doc__)
-    sub = parser.add_subparsers(dest="suite", required=True)
+    parser = CliParser(prog="cogbert-bench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cogbert-bench {version()}")
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for module in dict.fromkeys(SUITES.values()):
         module.register(sub)
     args = parser.parse_args(argv)
-    result = args.func(args)
-    if getattr(args, "json", False):
-        json.dump(result, sys.stdout)
-        print()
-    else:
-        print(SUITES[args.suite].table(result))
-    return 0
+
+    def run() -> int:
+        result = args.func(args)
+        if getattr(args, "json", False):
+            json.dump(result, sys.stdout)
+            print()
+        else:
+            print(SUITES[args.suite].table(result))
+        return 0
+
+    return run_command("cogbert-bench", run)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from cogbert_cloud.distribution import publish_release, release_message
 from cogbert_cloud.pki import PKI
 from cogbert_cloud.releases import KeyStore, create_release
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
-from cogbert_edge.agent import Device, DeviceSettings
+from cogbert_edge import Device, DeviceSettings, UpdateSettings
 from cogbert_edge.link import LinkSettings, MqttLink
 from cogbert_edge.updater import golden_outputs
 
@@ -121,7 +121,7 @@ def _offline_device(root: Path, keys: KeyStore) -> Device:
     pki.issue_device("bench")
     return Device(DeviceSettings(device_id="bench", spool=root / "spool", bundle=root / "factory.safetensors",
                                  broker="mqtts://localhost:9", pki=pki.root, trust_root=keys.root / "root.json",
-                                 model_name="bench", update={"trial_decisions": 200, "trial_seconds": 0.2})).start()
+                                 model_name="bench", update=UpdateSettings(trial_decisions=200, trial_seconds=0.2))).start()
 
 
 def rollout_main(args: argparse.Namespace) -> dict:

@@ -368,3 +368,16 @@ def register(sub) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+    r = bsub.add_parser("run", help="run Mosquitto with a configuration written by `cogbert broker config`")
+    r.add_argument("confdir", type=Path, help="the --out directory of `cogbert broker config`")
+
+    def run_broker(a) -> int:
+        conf = Path(a.confdir) / "mosquitto.conf"
+        if not conf.is_file():
+            raise BrokerError(f"no {conf}: write it first with `cogbert broker config PKI --out {a.confdir}`")
+        exe = find_mosquitto()
+        os.execv(exe, [exe, "-c", str(conf)])
+        return 0   # not reached
+
+    r.set_defaults(func=run_broker)

@@ -1,27 +1,33 @@
 """The ``cogbert`` command: edge and cloud subcommands in one tool.
 
-Every subcommand module registers its own parser; handlers import what they need lazily so
-that ``cogbert bundle ...`` works on a device with only the edge SDK's dependencies.
+Every subcommand module registers its own parser; handlers import what they need lazily, so
+``cogbert bundle ...`` and ``cogbert device ...`` work on a device with only the edge SDK's
+dependencies. A command whose module needs an extra that is not installed is still listed, and
+says which extra to install. Errors and exit codes: :mod:`cogbert_edge.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
-from cogbert_edge import CogbertError
 from cogbert_edge import cli as edge_cli
 from cogbert_edge._log import setup_logging
+from cogbert_edge.cli import CliParser, run_command, version
 
-from . import broker, demo, pki, releases, simulate
+from . import broker, demo, pki, releases
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cogbert", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="log level of the JSON logs on stderr")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = CliParser(prog="cogbert", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cogbert {version()}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level of the JSON logs on stderr")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     device_sub = edge_cli.register(sub)
-    simulate.register(device_sub)
+    _optional(device_sub, {"simulate": "run N simulated devices that decide and upload experience"},
+              lambda: __import__("cogbert_cloud.simulate", fromlist=["register"]).register(device_sub))
     release_sub = releases.register(sub)
     _register_cloud(sub, release_sub)
     pki.register(sub)
@@ -30,13 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _optional(sub: argparse._SubParsersAction, commands: dict[str, str], register: Callable[[], None]) -> None:
+    """Register commands whose modules may need an extra that is not installed here; if one is
+    missing, the commands still exist and say what to install when they are run."""
+    try:
+        register()
+    except ModuleNotFoundError as e:
+        missing = ModuleNotFoundError(f"No module named {e.name!r}", name=e.name)
+
+        def unavailable(_: argparse.Namespace) -> int:
+            raise missing
+
+        for name, helptext in commands.items():
+            if name not in sub.choices:
+                p = sub.add_parser(name, help=f"{helptext} (needs an extra: {e.name} is not installed)",
+                                   add_help=False)
+                p.add_argument("args", nargs=argparse.REMAINDER)
+                p.set_defaults(func=unavailable)
+
+
 def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubParsersAction) -> None:
+    cloud = sub.add_parser("cloud", help="the fleet service: ingestion, datasets, training, gate, control plane")
+    csub = cloud.add_subparsers(dest="cloud_cmd", required=True, metavar="COMMAND")
+    _optional(csub, {"ingest": "store experience batches from the broker exactly once"},
+              lambda: _register_ingest(csub))
+    _register_dataset(csub)
+    _optional(csub, {"train": "train a policy in simulation (--env) or from fleet data (--data)"},
+              lambda: __import__("cogbert_cloud.train.command", fromlist=["register"]).register(csub))
+    _optional(csub, {"evaluate": "off-policy evaluation and the promotion gate"},
+              lambda: __import__("cogbert_cloud.gate", fromlist=["register"]).register(csub))
+    _optional(csub, {"serve": "the control plane: rollout controller, operator API, learning loop",
+                     "token": "make an API bearer token and print it with its digest"},
+              lambda: __import__("cogbert_cloud.service", fromlist=["register"]).register(csub, release_sub))
+
+
+def _register_ingest(csub: argparse._SubParsersAction) -> None:
     from cogbert_edge.settings import add_arguments, from_args
 
     from .ingest import IngestSettings
 
-    cloud = sub.add_parser("cloud", help="the fleet service: ingestion, datasets, training")
-    csub = cloud.add_subparsers(dest="cloud_cmd", required=True)
     ing = csub.add_parser("ingest", help="store experience batches from the broker exactly once")
     add_arguments(ing, IngestSettings, env_prefix="INGEST_")
 
@@ -46,8 +84,10 @@ def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubP
 
     ing.set_defaults(func=ingest_main)
 
+
+def _register_dataset(csub: argparse._SubParsersAction) -> None:
     ds = csub.add_parser("dataset", help="inspect stored experience")
-    dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
+    dsub = ds.add_subparsers(dest="dataset_cmd", required=True, metavar="COMMAND")
     st = dsub.add_parser("stats", help="transitions, devices, batches, duplicates and gaps")
     st.add_argument("--store", required=True)
     st.add_argument("--fleet", default=None)
@@ -64,25 +104,12 @@ def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubP
 
     st.set_defaults(func=stats_main)
 
-    from .train import command as train_command
-    train_command.register(csub)
-    from .gate import register as register_gate
-    register_gate(csub)
-    from . import service
-    service.register(csub, release_sub)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        return int(args.func(args) or 0)
-    except CogbertError as e:
-        print(f"cogbert: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("cogbert", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -21,41 +21,68 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from cogbert_edge import Bundle, Policy
-from cogbert_edge.link import LinkSettings, MqttLink
+# Only the standard library and the settings module at import time: `./run demo --help` prints
+# this command's help before anything is installed.
 from cogbert_edge.settings import add_arguments, from_args
 
-__all__ = ["DemoSettings", "run"]
+if TYPE_CHECKING:
+    from cogbert_edge import Bundle
+
+__all__ = ["DemoSettings", "help_text", "run"]
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
 class DemoSettings:
-    devices: int = 16
-    rounds: int = 3
-    broken_round: int = 2
-    initial_steps: int = 60_000
-    train_steps: int = 40_000
-    lr: float | None = None
-    rate: float = 150.0
-    collect_seconds: float = 25.0
-    stage_seconds: float = 6.0
-    eval_episodes: int = 64
-    seed: int = 0
-    workdir: Path = Path("demo-work")
-    report: Path = Path("demo-report")
-    api_port: int = 0
+    devices: int = field(default=16, metadata=_h("simulated devices in the fleet"))
+    rounds: int = field(default=3, metadata=_h("learning rounds: collect, retrain, gate, sign, canary"))
+    broken_round: int = field(default=2, metadata=_h("the round whose candidate is replaced by a broken "
+                                                     "model, for the canary to roll back (0: none)"))
+    initial_steps: int = field(default=60_000, metadata=_h("simulator steps of the initial release's training"))
+    train_steps: int = field(default=40_000, metadata=_h("simulator steps of each round's retraining"))
+    lr: float | None = field(default=None, metadata=_h("learning rate (default: the environment's preset)"))
+    rate: float = field(default=150.0, metadata=_h("decisions per second per device"))
+    collect_seconds: float = field(default=25.0, metadata=_h("seconds of fleet experience collected per round"))
+    stage_seconds: float = field(default=6.0, metadata=_h("minimum seconds per canary stage"))
+    eval_episodes: int = field(default=64, metadata=_h("seeded episodes each release is scored on"))
+    seed: int = field(default=0, metadata=_h("seed of training and the simulated devices"))
+    workdir: Path = field(default=Path("demo-work"), metadata=_h("scratch directory (PKI, broker, store, logs)"))
+    report: Path = field(default=Path("demo-report"), metadata=_h("where report.md, metrics.json and the "
+                                                                   "plots are written"))
+    api_port: int = field(default=0, metadata=_h("operator API port (0: a free one)"))
+
+
+_HELP = "the whole loop on this machine: fleet, training, signed canary rollouts"
+_DESCRIPTION = ("The whole loop on this machine: a fleet PKI, Mosquitto with mutual TLS, ingestion, the "
+                "rollout controller and operator API, and simulated devices on ProductionChain-v0; then "
+                "rounds of retrain -> gate -> sign -> canary -> promote, one of them with a broken "
+                "release that the canary must roll back. Writes demo-report/. Every flag is also a "
+                "COGBERT_DEMO_* environment variable.")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    add_arguments(p, DemoSettings, env_prefix="DEMO_")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole loop on this machine: fleet, training, signed canary rollouts")
-    add_arguments(p, DemoSettings, env_prefix="DEMO_")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p = sub.add_parser("demo", help=_HELP, description=_DESCRIPTION)
+    _add_arguments(p)
     p.set_defaults(func=main)
+
+
+def help_text() -> str:
+    """``cogbert demo --help``, printable with nothing but the standard library installed."""
+    p = argparse.ArgumentParser(prog="cogbert demo", description=_DESCRIPTION)
+    _add_arguments(p)
+    return p.format_help()
 
 
 def main(a: argparse.Namespace) -> int:
@@ -80,6 +107,10 @@ class _Say:
 
 
 def run(s: DemoSettings, *, quiet: bool = False) -> dict:
+    import numpy as np
+
+    from cogbert_edge.link import LinkSettings, MqttLink
+
     from .broker import BrokerConfig, LocalBroker
     from .dataset import ExperienceDataset
     from .distribution import publish_release
@@ -247,14 +278,16 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             broker.stop()
 
 
-def _mean_return(bundle: Bundle, env_id: str, episodes: int) -> float:
+def _mean_return(bundle: "Bundle", env_id: str, episodes: int) -> float:
     """Mean undiscounted return sampling actions, as the devices run the policy; the same
     seeded episodes for every release."""
+    import numpy as np
+
     from .train.ppo import evaluate
     return float(np.mean(evaluate(bundle, env_id, episodes, seed=4242, deterministic=False)))
 
 
-def _load(data: bytes) -> Bundle:
+def _load(data: bytes) -> "Bundle":
     from cogbert_edge.bundle import load_bundle
     return load_bundle(data)
 
@@ -264,6 +297,10 @@ def _poison(bundle: bytes) -> bytes:
     no-op: nothing released, nothing maintained), as a diverged training run can. It loads,
     verifies and runs at normal speed; only what it earns shows the problem, which is the
     canary analysis's job (reward per step against the control cohort)."""
+    import numpy as np
+
+    from cogbert_edge import Bundle
+
     b = _load(bundle)
     fp32 = b.fp32_params()
     fp32["policy.weight"] = np.zeros_like(fp32["policy.weight"])
@@ -271,7 +308,11 @@ def _poison(bundle: bytes) -> bytes:
     return Bundle.create(b.config, fp32, model_id=f"{b.model_id}-broken", parent=b.model_id).to_bytes()
 
 
-def _latencies(bundle: Bundle, n: int = 3000) -> tuple[list[float], str]:
+def _latencies(bundle: "Bundle", n: int = 3000) -> tuple[list[float], str]:
+    import numpy as np
+
+    from cogbert_edge import Policy
+
     policy = Policy(bundle, "auto")
     rng = np.random.default_rng(0)
     obs = rng.random((256, bundle.config.obs_dim)).astype(np.float32)

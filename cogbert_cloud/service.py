@@ -61,7 +61,8 @@ class ServeSettings:
     interval: float = 86400.0
     min_new_transitions: int = 1_000_000
     namespace: str = "cogbert"
-    image: str = "cogbert:latest"
+    image: str = field(default="cogbert:latest", metadata={
+        "help": "image of the trainer Jobs (--trainer kubernetes); deploy/k8s sets it to the controller's own"})
 
 
 class StoreSigner:
@@ -168,11 +169,18 @@ def register(csub: argparse._SubParsersAction, rsub: argparse._SubParsersAction 
     add_arguments(p, ServeSettings, env_prefix="SERVE_")
     p.set_defaults(func=lambda a: serve(from_args(ServeSettings, a, env_prefix="SERVE_")))
     t = csub.add_parser("token", help="make an API bearer token and print it with its digest")
+    t.add_argument("--export", choices=("read", "operate"), default=None,
+                   help="print shell `export` lines instead of JSON: COGBERT_API_TOKEN (for clients) and "
+                        "the digest as COGBERT_SERVE_READ_TOKENS or COGBERT_SERVE_OPERATE_TOKENS (for serve)")
 
-    def token(_: argparse.Namespace) -> int:
+    def token(a: argparse.Namespace) -> int:
         from .api import token_digest
         tok = secrets.token_urlsafe(24)
-        print(json.dumps({"token": tok, "sha256": token_digest(tok)}))
+        if a.export:
+            print(f"export COGBERT_API_TOKEN={tok}")
+            print(f"export COGBERT_SERVE_{a.export.upper()}_TOKENS={token_digest(tok)}")
+        else:
+            print(json.dumps({"token": tok, "sha256": token_digest(tok)}))
         return 0
 
     t.set_defaults(func=token)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cogbert_edge.agent import Device, DeviceSettings
+from cogbert_edge import Device, DeviceSettings, UpdateSettings
 from cogbert_edge.bundle import load_bundle
+from cogbert_edge.errors import ConfigError
 from cogbert_edge.settings import add_arguments, from_args
 from cogbert_edge._log import event
 from cogbert_edge.uploader import UploaderSettings
@@ -90,16 +91,27 @@ class SensorEnv:
 
 
 def _make_env(name: str, obs_dim: int, n_actions: int, seed: int):
-    if name in ("auto", "ProductionChain-v0"):
+    """The environment a simulated device acts in: ``sensor``, ProductionChain-v0, or ``auto``
+    (ProductionChain-v0 when the bundle fits it and gymnasium is installed, else ``sensor``)."""
+    if name == "sensor":
+        return SensorEnv(obs_dim, n_actions, seed)
+    if name not in ("auto", "ProductionChain-v0"):
+        raise ConfigError(f"unknown simulation environment {name!r}; use sensor, ProductionChain-v0 or auto")
+    try:
         from .envs import make_env
-        env = make_env("ProductionChain-v0")
-        fits = env.observation_space.shape == (obs_dim,) and getattr(env.action_space, "n", None) == n_actions
-        if fits:
-            return _GymAdapter(env, seed)
-        if name != "auto":
-            raise SystemExit(f"the bundle (obs {obs_dim}, {n_actions} actions) does not fit ProductionChain-v0 "
-                             f"(obs {env.observation_space.shape}, actions {env.action_space})")
-    return SensorEnv(obs_dim, n_actions, seed)
+    except ModuleNotFoundError:
+        if name == "auto":
+            return SensorEnv(obs_dim, n_actions, seed)
+        raise
+    env = make_env("ProductionChain-v0")
+    fits = env.observation_space.shape == (obs_dim,) and getattr(env.action_space, "n", None) == n_actions
+    if fits:
+        return _GymAdapter(env, seed)
+    if name == "auto":
+        return SensorEnv(obs_dim, n_actions, seed)
+    raise ConfigError(f"the bundle (obs {obs_dim}, {n_actions} actions) does not fit ProductionChain-v0 "
+                      f"(obs {env.observation_space.shape}, actions {env.action_space}); train one for it "
+                      "(cogbert cloud train --env ProductionChain-v0) or use --env sensor")
 
 
 class _GymAdapter:
@@ -121,11 +133,19 @@ _stop = threading.Event()   # SIGTERM: stop deciding, deliver what was logged, r
 
 def _device_main(s: SimulateSettings, index: int, results: dict) -> None:
     dev_id = f"{s.prefix}-{index:04d}"
+    try:
+        _simulate_device(s, index, dev_id, results)
+    except Exception as e:  # noqa: BLE001 - the summary says why this device did not run
+        event(log, "device_failed", level=logging.ERROR, device=dev_id, error=str(e)[:300])
+        results[dev_id] = {"error": f"{type(e).__name__}: {e}", "logged": 0, "drained": False}
+
+
+def _simulate_device(s: SimulateSettings, index: int, dev_id: str, results: dict) -> None:
     dev = Device(DeviceSettings(device_id=dev_id, fleet=s.fleet, broker=s.broker, pki=s.pki,
                                 spool=s.spool / dev_id, bundle=s.bundle, backend=s.backend, seed=s.seed + index,
                                 uploader=UploaderSettings(ack_timeout=s.ack_timeout), trust_root=s.trust_root,
                                 model_name=s.model_name,
-                                update={"trial_decisions": s.trial_decisions, "trial_seconds": s.trial_seconds},
+                                update=UpdateSettings(trial_decisions=s.trial_decisions, trial_seconds=s.trial_seconds),
                                 telemetry_interval=s.telemetry_interval)).start()
     cfg = dev.policy.config
     env = _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed * 7919 + index)
@@ -178,7 +198,10 @@ def run(s: SimulateSettings) -> dict:
             dev_id = f"{s.prefix}-{i:04d}"
             if not (s.pki / "devices" / dev_id / "cert.pem").exists():
                 pki.issue_device(dev_id)
-    load_bundle(s.bundle)   # fail early and clearly on a bad bundle
+    cfg = load_bundle(s.bundle).config   # fail early and clearly on a bad bundle ...
+    if not cfg.action.discrete:
+        raise ConfigError(f"{s.bundle} has a continuous action space; the simulated devices need a discrete one")
+    _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed)   # ... or one that does not fit the environment
     _stop.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: _stop.set())
@@ -190,7 +213,9 @@ def run(s: SimulateSettings) -> dict:
         t.start()
     for t in threads:
         t.join()
-    summary = {"devices": len(results), "logged": sum(r["logged"] for r in results.values()),
+    errors = {d: r["error"] for d, r in results.items() if "error" in r}
+    summary = {"devices": len(results) - len(errors), "logged": sum(r["logged"] for r in results.values()),
+               "errors": errors,
                "all_drained": all(r["drained"] for r in results.values()) and len(results) == s.devices,
                "seconds": round(time.monotonic() - t0, 2), "per_device": results}
     event(log, "simulation_done", devices=summary["devices"], logged=summary["logged"],
@@ -203,9 +228,17 @@ def register(device_sub: argparse._SubParsersAction) -> None:
     add_arguments(p, SimulateSettings, env_prefix="SIM_")
 
     def main(a: argparse.Namespace) -> int:
-        summary = run(from_args(SimulateSettings, a, env_prefix="SIM_"))
+        settings = from_args(SimulateSettings, a, env_prefix="SIM_")
+        summary = run(settings)
         json.dump(summary, sys.stdout)
         print()
+        if summary["errors"]:
+            device, error = next(iter(summary["errors"].items()))
+            print(f"cogbert: error: {len(summary['errors'])} device(s) failed; {device}: {error}", file=sys.stderr)
+        elif not summary["all_drained"]:
+            print("cogbert: error: not every logged record was acknowledged by the cloud within "
+                  f"--drain-timeout {settings.drain_timeout:g}s (is ingestion running?)",
+                  file=sys.stderr)
         return 0 if summary["all_drained"] else 1
 
     p.set_defaults(func=main)

@@ -173,8 +173,15 @@ class S3Store:
 def open_store(url: str) -> ObjectStore:
     """``file://DIR`` (or a plain path) or ``s3://BUCKET[/PREFIX][?endpoint=URL&region=R]``."""
     u = urlparse(url)
-    if u.scheme in ("", "file"):
-        return FileStore(Path(u.path if u.scheme else url))
+    if u.scheme == "":
+        return FileStore(Path(url))
+    if u.scheme == "file":
+        # file:///abs/dir, and the common file://./rel/dir, which urlparse reads as host "."
+        if u.netloc in (".", ".."):
+            return FileStore(Path(u.netloc + u.path))
+        if u.netloc not in ("", "localhost"):
+            raise StoreError(f"{url!r}: a file store URL names a local directory: file:///ABS/DIR or file://./REL/DIR")
+        return FileStore(Path(u.path))
     if u.scheme == "s3":
         if not u.netloc:
             raise StoreError(f"{url!r}: s3 URLs need a bucket: s3://BUCKET/PREFIX")

@@ -1,7 +1,14 @@
-"""Edge commands of the ``cogbert`` CLI: ``cogbert bundle init|quantize|inspect``.
+"""The ``cogbert`` command's shared machinery and its edge commands: ``cogbert bundle
+init|quantize|inspect`` and ``cogbert device csr``.
 
-Registered into the top-level parser by :mod:`cogbert_cloud.cli`; kept here because they
-only need the edge SDK.
+The cloud package (:mod:`cogbert_cloud.cli`) adds its commands to the same parser; the edge
+commands need only the edge SDK's dependencies. :func:`run_command` gives every command the same
+contract for a person at a terminal: a mistake (a bad flag, a missing file, an invalid bundle
+or setting) is one line on stderr and a documented exit code, never a traceback:
+
+    0  done                               3  needs an optional part that is not installed
+    1  ran, but its check failed          130 interrupted (Ctrl-C)
+    2  bad usage or input (flags, files, settings, bundles, PKI, ...)
 """
 
 from __future__ import annotations
@@ -11,11 +18,66 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Callable, NoReturn
 
 from .bundle import Bundle, load_bundle
-from .errors import BundleError
+from .errors import BundleError, CogbertError
 from .model import ActionSpace, ModelConfig, init_params
 from .quant import plan, quantize_params
+
+__all__ = ["CliParser", "EXIT_FAILED", "EXIT_MISSING", "EXIT_OK", "EXIT_USAGE", "register", "run_command",
+           "version"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# Top-level modules of the optional extras, and the extra that brings each.
+_EXTRA_OF = {"fastapi": "cloud", "uvicorn": "cloud", "boto3": "cloud", "botocore": "cloud",
+             "gymnasium": "cloud", "prometheus_client": "cloud", "matplotlib": "cloud", "pydantic": "cloud",
+             "starlette": "cloud", "mlx": "mlx", "onnx": "bench", "onnxruntime": "bench", "torch": "bench",
+             "stable_baselines3": "bench", "sb3_contrib": "bench"}
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``PROG: error: ...; see PROG --help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed distribution's version (the package's own in a source checkout)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("cogbert")
+    except PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
+def run_command(prog: str, func: Callable[[], int | None]) -> int:
+    """Run a command's handler; turn what a user can cause into one line and an exit code."""
+    try:
+        return int(func() or 0)
+    except CogbertError as e:
+        return _fail(prog, str(e), EXIT_USAGE)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        extra = _EXTRA_OF.get(top)
+        if extra is None:
+            raise
+        return _fail(prog, f"this command needs the '{extra}' extra (module {top!r} is not installed): "
+                           f"pip install 'cogbert[{extra}]'", EXIT_MISSING)
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _fail(prog, f"{where}{e.strerror or e}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _fail(prog: str, message: str, code: int) -> int:
+    first = " ".join(message.split())    # one line, whatever the message holds
+    print(f"{prog}: error: {first}", file=sys.stderr)
+    return code
 
 
 def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -93,7 +155,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def describe(path: Path) -> dict:
     """What ``bundle inspect --json`` prints."""
-    data = path.read_bytes()
+    data = Path(path).read_bytes()
     b = load_bundle(data)
     return {
         "file": str(path),

@@ -49,6 +49,7 @@ from typing import Callable, Iterator
 
 from ._fs import SlotFile, fsync_path
 from ._log import event
+from .errors import ConfigError
 
 __all__ = ["Outbox", "OutboxSettings"]
 
@@ -61,7 +62,7 @@ _STRIDE = 64
 
 @dataclass
 class OutboxSettings:
-    directory: Path
+    directory: Path | None = None      # a Device sets it to SPOOL/outbox
     segment_bytes: int = 1 << 20
     max_bytes: int = 256 << 20
     max_age: float = 7 * 24 * 3600.0
@@ -94,6 +95,8 @@ class _Segment:
 
 class Outbox:
     def __init__(self, settings: OutboxSettings) -> None:
+        if settings.directory is None:
+            raise ConfigError("OutboxSettings.directory is not set: say where the outbox keeps its files")
         self.s = settings
         self.dir = Path(settings.directory)
         self.dir.mkdir(parents=True, exist_ok=True)

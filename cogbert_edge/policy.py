@@ -87,7 +87,7 @@ class Policy:
     ``obs_clip``, or 10 when clipping is off), counts it in ``sanitized``, and decides.
     """
 
-    def __init__(self, bundle: Bundle, backend: str | None = "auto", *,
+    def __init__(self, bundle: Bundle, backend: str | None = None, *,
                  invalid_obs: str = "raise", seed: int | None = None) -> None:
         if invalid_obs not in INVALID_OBS_POLICIES:
             raise ConfigError(f"invalid_obs must be one of {INVALID_OBS_POLICIES}, got {invalid_obs!r}")
@@ -119,9 +119,11 @@ class Policy:
             self._gauss_const = float(-(self._log_std.sum() + 0.5 * LOG_2PI * cfg.action.size))
 
     @classmethod
-    def load(cls, source: Union[str, os.PathLike, bytes], backend: str | None = "auto", *,
+    def load(cls, source: Union[str, os.PathLike, bytes], backend: str | None = None, *,
              invalid_obs: str = "raise", seed: int | None = None) -> "Policy":
-        """Load and validate a bundle (path or bytes) and put it on ``backend``."""
+        """Load and validate a bundle (path or bytes) and put it on ``backend``: a name
+        (``native``, ``numpy``, ``mlx``), ``auto`` (the fastest here), or None (the default:
+        ``$COGBERT_BACKEND`` if set, else ``auto``)."""
         return cls(load_bundle(source), backend, invalid_obs=invalid_obs, seed=seed)
 
     @property

@@ -56,6 +56,7 @@ from . import __version__
 from ._fs import atomic_write, fsync_path
 from ._log import event
 from .bundle import FORMAT_VERSION, Bundle, BundleError, load_bundle
+from .errors import ConfigError
 from .policy import Policy
 from .trust import Release, TrustedState, VerificationError
 
@@ -68,7 +69,7 @@ SDK_VERSION = tuple(int(x) for x in __version__.split("."))
 
 @dataclass
 class UpdateSettings:
-    directory: Path
+    directory: Path | None = None      # a Device sets it to SPOOL/update
     model: str = "cogbert"
     fleet: str = "default"
     trial_decisions: int = 200
@@ -119,7 +120,9 @@ class UpdateAgent:
     ``policy``, ``backend`` and ``report(status_dict)``."""
 
     def __init__(self, settings: UpdateSettings, trusted_root: bytes, *, factory_bundle: Path,
-                 backend: str = "auto", clock: Callable[[], dt.datetime] | None = None) -> None:
+                 backend: str | None = None, clock: Callable[[], dt.datetime] | None = None) -> None:
+        if settings.directory is None:
+            raise ConfigError("UpdateSettings.directory is not set: say where the update agent keeps its files")
         self.s = settings
         self.dir = Path(settings.directory)
         (self.dir / "models").mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,26 @@ def bundle_files(bundles, tmp_path_factory) -> dict[str, Path]:
         paths[k] = d / f"{k}.safetensors"
         b.save(paths[k])
     return paths
+
+
+# `./run test` installs every tool a test needs, so there a skipped test is a missing install
+# step, not a machine's limit: COGBERT_STRICT_SKIPS=1 (which ./run test sets) fails the run.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if os.environ.get("COGBERT_STRICT_SKIPS") == "1" and _skipped and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if os.environ.get("COGBERT_STRICT_SKIPS") == "1" and _skipped:
+        terminalreporter.write_line(
+            f"COGBERT_STRICT_SKIPS=1: {len(_skipped)} test(s) skipped, which fails this run (./run test "
+            "installs every tool the tests need; set COGBERT_STRICT_SKIPS=0 to allow skips): "
+            + ", ".join(_skipped[:5]), red=True)

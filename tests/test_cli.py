@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,55 @@ def test_demo_runs_the_whole_loop_and_rolls_back_the_broken_release(tmp_path):
     assert out["rolled_back"][-1] == r2["release"] and out["final"]["release"] != r2["release"]
     assert out["lost_records"] == 0 and out["experience"]["duplicates"] == 0 and out["experience"]["logged"] > 0
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {"report.md", "metrics.json", "returns.png"}
+
+# -- mistakes are one line and a documented exit code ------------------------------------------
+
+def _one_line_error(p: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert p.returncode == code, (p.returncode, p.stderr)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.match(r"^cogbert(-bench)?( [\w-]+)*: error: ", lines[0]), lines[0]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_a_missing_file_is_one_line_and_exit_2(tmp_path):
+    _one_line_error(run("cogbert", "bundle", "inspect", str(tmp_path / "missing.safetensors"), ok=False), 2,
+                    "missing.safetensors", "No such file")
+    _one_line_error(run("cogbert", "bundle", "quantize", str(tmp_path), str(tmp_path / "q"), "--bits", "8",
+                        ok=False), 2, "Is a directory")
+
+
+def test_bad_flags_are_one_line_and_exit_2(tmp_path):
+    _one_line_error(run("cogbert", "bundle", "inspect", "--no-such-flag", "x", ok=False), 2, "--no-such-flag")
+    _one_line_error(run("cogbert", "no-such-command", ok=False), 2, "invalid choice")
+    _one_line_error(run("cogbert", "bundle", "quantize", "a", "b", "--bits", "7", ok=False), 2, "--bits")
+    _one_line_error(run("cogbert-bench", "edge", "--no-such-flag", ok=False), 2, "--no-such-flag")
+    _one_line_error(run("cogbert", "--log-level", "LOUD", "bundle", "inspect", "x", ok=False), 2, "LOUD")
+    _one_line_error(run("cogbert", "device", "simulate", "--devices", "two", ok=False), 2, "devices")
+
+
+def test_both_commands_print_their_version():
+    from cogbert_edge import __version__
+    assert run("cogbert", "--version").stdout.strip() == f"cogbert {__version__}"
+    assert run("cogbert-bench", "--version").stdout.strip() == f"cogbert-bench {__version__}"
+
+
+def test_simulating_with_a_bundle_that_does_not_fit_the_environment_says_why(tmp_path):
+    bundle = tmp_path / "m.safetensors"
+    run("cogbert", "bundle", "init", "--obs-dim", "64", "--hidden", "32", "--encoder", "32", "--actions", "8",
+        str(bundle))
+    p = run("cogbert", "device", "simulate", "--devices", "1", "--bundle", str(bundle), "--env",
+            "ProductionChain-v0", "--pki", str(tmp_path / "pki"), ok=False)
+    _one_line_error(p, 2, "does not fit ProductionChain-v0", "obs 64")
+
+
+def test_run_demo_help_installs_nothing(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    venv = tmp_path / "venv-that-must-not-appear"
+    p = subprocess.run(["bash", str(root / "run"), "demo", "--help"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COGBERT_VENV": str(venv), "COGBERT_SKIP_SYSTEM": "0",
+                            "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert "./run demo" in p.stdout and "--devices" in p.stdout and "COGBERT_DEMO_DEVICES" in p.stdout
+    assert not venv.exists() and "installing" not in p.stderr

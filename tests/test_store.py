@@ -65,3 +65,14 @@ def test_s3_presigned_urls_read_without_credentials(s3, monkeypatch):
 def test_unknown_schemes_are_refused():
     with pytest.raises(StoreError, match="unsupported"):
         open_store("gs://bucket/x")
+
+
+def test_file_urls_name_local_directories_relative_or_absolute(tmp_path, monkeypatch):
+    from cogbert_cloud.errors import StoreError
+    from cogbert_cloud.store import open_store
+    monkeypatch.chdir(tmp_path)
+    assert open_store("file://./rel/store").root == (tmp_path / "rel" / "store").resolve()
+    assert open_store(f"file://{tmp_path}/abs").root == tmp_path / "abs"
+    assert open_store("plain/dir").root == (tmp_path / "plain" / "dir").resolve()
+    with pytest.raises(StoreError, match="local directory"):
+        open_store("file://otherhost/data")

@@ -481,7 +481,7 @@ def test_a_release_published_on_the_fleet_topic_reaches_a_device_over_mqtt_and_i
     from cogbert_cloud.broker import BrokerConfig, LocalBroker
     from cogbert_cloud.distribution import publish_release
     from cogbert_cloud.pki import PKI
-    from cogbert_edge.agent import Device, DeviceSettings
+    from cogbert_edge import Device, DeviceSettings, UpdateSettings
     from cogbert_edge.link import LinkSettings, MqttLink
 
     pki = PKI.init(tmp_path / "pki")
@@ -502,7 +502,7 @@ def test_a_release_published_on_the_fleet_topic_reaches_a_device_over_mqtt_and_i
         dev = Device(DeviceSettings(device_id="dev-1", fleet="plant", broker=broker.url, pki=pki.root,
                                     spool=tmp_path / "spool", bundle=tmp_path / "factory.safetensors",
                                     backend="numpy", trust_root=keys.root / "root.json", model_name="chain",
-                                    update={"trial_decisions": 30, "trial_seconds": 0.0})).start()
+                                    update=UpdateSettings(trial_decisions=30, trial_seconds=0.0))).start()
         try:
             state = dev.policy.initial_state()
             obs = np.zeros(CFG.obs_dim, np.float32)
