@@ -49,8 +49,10 @@ def _optional(sub: argparse._SubParsersAction, commands: dict[str, str], registe
 
         for name, helptext in commands.items():
             if name not in sub.choices:
+                # No option prefix: every argument lands in `args`, so the handler runs and says
+                # which extra to install instead of argparse rejecting the first --flag.
                 p = sub.add_parser(name, help=f"{helptext} (needs an extra: {e.name} is not installed)",
-                                   add_help=False)
+                                   add_help=False, prefix_chars="\x00")
                 p.add_argument("args", nargs=argparse.REMAINDER)
                 p.set_defaults(func=unavailable)
 

