@@ -113,6 +113,9 @@ class MakeBuildExt(build_ext):
                 f"cogbert: `{shlex.join(cmd)}` succeeded but did not produce {built}")
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # An editable install then copies the extension next to the sources, into a directory
+        # a fresh clone does not have (it holds only build outputs, so git ignores it).
+        (ROOT / "cogbert_edge" / "_native").mkdir(exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copy2(built, tmp)
         os.replace(tmp, dest)
