@@ -13,13 +13,13 @@ from cogbert_cloud.pki import PKI
 
 @contextmanager
 def local_fleet(root: Path, *, services: Iterable[str] = (), devices: Iterable[str] = (),
-                config: BrokerConfig | None = None) -> Iterator[tuple[PKI, LocalBroker]]:
+                fleet: str = "bench", config: BrokerConfig | None = None) -> Iterator[tuple[PKI, LocalBroker]]:
     pki = PKI.init(root / "pki")
     pki.issue_server(["localhost"])
     for s in services:
         pki.issue_service(s)
     for d in devices:
-        pki.issue_device(d)
+        pki.issue_device(d, fleet=fleet)
     (root / "broker").mkdir()
     with LocalBroker(pki.root, root / "broker", config=config) as broker:
         yield pki, broker

@@ -76,7 +76,7 @@ def _subscriber(url: str, pki_root: str, expect: int, ready, out) -> None:
             done.set()
 
     # No persistent session: an offline member of a shared group would keep taking its share.
-    link = MqttLink(LinkSettings.for_service(url, Path(pki_root), "ingest", client_id=f"bench-{os.getpid()}",
+    link = MqttLink(LinkSettings.for_service(url, Path(pki_root), "ingest", client_id=f"ingest-bench-{os.getpid()}",
                                              session_expiry=0))
     link.start()
     link.subscribe("$share/bench/cogbert/v1/+/+/exp", on_msg).wait(10)

@@ -118,7 +118,7 @@ def swap_main(args: argparse.Namespace) -> dict:
 def _offline_device(root: Path, keys: KeyStore) -> Device:
     """A device whose link never connects: releases are handed to its agent directly."""
     pki = PKI.init(root / "pki")
-    pki.issue_device("bench")
+    pki.issue_device("bench", fleet="default")
     return Device(DeviceSettings(device_id="bench", spool=root / "spool", bundle=root / "factory.safetensors",
                                  broker="mqtts://localhost:9", pki=pki.root, trust_root=keys.root / "root.json",
                                  model_name="bench", update=UpdateSettings(trial_decisions=200, trial_seconds=0.2))).start()
@@ -147,7 +147,7 @@ def rollout_main(args: argparse.Namespace) -> dict:
                     if s["status"] == "committed":
                         committed.setdefault(s["device"], time.monotonic())
 
-            ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="bench-ctl"))
+            ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="rollout-bench"))
             ctl.start()
             ctl.subscribe("cogbert/v1/bench/+/status", on_status).wait(10)
             per = -(-args.devices // args.procs)

@@ -13,29 +13,41 @@ devices.
 Every ``/v1`` call needs ``Authorization: Bearer TOKEN``; a token has the role ``read`` or
 ``operate`` (which includes read). Tokens are configured as their SHA-256 digests, never in the
 clear. Bad requests get a 4xx with a message (401 no or unknown token, 403 wrong role, 404
-unknown object, 409 not possible now, 422 malformed body).
+unknown object, 409 not possible now, 422 malformed body, numbers out of range, NaN or
+infinities included). Status codes follow from exception types (``NotFoundError`` 404,
+``ConflictError`` 409), never from message text; anything else is a bug: a 500, logged with its
+traceback and counted in ``cogbert_api_errors_total``.
+
+Metric labels never take a value the client chose: the method is one of the standard ones or
+``other``, the path is the matched route's template or ``unmatched``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
-from .registry import Registry, RegistryError
+from .errors import ConflictError, NotFoundError
+from .registry import Registry
 from .rollout import FleetView, RolloutController
 
 __all__ = ["ControlPlane", "Tokens", "create_app", "token_digest"]
 
 Role = Literal["read", "operate"]
+log = logging.getLogger("cogbert.api")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def token_digest(token: str) -> str:
@@ -70,7 +82,7 @@ class ControlPlane:
 
 
 class StartRollout(BaseModel):
-    candidate: int = Field(ge=1, le=2**53)
+    candidate: int = Field(ge=1, le=2**53, allow_inf_nan=False)
 
 
 class Reason(BaseModel):
@@ -80,13 +92,21 @@ class Reason(BaseModel):
 def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
     app = FastAPI(title="Cogbert control plane", version="1")
     requests_total: dict[tuple[str, str, int], int] = {}
+    errors_total = {"internal": 0}
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        key = (request.method, getattr(route, "path", "unmatched"), response.status_code)
-        requests_total[key] = requests_total.get(key, 0) + 1
+        try:
+            response = await call_next(request)
+            code = response.status_code
+        except Exception:
+            code = 500
+            raise
+        finally:
+            route = request.scope.get("route")
+            method = request.method if request.method in METHODS else "other"
+            key = (method, getattr(route, "path", "unmatched"), code)
+            requests_total[key] = requests_total.get(key, 0) + 1
         return response
 
     def need(role: Role):
@@ -103,13 +123,28 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
             return have
         return Depends(check)
 
-    @app.exception_handler(RegistryError)
-    async def registry_error(_: Request, e: RegistryError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=404 if "no release" in str(e) else 409)
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, e: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=404)
 
-    @app.exception_handler(ValueError)
-    async def conflict(_: Request, e: ValueError) -> JSONResponse:
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, e: ConflictError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI's own rendering echoes the input, and a NaN or an infinity in it cannot be
+        # written as JSON: say what is wrong, with the offending values made printable.
+        return JSONResponse({"detail": [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""),
+                                         "input": _printable(err.get("input"))} for err in e.errors()]},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        errors_total["internal"] += 1
+        log.exception("internal error", extra={"fields": {"event": "api_internal_error", "path": request.url.path[:200],
+                                                          "method": request.method[:16]}})
+        return JSONResponse({"detail": "internal error (logged)"}, status_code=500)
 
     @app.get("/health")
     def health() -> dict:
@@ -129,7 +164,7 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         reg = CollectorRegistry()
-        reg.register(_Collector(cp, requests_total))
+        reg.register(_Collector(cp, requests_total, errors_total))
         return PlainTextResponse(generate_latest(reg).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/releases", dependencies=[need("read")])
@@ -182,8 +217,8 @@ def _device_view(device: str, v: dict) -> dict:
 class _Collector:
     """Metrics computed at scrape time from the control plane's state."""
 
-    def __init__(self, cp: ControlPlane, requests_total: dict) -> None:
-        self.cp, self.requests_total = cp, requests_total
+    def __init__(self, cp: ControlPlane, requests_total: dict, errors_total: dict) -> None:
+        self.cp, self.requests_total, self.errors_total = cp, requests_total, errors_total
 
     def collect(self):
         now = time.time()
@@ -221,9 +256,24 @@ class _Collector:
         for (m, p, c), v in sorted(self.requests_total.items()):
             req.add_metric([m, p, str(c)], v)
         yield req
+        yield CounterMetricFamily("cogbert_api_errors", "Requests that failed for a bug of ours (500s, logged)",
+                                  value=self.errors_total["internal"])
         ing = self.cp.ingest_stats()
         for key in ("accepted", "duplicate", "rejected", "transitions"):
             if key in ing:
                 c = CounterMetricFamily(f"cogbert_ingest_{key}", f"Ingestion: {key}")
                 c.add_metric([], ing[key])
                 yield c
+
+
+def _printable(v: Any) -> Any:
+    """``v`` with NaN and infinities as strings, so that it can be written as JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k)[:100]: _printable(x) for k, x in list(v.items())[:20]}
+    if isinstance(v, (list, tuple)):
+        return [_printable(x) for x in v[:20]]
+    if isinstance(v, (str, bytes)):
+        return v[:200] if isinstance(v, str) else repr(v[:200])
+    return v if v is None or isinstance(v, (bool, int, float)) else str(v)[:200]

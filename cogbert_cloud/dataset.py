@@ -1,9 +1,12 @@
 """Reading stored experience back: per-device records in sequence order, for the trainer.
 
-Batch objects live at ``experience/{fleet}/{day}/{device}/{first:016d}-{last:016d}.cbx``.
+Batch objects live at ``experience/{fleet}/{device}/{first:016d}-{last:016d}.cbx`` (stores
+written before Cogbert 0.2 also have ``experience/{fleet}/{day}/{device}/...``, read alike).
 Sequence numbers are the device's outbox numbers (1, 2, 3, ...), so a missing range is a gap
 (records the device dropped under its outbox bounds, or that were never uploaded) and a range
-stored twice is a duplicate; :meth:`ExperienceDataset.stats` counts both.
+stored twice is a duplicate; :meth:`ExperienceDataset.stats` counts both. Readers take each
+record once, whatever the store holds: a record in several stored batches is read from the
+batch that starts first.
 
 :meth:`ExperienceDataset.sequences` yields what the trainer consumes: runs of consecutive
 records of one session, each starting at a record that carries the behaviour policy's
@@ -26,7 +29,8 @@ from .store import ObjectStore
 
 __all__ = ["ExperienceDataset", "Sequence"]
 
-_KEY_RE = re.compile(r"^experience/([^/]+)/([^/]+)/([^/]+)/(\d{16})-(\d{16})\.cbx$")
+# experience/FLEET/DEVICE/FIRST-LAST.cbx, or the older experience/FLEET/DAY/DEVICE/FIRST-LAST.cbx.
+_KEY_RE = re.compile(r"^experience/([^/]+)/(?:[^/]+/)?([^/]+)/(\d{16})-(\d{16})\.cbx$")
 
 
 @dataclass
@@ -60,7 +64,7 @@ class ExperienceDataset:
         for key in self.store.list(prefix):
             m = _KEY_RE.match(key)
             if m:
-                out.setdefault((m[1], m[3]), []).append((int(m[4]), int(m[5]), key))
+                out.setdefault((m[1], m[2]), []).append((int(m[3]), int(m[4]), key))
         for v in out.values():
             v.sort()
         return out
@@ -94,13 +98,14 @@ class ExperienceDataset:
         open_: dict[str, dict] = {}    # session -> rows being collected
         last_seq = 0
         for b in self.batches(fleet, device):
-            if b.first <= last_seq:     # a duplicate range: already read
+            start = max(0, last_seq + 1 - b.first)   # rows up to last_seq were read already
+            if start >= b.n:
                 continue
-            if b.first != last_seq + 1:  # a gap: no sequence may span it
+            if b.first + start != last_seq + 1:  # a gap: no sequence may span it
                 open_.clear()
             last_seq = b.last
             state_at = {int(r): i for i, r in enumerate(b.state_rows)}
-            for row in range(b.n):
+            for row in range(start, b.n):
                 session = b.sessions[b.session_idx[row]]
                 cur = open_.get(session)
                 snap = state_at.get(row)

@@ -140,7 +140,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         for svc in ("ingest", "rollout"):
             pki.issue_service(svc)
         for i in range(s.devices):
-            pki.issue_device(f"sim-{i:04d}")
+            pki.issue_device(f"sim-{i:04d}", fleet=fleet_name)
         keys = KeyStore.init(work / "keys")
         signer = KeySigner(work / "keys", model="chain", fleet=fleet_name)
 
@@ -162,7 +162,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "ingest", "--broker",
              broker.service_url, "--pki", str(pki.root), "--store", store_url, "--stats-file",
              str(work / "ingest.json"), "--stats-interval", "1"], stderr=open(work / "ingest.log", "w")))
-        link = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="demo-rollout"))
+        link = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="rollout-demo"))
         link.start()
         link.wait_connected(10)
         fleet = FleetView()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cogbert_edge.errors import CogbertError
 
-__all__ = ["PKIError", "BrokerError", "StoreError", "IngestError"]
+__all__ = ["PKIError", "BrokerError", "StoreError", "IngestError", "NotFoundError", "ConflictError", "TrainingError"]
 
 
 class PKIError(CogbertError):
@@ -21,3 +21,15 @@ class StoreError(CogbertError):
 
 class IngestError(CogbertError):
     """The ingestion service cannot start or continue."""
+
+
+class NotFoundError(CogbertError):
+    """The object asked for does not exist (an API answers 404)."""
+
+
+class ConflictError(CogbertError):
+    """The operation is not possible in the current state (an API answers 409)."""
+
+
+class TrainingError(CogbertError):
+    """A training run failed, or did not finish in time."""

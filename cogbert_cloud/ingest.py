@@ -8,9 +8,13 @@ message a replica
 1. validates the batch (:func:`cogbert_edge.batch.decode`: sizes bounded before allocation,
    decompression capped, every field checked) and that the device and fleet in the payload are
    the ones in the topic (which the broker ties to the device's certificate);
-2. derives the object key from the batch itself,
-   ``experience/{fleet}/{yyyy-mm-dd}/{device}/{first:016d}-{last:016d}.cbx``, so a redelivered
-   or resent batch lands on the same key: if it exists, it is a duplicate and is not written;
+2. stores only records it does not have yet. A batch's identity is (fleet, device, first,
+   last), never anything else the sender chooses (such as its timestamps), and so is its key,
+   ``experience/{fleet}/{device}/{first:016d}-{last:016d}.cbx``: a redelivered or resent batch
+   lands on the same key. The ranges a device has stored are known per device (loaded from the
+   store's listing on first sight, so restarts share them, and kept up to date by this
+   replica): a batch they already cover is a duplicate and is not written, and one that
+   overlaps them is trimmed to its new records (and counted);
 3. writes it durably (atomic, fsynced) to the object store;
 4. acknowledges it to the device on ``.../ack`` (``stored`` or ``duplicate``), and only then
 5. acknowledges the MQTT message (``manual_ack``), so a replica that dies before this point
@@ -19,13 +23,18 @@ message a replica
 A message that fails validation is counted by reason and dropped (its MQTT message is
 acknowledged so it is not delivered again); a batch that decoded but names another device is
 also acknowledged to its sender as ``rejected``. The service keeps running.
+
+Several replicas each know the ranges they loaded and stored. A legitimate device never sends
+overlapping ranges (it journals each range before sending it), so the exact resends that
+replicas do see are caught by the key; an overlapping batch from a misbehaving device that
+reaches another replica first could be stored by both, and readers
+(:class:`~cogbert_cloud.dataset.ExperienceDataset`) take each record once whatever the store
+holds.
 """
 
 from __future__ import annotations
 
 import collections
-import datetime as dt
-import functools
 import json
 import logging
 import queue
@@ -73,16 +82,83 @@ class IngestSettings:
     metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port (0: off)"})
 
 
-def batch_key(b: batch_codec.Batch) -> str:
-    t = float(b.time[0])
-    # 2000..2200; a device with a wild clock gets its own bin.
-    day = _day(int(t // 86400)) if 946684800 <= t < 7258118400 else "undated"
-    return f"experience/{b.fleet}/{day}/{b.device}/{b.first:016d}-{b.last:016d}.cbx"
+def batch_key(fleet: str, device: str, first: int, last: int) -> str:
+    """Where the records ``first..last`` of a device are stored: from the records' identity only."""
+    return f"experience/{fleet}/{device}/{first:016d}-{last:016d}.cbx"
 
 
-@functools.lru_cache(maxsize=64)
-def _day(days_since_epoch: int) -> str:
-    return (dt.date(1970, 1, 1) + dt.timedelta(days=days_since_epoch)).isoformat()
+_KEY_RANGE = re.compile(r"/(\d{16})-(\d{16})\.cbx$")
+
+
+class StoredRanges:
+    """Per device, the sequence ranges stored: merged ``[first, last]`` intervals, loaded from
+    the store's listing the first time a device is seen and extended by this replica's writes.
+    At most ``max_devices`` are kept (least recently used first out; a forgotten device is
+    listed again when it comes back)."""
+
+    def __init__(self, store: ObjectStore, max_devices: int = 100_000) -> None:
+        self.store, self.max_devices = store, max_devices
+        self._ranges: collections.OrderedDict[tuple[str, str], list[list[int]]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        # Striped locks: a device's check-store-record runs under one of them, so that two workers
+        # never both store overlapping batches of one device.
+        self.device_locks = [threading.Lock() for _ in range(64)]
+
+    def lock_for(self, fleet: str, device: str) -> threading.Lock:
+        return self.device_locks[hash((fleet, device)) % len(self.device_locks)]
+
+    def missing(self, fleet: str, device: str, first: int, last: int) -> list[tuple[int, int]]:
+        """The parts of ``first..last`` that are not stored yet, in order."""
+        out, cur = [], first
+        for a, b in self._get(fleet, device):
+            if b < cur:
+                continue
+            if a > last:
+                break
+            if a > cur:
+                out.append((cur, a - 1))
+            cur = max(cur, b + 1)
+            if cur > last:
+                break
+        if cur <= last:
+            out.append((cur, last))
+        return out
+
+    def add(self, fleet: str, device: str, first: int, last: int) -> None:
+        with self._lock:
+            iv = self._ranges.get((fleet, device))
+            if iv is not None:
+                _insert(iv, first, last)
+
+    def _get(self, fleet: str, device: str) -> list[list[int]]:
+        key = (fleet, device)
+        with self._lock:
+            iv = self._ranges.get(key)
+            if iv is not None:
+                self._ranges.move_to_end(key)
+                return list(iv)
+        loaded: list[list[int]] = []
+        for k in self.store.list(f"experience/{fleet}/{device}/"):
+            m = _KEY_RANGE.search(k)
+            if m:
+                _insert(loaded, int(m[1]), int(m[2]))
+        with self._lock:
+            iv = self._ranges.setdefault(key, loaded)
+            while len(self._ranges) > self.max_devices:
+                self._ranges.popitem(last=False)
+            return list(iv)
+
+
+def _insert(iv: list[list[int]], first: int, last: int) -> None:
+    """Add ``[first, last]`` to sorted, merged intervals ``iv`` (touching ones merge)."""
+    i = 0
+    while i < len(iv) and iv[i][1] < first - 1:
+        i += 1
+    j = i
+    while j < len(iv) and iv[j][0] <= last + 1:
+        first, last = min(first, iv[j][0]), max(last, iv[j][1])
+        j += 1
+    iv[i:j] = [[first, last]]
 
 
 class IngestService:
@@ -98,7 +174,7 @@ class IngestService:
         self.counters = collections.Counter()
         self.rejected = collections.Counter()
         self._lock = threading.Lock()
-        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.ranges = StoredRanges(self.store)
         self._queue: queue.Queue = queue.Queue(maxsize=settings.workers * 4)
         self._workers = [threading.Thread(target=self._work, name=f"cogbert-ingest-{i}", daemon=True)
                          for i in range(settings.workers)]
@@ -174,23 +250,40 @@ class IngestService:
         if b.device != device or b.fleet != fleet:
             return self._reject(msg, (fleet, device), "device or fleet in the payload differs from the topic",
                                 rng=(b.first, b.last))
-        key = batch_key(b)
-        if key in self._recent or self.store.exists(key):
-            status = "duplicate"
-            event(log, "duplicate_batch", level=logging.DEBUG, key=key, batch=b.id)
+        stored, exact = 0, False
+        with self.ranges.lock_for(fleet, device):
+            parts = self.ranges.missing(fleet, device, b.first, b.last)
+            if parts == [(b.first, b.last)]:
+                key = batch_key(fleet, device, b.first, b.last)
+                # The key alone also catches a resend that another replica stored meanwhile.
+                if not self.store.exists(key):
+                    self.store.put(key, msg.payload)
+                    stored = b.n
+                self.ranges.add(fleet, device, b.first, b.last)
+            elif not parts:
+                # Covered by what is stored: an exact resend, or (from a misbehaving device) a
+                # range inside stored ones.
+                exact = self.store.exists(batch_key(fleet, device, b.first, b.last))
+            else:
+                # Overlaps what is stored (a misbehaving device: a legitimate one resends exactly
+                # its journaled ranges): keep only the new records, each part under its own key.
+                for first, last in parts:
+                    self.store.put(batch_key(fleet, device, first, last),
+                                   batch_codec.encode_batch(b.sliced(first, last)))
+                    self.ranges.add(fleet, device, first, last)
+                    stored += last - first + 1
+                event(log, "overlapping_batch", level=logging.WARNING, fleet=fleet, device=device, batch=b.id,
+                      stored_parts=[list(p) for p in parts])
+        if stored == b.n:
+            status, outcome = "stored", "accepted"
+        elif stored:
+            status, outcome = "stored", "trimmed"
         else:
-            self.store.put(key, msg.payload)
-            status = "stored"
-        with self._lock:
-            self._recent[key] = None
-            while len(self._recent) > 100_000:
-                self._recent.popitem(last=False)
+            status, outcome = "duplicate", "duplicate" if exact else "overlap"
+            event(log, "duplicate_batch", level=logging.DEBUG, fleet=fleet, device=device, batch=b.id)
         self._ack_device(fleet, device, b.first, b.last, status)
         msg.ack()
-        if status == "stored":
-            self._count("accepted", transitions=b.n, bytes=len(msg.payload))
-        else:
-            self._count("duplicate")
+        self._count(outcome, transitions=stored, bytes=len(msg.payload) if stored == b.n else 0)
 
     def _reject(self, msg: Message, who: tuple[str, str] | None, reason: str,
                 rng: tuple[int, int] | None = None) -> None:
@@ -243,6 +336,9 @@ class _Metrics:
                                       "by outcome", labels=["outcome"])
         batches.add_metric(["stored"], st.get("accepted", 0))
         batches.add_metric(["duplicate"], st.get("duplicate", 0))
+        # A batch overlapping stored records: only its new records stored, or none.
+        batches.add_metric(["trimmed"], st.get("trimmed", 0))
+        batches.add_metric(["overlap"], st.get("overlap", 0))
         yield batches
         rejected = CounterMetricFamily("cogbert_ingest_rejected_batches", "Messages rejected, by reason",
                                        labels=["reason"])

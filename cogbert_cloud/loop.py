@@ -30,6 +30,7 @@ from cogbert_edge._log import event
 from cogbert_edge.bundle import load_bundle
 
 from .dataset import ExperienceDataset
+from .errors import StoreError, TrainingError
 from .gate import GateSettings
 from .registry import Registry
 from .rollout import RolloutController
@@ -62,6 +63,10 @@ class LoopSettings:
     gate_gamma: float = GateSettings.gamma
     release_expiry: str = "30d"
     extra_train_args: list[str] = field(default_factory=list)
+    # A Kubernetes training Job that neither completes nor fails within this long is deleted
+    # and the round ends as training_failed; the Job's own activeDeadlineSeconds is longer.
+    job_timeout: float = 6 * 3600.0
+    job_poll_interval: float = 10.0
 
 
 class Trainer(Protocol):
@@ -100,7 +105,7 @@ class LocalTrainer:
     def _run(cmd: list[str]) -> None:
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
-            raise RuntimeError(f"training failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+            raise TrainingError(f"training failed ({p.returncode}): {p.stderr.strip()[-800:]}")
 
 
 class KubernetesJobTrainer:
@@ -164,9 +169,32 @@ class KubernetesJobTrainer:
         return out
 
     def _run(self, job: dict) -> None:
-        subprocess.run([self.kubectl, "apply", "-f", "-"], input=json.dumps(job), text=True, check=True)
-        subprocess.run([self.kubectl, "-n", self.ns, "wait", "--for=condition=complete",
-                        f"job/{job['metadata']['name']}", "--timeout=6h"], check=True)
+        """Create the Job and wait until it completes, fails (TrainingError at once, with the
+        Job's reason) or runs past ``job_timeout`` (deleted, TrainingError). ``kubectl wait
+        --for=condition=complete`` alone would sit out its whole timeout after a failure."""
+        name = job["metadata"]["name"]
+        self._kubectl(["apply", "-f", "-"], input=json.dumps(job))
+        deadline = time.monotonic() + self.s.job_timeout
+        while True:
+            status = json.loads(self._kubectl(["-n", self.ns, "get", f"job/{name}", "-o", "json"]) or "{}")
+            for cond in (status.get("status") or {}).get("conditions") or []:
+                if cond.get("status") != "True":
+                    continue
+                if cond.get("type") == "Complete":
+                    return
+                if cond.get("type") == "Failed":
+                    raise TrainingError(f"training Job {name} failed: {cond.get('reason', '')}: "
+                                        f"{str(cond.get('message', ''))[:400]}")
+            if time.monotonic() >= deadline:
+                self._kubectl(["-n", self.ns, "delete", f"job/{name}", "--wait=false"], check=False)
+                raise TrainingError(f"training Job {name} did not finish within {self.s.job_timeout:g}s; deleted it")
+            time.sleep(min(self.s.job_poll_interval, max(0.0, deadline - time.monotonic())))
+
+    def _kubectl(self, args: list[str], *, input: str | None = None, check: bool = True) -> str:
+        p = subprocess.run([self.kubectl, *args], input=input, capture_output=True, text=True, timeout=120)
+        if check and p.returncode != 0:
+            raise TrainingError(f"kubectl {' '.join(args[:3])} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
+        return p.stdout
 
 
 class KeySigner:
@@ -215,7 +243,7 @@ class ContinuousLearner:
         data_url = self.s.store_url
         try:
             candidate = self.trainer.train(round_dir, init, data_url, self.s.train_steps).read_bytes()
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        except (TrainingError, StoreError, OSError, subprocess.SubprocessError) as e:
             # A failed or refused training run (export's quantization check, a lost Job) ends the
             # round with nothing released; the stable release keeps serving.
             reason = str(e)[-400:]

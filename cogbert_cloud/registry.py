@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from cogbert_edge.bundle import load_bundle
 
-from .errors import StoreError
+from .errors import ConflictError, NotFoundError, StoreError
 from .store import ObjectStore
 
 __all__ = ["Registry", "AuditLog", "STATES", "RegistryError"]
@@ -42,6 +42,14 @@ _TRANSITIONS = {"candidate": {"canary", "stable", "retired"}, "canary": {"stable
 
 class RegistryError(StoreError):
     """A registry operation was refused (unknown release, illegal state change)."""
+
+
+class ReleaseNotFound(RegistryError, NotFoundError):
+    """No release with that counter is registered."""
+
+
+class ReleaseConflict(RegistryError, ConflictError):
+    """The release cannot be registered or change state that way."""
 
 
 class AuditLog:
@@ -82,7 +90,7 @@ class Registry:
         b = load_bundle(bundle)
         with self._lock:
             if self.store.exists(self._key(counter)):
-                raise RegistryError(f"release {counter} is already registered")
+                raise ReleaseConflict(f"release {counter} is already registered")
             self.store.put(f"releases/{counter}/model.safetensors", bundle)
             self.store.put(f"releases/{counter}/manifest.json", manifest)
             if rollback is not None:
@@ -100,7 +108,7 @@ class Registry:
         try:
             return json.loads(self.store.get(self._key(counter)))
         except StoreError:
-            raise RegistryError(f"no release {counter}") from None
+            raise ReleaseNotFound(f"no release {counter}") from None
 
     def list(self) -> list[dict]:
         return [json.loads(self.store.get(k)) for k in sorted(self.store.list("registry/releases/"))]
@@ -126,11 +134,11 @@ class Registry:
 
     def set_state(self, counter: int, state: str, *, reason: str = "", actor: str = "system", **fields: Any) -> dict:
         if state not in STATES:
-            raise RegistryError(f"unknown state {state!r}")
+            raise ReleaseConflict(f"unknown state {state!r}")
         with self._lock:
             rec = self.get(counter)
             if state not in _TRANSITIONS[rec["state"]]:
-                raise RegistryError(f"release {counter} cannot go from {rec['state']} to {state}")
+                raise ReleaseConflict(f"release {counter} cannot go from {rec['state']} to {state}")
             old = rec["state"]
             rec["state"] = state
             rec["history"].append({"state": state, "time": _now(), "reason": reason})

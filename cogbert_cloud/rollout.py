@@ -42,10 +42,11 @@ from cogbert_edge._log import event
 from cogbert_edge.link import Message, MqttLink
 
 from .distribution import publish_release
+from .errors import ConflictError
 from .registry import Registry
 from .store import FileStore, ObjectStore
 
-__all__ = ["RolloutSettings", "FleetView", "RolloutController", "analyze", "bucket", "welch_p_less"]
+__all__ = ["RolloutSettings", "FleetView", "RolloutController", "RolloutConflict", "analyze", "bucket", "welch_p_less"]
 
 log = logging.getLogger("cogbert.rollout")
 
@@ -80,6 +81,11 @@ def bucket(fleet: str, device: str) -> float:
 ROOTS_PREFIX = "trust/roots/"   # root metadata the devices may need, put there by the signing service
 _REWARD_HISTORY = 1000      # telemetry reports kept per device for the reward test
 
+
+
+class RolloutConflict(ConflictError):
+    """A rollout cannot start or change state now (another is running, the release is not a
+    candidate, there is no rollout to pause)."""
 
 class FleetView:
     """Every device's latest telemetry and its status reports, from the MQTT topics."""
@@ -295,10 +301,10 @@ class RolloutController:
     def start(self, candidate: int, *, actor: str = "system") -> dict:
         with self._lock:
             if self.rollout and self.rollout["state"] in ("running", "paused"):
-                raise ValueError(f"rollout of release {self.rollout['candidate']} is {self.rollout['state']}")
+                raise RolloutConflict(f"rollout of release {self.rollout['candidate']} is {self.rollout['state']}")
             rec = self.registry.get(candidate)
             if rec["state"] != "candidate":
-                raise ValueError(f"release {candidate} is {rec['state']}, not a candidate")
+                raise RolloutConflict(f"release {candidate} is {rec['state']}, not a candidate")
             stable = self.registry.stable()
             now = self.clock()
             self._roots = None        # a rotation since the last rollout shows up in this one
@@ -322,7 +328,7 @@ class RolloutController:
     def abort(self, reason: str = "operator", *, actor: str = "operator") -> dict:
         with self._lock:
             if not self.rollout or self.rollout["state"] not in ("running", "paused"):
-                raise ValueError("no rollout in progress")
+                raise RolloutConflict("no rollout in progress")
             self._abort([reason], actor)
             return self.status()
 
@@ -437,7 +443,7 @@ class RolloutController:
     def _set(self, new: str, expect: str, actor: str) -> dict:
         with self._lock:
             if not self.rollout or self.rollout["state"] != expect:
-                raise ValueError(f"no {expect} rollout")
+                raise RolloutConflict(f"no {expect} rollout")
             self.rollout["state"] = new
             self._log(f"rollout_{new}", actor=actor)
             return self.status()

@@ -197,7 +197,7 @@ def run(s: SimulateSettings) -> dict:
         for i in range(s.first_index, s.first_index + s.devices):
             dev_id = f"{s.prefix}-{i:04d}"
             if not (s.pki / "devices" / dev_id / "cert.pem").exists():
-                pki.issue_device(dev_id)
+                pki.issue_device(dev_id, fleet=s.fleet)
     cfg = load_bundle(s.bundle).config   # fail early and clearly on a bad bundle ...
     if not cfg.action.discrete:
         raise ConfigError(f"{s.bundle} has a continuous action space; the simulated devices need a discrete one")

@@ -31,7 +31,7 @@ import numpy as np
 
 from .records import HEAD, KNOWN_FLAGS, STATE
 
-__all__ = ["Batch", "BatchError", "encode", "encode_run", "decode", "batch_id", "MAGIC",
+__all__ = ["Batch", "BatchError", "encode", "encode_batch", "encode_run", "decode", "batch_id", "MAGIC",
            "MAX_DECOMPRESSED", "MAX_RECORDS"]
 
 MAGIC = b"CBX1"
@@ -86,6 +86,49 @@ class Batch:
     @property
     def seqs(self) -> np.ndarray:
         return np.arange(self.first, self.last + 1, dtype=np.int64)
+
+    def sliced(self, first: int, last: int) -> "Batch":
+        """The records ``first..last`` (sequence numbers within this batch) as a batch of their
+        own: what ingestion stores of a batch that overlaps records it already has."""
+        if not self.first <= first <= last <= self.last:
+            raise ValueError(f"{first}..{last} is not within {self.first}..{self.last}")
+        i, j = first - self.first, last - self.first + 1
+        keep = (self.state_rows >= i) & (self.state_rows < j)
+        sessions, session_idx = _retable(self.sessions, self.session_idx[i:j])
+        models, model_idx = _retable(self.models, self.model_idx[i:j])
+        return Batch(self.device, self.fleet, first, last, sessions, session_idx, models, model_idx,
+                     self.step[i:j], self.time[i:j], self.action[i:j], self.log_prob[i:j], self.value[i:j],
+                     self.reward[i:j], self.flags[i:j], self.obs[i:j],
+                     (self.state_rows[keep] - i).astype("<u4"), self.state_h[keep], self.state_c[keep])
+
+
+def _retable(names: list[str], idx: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """A name table holding only the names ``idx`` uses, and ``idx`` into it."""
+    used, inverse = np.unique(idx, return_inverse=True)
+    return [names[int(u)] for u in used], inverse.astype("<u2")
+
+
+def encode_batch(b: Batch, *, compress: bool = True, min_saving: float = 0.1) -> bytes:
+    """The wire form of a decoded (or sliced) batch: ``decode(encode_batch(b))`` equals ``b``."""
+    act_dim = b.action.shape[1] if b.action.ndim == 2 else 0
+    body = {
+        "v": 1, "device": b.device, "fleet": b.fleet, "first": b.first, "last": b.last, "n": b.n,
+        "obs_dim": int(b.obs.shape[1]), "act_dim": act_dim, "hidden": int(b.state_h.shape[1]),
+        "sessions": list(b.sessions), "session_idx": b.session_idx.astype("<u2").tobytes(),
+        "models": list(b.models), "model_idx": b.model_idx.astype("<u2").tobytes(),
+        "step": b.step.astype("<i8").tobytes(), "time": b.time.astype("<f8").tobytes(),
+        "action": b.action.astype("<f4" if act_dim else "<i4").tobytes(),
+        "log_prob": b.log_prob.astype("<f4").tobytes(), "value": b.value.astype("<f4").tobytes(),
+        "reward": b.reward.astype("<f4").tobytes(), "flags": b.flags.astype("<u1").tobytes(),
+        "obs": b.obs.astype("<f4").tobytes(), "state_rows": b.state_rows.astype("<u4").tobytes(),
+        "state_h": b.state_h.astype("<f4").tobytes(), "state_c": b.state_c.astype("<f4").tobytes(),
+    }
+    raw = msgpack.packb(body, use_bin_type=True)
+    if compress:
+        packed = zlib.compress(raw, 1)
+        if len(packed) < (1.0 - min_saving) * len(raw):
+            return MAGIC + bytes([CODEC_ZLIB]) + packed
+    return MAGIC + bytes([CODEC_NONE]) + raw
 
 
 # The record head (records.HEAD) as a numpy record type, to read many heads at once.

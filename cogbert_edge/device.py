@@ -125,6 +125,7 @@ class Device:
             files = {"ca_file": base.ca_file, "cert_file": base.cert_file, "key_file": base.key_file}
         else:
             files = {"ca_file": s.ca_file, "cert_file": s.cert_file, "key_file": s.key_file}
+        _check_identity(files["cert_file"], s.device_id, s.fleet)
         self.link = MqttLink(dataclasses.replace(s.link, broker=s.broker, client_id=s.device_id, **files),
                              name=s.device_id)
         self.uploader = Uploader(self.outbox, self.link, fleet=s.fleet, device=s.device_id, settings=s.uploader)
@@ -298,3 +299,25 @@ class Device:
                 self.link.publish(topic, json.dumps(self.telemetry()).encode(), qos=0)
             except Exception as e:  # noqa: BLE001 - telemetry must never hurt the device
                 event(log, "telemetry_failed", level=logging.WARNING, device=s.device_id, error=str(e))
+
+
+def _check_identity(cert_file: Path | None, device_id: str, fleet: str) -> None:
+    """Refuse, with the reason, settings that the broker would refuse later in silence: a
+    certificate for another device or another fleet (its CN is the device id, its OU the fleet)."""
+    if cert_file is None or not Path(cert_file).is_file():
+        return   # the link says so when it loads its TLS files
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    try:
+        subject = x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).subject
+    except ValueError as e:
+        raise ConfigError(f"{cert_file} is not a PEM certificate: {e}") from None
+    cn = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    ou = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    if cn and cn[0] != device_id:
+        raise ConfigError(f"{cert_file} is the certificate of device {cn[0]!r}, not {device_id!r}")
+    if not ou:
+        raise ConfigError(f"{cert_file} names no fleet: the broker refuses it; re-issue it with "
+                          f"`cogbert pki issue-device PKI {device_id} --fleet {fleet}`")
+    if ou[0] != fleet:
+        raise ConfigError(f"{cert_file} is for fleet {ou[0]!r}, but the device is configured for fleet {fleet!r}")

@@ -106,7 +106,7 @@ class LinkSettings:
     def for_service(cls, broker: str, pki_dir: Path, name: str, client_id: str = "", **kw) -> "LinkSettings":
         d = Path(pki_dir)
         return cls(broker=broker, ca_file=d / "ca.pem", cert_file=d / "services" / name / "cert.pem",
-                   key_file=d / "services" / name / "key.pem", client_id=client_id or f"svc-{name}", **kw)
+                   key_file=d / "services" / name / "key.pem", client_id=client_id or name, **kw)
 
     def tls_context(self) -> ssl.SSLContext:
         if not (self.ca_file and self.cert_file and self.key_file):

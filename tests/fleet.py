@@ -20,9 +20,9 @@ def make_pki(root: Path) -> PKI:
     pki = PKI.init(root)
     pki.issue_server(["localhost"])   # not 127.0.0.1: lets a test show hostname verification
     for d in ("A", "B", "C"):
-        pki.issue_device(d)
+        pki.issue_device(d, fleet="f")
     now = dt.datetime.now(dt.timezone.utc)
-    pki.issue_device("expired", not_before=now - dt.timedelta(days=10), not_after=now - dt.timedelta(days=1))
+    pki.issue_device("expired", fleet="f", not_before=now - dt.timedelta(days=10), not_after=now - dt.timedelta(days=1))
     pki.issue_service("ingest")
     pki.issue_service("rollout")
     return pki
@@ -72,9 +72,11 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,
     return ctx
 
 
-def try_connect(port: int, ctx: ssl.SSLContext, host: str = "localhost", timeout: float = 3.0) -> str:
-    """Connect once with ``ctx``: "connected", or the reason it did not."""
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe", protocol=mqtt.MQTTv5)
+def try_connect(port: int, ctx: ssl.SSLContext, *, client_id: str, host: str = "localhost",
+                timeout: float = 3.0) -> str:
+    """Connect once with ``ctx`` as ``client_id``: "connected", or the reason it did not. (The
+    broker binds client ids to identities, so a probe must name the one it is allowed.)"""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.tls_set_context(ctx)
     result: list[str] = []
     done = threading.Event()

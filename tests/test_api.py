@@ -30,6 +30,7 @@ def api(tmp_path):
     ctl = RolloutController(RolloutSettings(fleet="f"), reg, None, fleet)
     cp = ControlPlane(reg, ctl, fleet, link_up=lambda: link["up"])
     client = TestClient(create_app(cp, Tokens(read=(token_digest(READ),), operate=(token_digest(OPERATE),))))
+    client.control_plane = cp
     return client, link, reg
 
 
@@ -106,3 +107,45 @@ def test_metrics_are_prometheus_exposition_that_promtool_accepts(api, tmp_path):
     assert promtool, "promtool is installed by ./run setup (Debian: prometheus; macOS: brew install prometheus)"
     p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("raw", ['{"candidate": NaN}', '{"candidate": Infinity}', '{"candidate": 1e400}',
+                                 '{"candidate": -Infinity}', '{"candidate": 2.5}', '{"candidate": 1e300}'])
+def test_numbers_that_are_not_integers_in_range_are_422_not_409(api, raw):
+    client, _, reg = api
+    r = client.post("/v1/rollouts", content=raw, headers={**h(OPERATE), "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][-1] == "candidate"
+    assert reg.get(2)["state"] == "candidate", "a refused request changes nothing"
+
+
+def test_an_internal_bug_is_a_logged_and_counted_500_not_a_4xx(api, caplog):
+    client, _, _ = api
+    fleet = client.control_plane.fleet
+    snapshot = fleet.snapshot
+
+    def broken():
+        raise ValueError("a bug, not the client's mistake")
+
+    fleet.snapshot = broken
+    quiet = TestClient(client.app, raise_server_exceptions=False)
+    with caplog.at_level("ERROR", logger="cogbert.api"):
+        r = quiet.get("/v1/devices", headers=h(READ))
+    assert r.status_code == 500 and "a bug" not in r.text
+    fleet.snapshot = snapshot
+    assert any("a bug, not the client's mistake" in (rec.exc_text or "") for rec in caplog.records)
+    assert "cogbert_api_errors_total 1.0" in quiet.get("/metrics").text
+
+
+def test_invented_methods_and_paths_do_not_grow_the_metric_series(api):
+    client, _, _ = api
+    for i in range(300):
+        client.request(f"BREW{i}", f"/v1/teapot-{i}")
+        client.request("GET", f"/v1/releases/{i}x", headers=h(READ))
+        client.request(f"X{i}", "/v1/releases", headers=h(READ))
+        client.get(f"/random/{i}?q={i}")
+    text = client.get("/metrics").text
+    series = [line for line in text.splitlines() if line.startswith("cogbert_api_requests_total{")]
+    assert len(series) <= 8, series
+    assert not any("BREW" in s or "teapot" in s or "random" in s for s in series)
+    assert any('method="other"' in s for s in series) and any('path="unmatched"' in s for s in series)

@@ -29,7 +29,7 @@ def site(tmp_path_factory):
     pki = PKI.init(root / "pki")
     pki.issue_server(["localhost"])
     pki.issue_service("ingest")
-    pki.issue_device("press-1")
+    pki.issue_device("press-1", fleet="plant")
     cfg = ModelConfig(obs_dim=6, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
     bundle = root / "model.safetensors"
     Bundle.create(cfg, init_params(cfg, 0, policy_gain=1.0)).save(bundle)
@@ -77,6 +77,9 @@ def test_device_settings_say_what_is_wrong(site, tmp_path):
         DeviceSettings(device_id="press-1", spool=tmp_path, bundle=site["bundle"])
     with pytest.raises(ConfigError, match="device id"):
         DeviceSettings(device_id="a/b", spool=tmp_path, bundle=site["bundle"], pki=site["pki"].root)
+    with pytest.raises(ConfigError, match="for fleet 'plant', but the device is configured for fleet 'sim'"):
+        Device(DeviceSettings(device_id="press-1", fleet="sim", spool=tmp_path, bundle=site["bundle"],
+                              pki=site["pki"].root))
     with pytest.raises(ConfigError, match="invalid_obs"):
         DeviceSettings(device_id="press-1", spool=tmp_path, bundle=site["bundle"], pki=site["pki"].root,
                        invalid_obs="ignore")
@@ -84,7 +87,8 @@ def test_device_settings_say_what_is_wrong(site, tmp_path):
 
 def test_a_device_keeps_deciding_with_the_broker_down_and_its_settings_are_typed(site, tmp_path):
     # An unreachable broker: decisions go on, the outbox holds them, nothing is lost.
-    s = DeviceSettings(device_id="press-1", spool=tmp_path / "spool", bundle=site["bundle"], pki=site["pki"].root,
+    s = DeviceSettings(device_id="press-1", fleet="plant", spool=tmp_path / "spool", bundle=site["bundle"],
+                       pki=site["pki"].root,
                        broker="mqtts://localhost:9", backend="numpy", outbox=OutboxSettings(max_bytes=1 << 20))
     with Device(s) as dev:
         for t in range(200):

@@ -246,21 +246,30 @@ def test_rewards_stay_in_the_documented_bounds():
         assert np.abs(rewards).mean() < 2.0  # roughly unit scale, for PPO's defaults
 
 
-def test_step_cost_does_not_grow_with_the_number_of_instances():
-    # A Python loop over instances would make 256 instances ~16x slower per step than 16;
-    # array operations keep the per-step cost nearly flat.
-    def per_step(n):
+def test_step_work_does_not_grow_with_the_number_of_instances():
+    # A Python loop over instances would run 16x as many Python function calls a step for 256
+    # instances as for 16; array operations keep them flat. Counted, not timed: the count does
+    # not depend on what else the machine is doing.
+    import sys
+
+    def calls_per_step(n):
         venv = ProductionChainVecEnv(n, seed=0)
         venv.reset()
-        acts = np.random.default_rng(0).integers(0, 8, (200, n))
-        best = np.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
+        acts = np.random.default_rng(0).integers(0, 8, (50, n))
+        count = [0]
+
+        def prof(frame, event, arg):
+            if event == "call":
+                count[0] += 1
+        sys.setprofile(prof)
+        try:
             for a in acts:
                 venv.step(a)
-            best = min(best, time.perf_counter() - t0)
-        return best
-    assert per_step(256) < 4 * per_step(16)
+        finally:
+            sys.setprofile(None)
+        return count[0] / len(acts)
+    small, large = calls_per_step(16), calls_per_step(256)
+    assert small > 0 and large < 1.5 * small, (small, large)
 
 
 # -- CartPole parity with Gymnasium -------------------------------------------------------------

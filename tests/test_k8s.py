@@ -788,8 +788,9 @@ def test_the_cli_check_catches_an_invented_flag(capsys):
 
 
 def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
-    # A stand-in kubectl: `apply` records the Job; `wait` plays the Job by writing the bundle its
-    # args say it exports (PREFIX/model.safetensors in the store) after checking its input exists.
+    # A stand-in kubectl: `apply` records the Job; `get` plays the Job by writing the bundle its
+    # args say it exports (PREFIX/model.safetensors in the store) after checking its input exists,
+    # and reports it Complete.
     from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
     from cogbert_cloud.store import open_store
 
@@ -805,12 +806,13 @@ def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
         if sys.argv[1] == "apply":
             job = json.load(sys.stdin)
             (jobs / (job["metadata"]["name"] + ".json")).write_text(json.dumps(job))
-        else:
-            name = sys.argv[-2].split("/", 1)[1]
+        elif "get" in sys.argv:
+            name = sys.argv[sys.argv.index("get") + 1].split("/", 1)[1]
             args = json.loads((jobs / (name + ".json")).read_text())["spec"]["template"]["spec"]["containers"][0]["args"]
             store = open_store(args[args.index("--store") + 1])
             src = store.get(args[args.index("--from") + 1][len("store:"):])
             store.put(args[args.index("--prefix") + 1] + "/model.safetensors", src + name.encode())
+            print(json.dumps({{"status": {{"conditions": [{{"type": "Complete", "status": "True"}}]}}}}))
         """))
     fake.chmod(0o755)
     trainer = KubernetesJobTrainer(LoopSettings(store_url=store_url, fleet="plant"), open_store(store_url),
@@ -824,3 +826,50 @@ def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
     name = jobs[0].stem.rsplit("-", 1)[0]
     # The PPO Job started from what the V-trace Job exported, which started from the stable bundle.
     assert out.read_bytes() == b"stable" + f"{name}-vtrace".encode() + f"{name}-ppo".encode()
+
+
+def _recorded_kubectl(tmp_path: Path, conditions: list[dict]) -> Path:
+    """A stand-in kubectl that records every call and reports the Job with ``conditions``."""
+    fake = tmp_path / "kubectl"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        with open({str(tmp_path / 'calls')!r}, "a") as f:
+            f.write(" ".join(sys.argv[1:]) + "\\n")
+        if "get" in sys.argv:
+            print(json.dumps({{"status": {{"conditions": {json.dumps(conditions)}}}}}))
+        """))
+    fake.chmod(0o755)
+    return fake
+
+
+def _trainer(tmp_path: Path, kubectl: Path, **settings):
+    from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
+    from cogbert_cloud.store import open_store
+    url = f"file://{tmp_path / 'store'}"
+    return KubernetesJobTrainer(LoopSettings(store_url=url, job_poll_interval=0.05, **settings), open_store(url),
+                                kubectl=str(kubectl))
+
+
+def test_a_failed_training_job_ends_the_wait_at_once_with_its_reason(tmp_path):
+    from cogbert_cloud.errors import TrainingError
+    fake = _recorded_kubectl(tmp_path, [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                         "message": "Job has reached the specified backoff limit"}])
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(b"stable")
+    with pytest.raises(TrainingError, match="BackoffLimitExceeded"):
+        _trainer(tmp_path, fake, job_timeout=3600).train(tmp_path, init, None, 1000)
+    # One look at the Job, not an hour of polling: the wait ended when it failed.
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("apply") and sum("get job/" in c for c in calls) == 1
+
+
+def test_a_training_job_that_never_finishes_is_deleted_after_the_timeout(tmp_path):
+    from cogbert_cloud.errors import TrainingError
+    fake = _recorded_kubectl(tmp_path, [{"type": "Complete", "status": "False"}])
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(b"stable")
+    with pytest.raises(TrainingError, match="did not finish within 0.3s"):
+        _trainer(tmp_path, fake, job_timeout=0.3).train(tmp_path, init, None, 1000)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("get job/" in c for c in calls) >= 2 and calls[-1].split()[2:4] == ["delete", calls[1].split()[3]]

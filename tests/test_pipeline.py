@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     pki.issue_server(["localhost"])
     pki.issue_service("ingest")
     for i in range(6):
-        pki.issue_device(f"sim-{i:04d}")
+        pki.issue_device(f"sim-{i:04d}", fleet="plant")
     cfg = ModelConfig(obs_dim=16, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
     bundle = root / "model.safetensors"
     Bundle.create(cfg, init_params(cfg, 0, policy_gain=1.0)).save(bundle)
@@ -131,6 +131,95 @@ def test_every_transition_is_stored_exactly_once_through_crashes_of_everything(w
         broker.stop()
 
 
+class Hostile:
+    """A device (its own valid certificate) that, in a thread, sends its records as a
+    misbehaving one would: each range, then the same range with its timestamps moved days back
+    or set to 100 s, a range overlapping it, one inside it, and garbage."""
+
+    def __init__(self, world, broker, device: str) -> None:
+        import threading
+        self.device, self.sent_max = device, 0
+        self.link = MqttLink(LinkSettings.for_device(broker.url, world["pki"].root, device, backoff_min=0.05,
+                                                     backoff_max=0.5)).start()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Hostile":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        topic, k = device_topic("plant", self.device, "exp"), 0
+        while not self._stop.is_set():
+            a = 10 * k + 1
+            t = 1.8e9 + k
+            for payload in (_valid_batch(self.device, a, 10, t=t), _valid_batch(self.device, a, 10, t=t - 3 * 86400),
+                            _valid_batch(self.device, a, 10, t=100.0), _valid_batch(self.device, a + 5, 10, t=t),
+                            _valid_batch(self.device, a + 2, 3, t=t), os.urandom(200)):
+                try:
+                    self.link.publish(topic, payload).wait(5)
+                except Exception:  # noqa: BLE001 - the broker is being killed: try the next one
+                    pass
+            self.sent_max = a + 14
+            k += 1
+            self._stop.wait(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        self.link.close()
+
+
+def test_kill_9_of_everything_with_hostile_batches_mixed_in_stores_every_legitimate_transition_once(world):
+    broker = new_broker(world, "chaos")
+    store = f"file://{world['root'] / 'store-chaos'}"
+    ingest = Ingest(world, broker, store, "c").start()
+    spool = world["root"] / "spool-chaos"
+    hostile = Hostile(world, broker, "sim-0005").start()
+    try:
+        sim = simulate(world, broker, spool, devices=4, steps=3000, rate=500)
+        time.sleep(1.0)
+        ingest.kill()                                # kill -9 schedule: ingestion 4x, broker 2x, devices 1x
+        ingest.start()
+        time.sleep(0.7)
+        sim.send_signal(signal.SIGKILL)
+        sim.wait()
+        sim = simulate(world, broker, spool, devices=4, steps=3000, rate=500)
+        time.sleep(0.7)
+        broker.restart(hard=True)
+        time.sleep(0.7)
+        ingest.kill()
+        ingest.start()
+        time.sleep(0.7)
+        broker.restart(hard=True)
+        time.sleep(0.7)
+        ingest.kill()
+        ingest.start()
+        time.sleep(0.7)
+        ingest.kill()
+        time.sleep(0.3)
+        ingest.start()
+        summary = finish(sim)
+        hostile.stop()
+        assert summary["all_drained"] and summary["logged"] == 4 * 3000
+        ds = ExperienceDataset(open_store(store), "plant")
+        stats = ds.stats()
+        assert stats["duplicates"] == 0, stats
+        index = ds.index()
+        for i in range(4):
+            ranges = index[("plant", f"sim-{i:04d}")]
+            seqs = [s for a, b, _ in ranges for s in range(a, b + 1)]
+            assert sorted(seqs) == list(range(1, 3001)), f"sim-{i:04d}: every legitimate transition once"
+        # The misbehaving device's own records: whatever of them arrived, each stored once.
+        mine = [s for a, b, _ in index.get(("plant", "sim-0005"), []) for s in range(a, b + 1)]
+        assert mine and len(mine) == len(set(mine)) and max(mine) <= hostile.sent_max
+        assert ingest.stats()["rejected"] > 0 and ingest.stats().get("overlap", 0) + ingest.stats().get("trimmed", 0) > 0
+    finally:
+        hostile.stop()
+        ingest.stop()
+        broker.stop()
+
+
 def test_two_ingestion_replicas_split_the_load_and_store_nothing_twice(world):
     broker = new_broker(world, "replicas")
     store = f"file://{world['root'] / 'store-replicas'}"
@@ -153,8 +242,8 @@ def test_two_ingestion_replicas_split_the_load_and_store_nothing_twice(world):
         broker.stop()
 
 
-def _valid_batch(device: str, first: int, n: int = 5, **overrides) -> bytes:
-    recs = [(first + i, encode(Record("u", i, np.zeros(16, np.float32), 1, -1.0, 0.0, "m", 1.8e9)))
+def _valid_batch(device: str, first: int, n: int = 5, *, t: float = 1.8e9, **overrides) -> bytes:
+    recs = [(first + i, encode(Record("u", i, np.zeros(16, np.float32), 1, -1.0, 0.0, "m", t)))
             for i in range(n)]
     data = codec.encode(device, "plant", recs, compress=False)
     if overrides:

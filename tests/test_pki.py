@@ -35,23 +35,33 @@ def test_layout_scripts_can_rely_on_with_private_keys_0600(pki):
     dev = pki.issue_device("dev-1")
     svc = pki.issue_service("ingest-0")
     root = pki.root
-    for f in ("ca.pem", "crl.pem", "server/cert.pem", "server/key.pem", "devices/dev-1/cert.pem",
-              "devices/dev-1/key.pem", "services/ingest-0/cert.pem", "services/ingest-0/key.pem"):
+    for f in ("ca.pem", "crl.pem", "services-ca.pem", "services-crl.pem", "server/cert.pem", "server/key.pem",
+              "devices/dev-1/cert.pem", "devices/dev-1/key.pem", "services/ingest-0/cert.pem",
+              "services/ingest-0/key.pem"):
         assert (root / f).is_file(), f
-    for key in (root / "private/ca-key.pem", root / "server/key.pem", dev.key, svc.key):
+    for key in (root / "private/ca-key.pem", root / "private/services-ca-key.pem", root / "server/key.pem",
+                dev.key, svc.key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert stat.S_IMODE((root / "private").stat().st_mode) == 0o700
 
 
-def test_certificates_chain_to_the_ca_with_the_right_names_and_usages(pki):
-    ca = cert(pki.ca_cert_path)
+def test_certificates_chain_to_the_ca_of_their_role_with_the_right_names_and_usages(pki):
+    ca, services_ca = cert(pki.ca_cert_path), cert(pki.services_ca_path)
     server = cert(pki.root / "server/cert.pem")
-    device = cert(pki.issue_device("dev-1").cert)
+    device = cert(pki.issue_device("dev-1", fleet="plant").cert)
     service = cert(pki.issue_service("rollout").cert)
-    for c in (server, device, service):
-        c.verify_directly_issued_by(ca)
+    for c, issuer in ((server, ca), (device, ca), (service, services_ca)):
+        c.verify_directly_issued_by(issuer)
         assert c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    # Roles cannot cross: a service certificate does not chain to the fleet CA, nor a device's
+    # to the services CA (the broker's two listeners each trust one of them).
+    with pytest.raises(ValueError):
+        service.verify_directly_issued_by(ca)
+    with pytest.raises(ValueError):
+        device.verify_directly_issued_by(services_ca)
     assert cn(device) == "dev-1" and cn(service) == "svc:rollout"
+    assert device.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "plant"
+    assert [e["fleet"] for e in pki.certificates() if e["kind"] == "device"] == ["plant"]
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
     assert [str(i) for i in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
@@ -96,7 +106,8 @@ def test_revoking_one_serial_rotates_a_certificate_cleanly(pki):
     with pytest.raises(PKIError, match="serial 12345"):
         pki.revoke("ingest", serial=12345)
     assert pki.revoke("ingest", serial=old) == [old]
-    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    crl = x509.load_pem_x509_crl(pki.services_crl_path.read_bytes())
+    crl.is_signature_valid(cert(pki.services_ca_path).public_key())
     assert crl.get_revoked_certificate_by_serial_number(old) is not None
     assert crl.get_revoked_certificate_by_serial_number(new) is None
     assert pki.revoked_path.read_text() == "", "the name keeps a valid certificate: no session is dropped"
@@ -143,9 +154,15 @@ def test_broker_config_has_every_security_setting(pki, tmp_path):
                  "plugin_opt_revoked_file"):
         assert line in text, line
     assert text.count("require_certificate true") == 2, "both listeners require a client certificate"
+    # Each listener trusts the CA of its role only; the identity options are the device listener's.
+    device_part, service_part = text.split("listener 18883")[1].split("listener 18884")
+    assert f"cafile {pki.ca_cert_path.resolve()}" in device_part and "services-ca" not in device_part
+    assert "use_identity_as_username true" in device_part and "use_username_as_clientid true" in device_part
+    assert f"cafile {pki.services_ca_path.resolve()}" in service_part
+    assert f"crlfile {pki.services_crl_path.resolve()}" in service_part
+    assert "use_identity_as_username" not in service_part, "the plugin takes the service's username from its cert"
     acl = (tmp_path / "conf/acl").read_text()
-    assert "%c" not in acl
-    assert "pattern write cogbert/v1/+/%u/exp" in acl and "pattern read cogbert/v1/+/%u/ack" in acl
+    assert "%c" not in acl and "%u" not in acl and "pattern" not in acl, "devices are the plugin's, not the acl's"
     assert "user svc:ingest-0\ntopic read cogbert/v1/+/+/exp\ntopic write cogbert/v1/+/+/ack" in acl
     assert "user svc:rollout" in acl
     assert (tmp_path / "conf/cogbert_acl.so").exists()

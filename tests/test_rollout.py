@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cogbert_cloud.registry import AuditLog, Registry, RegistryError
-from cogbert_cloud.rollout import FleetView, RolloutController, RolloutSettings, analyze, bucket, welch_p_less
+from cogbert_cloud.rollout import (FleetView, RolloutConflict, RolloutController, RolloutSettings, analyze, bucket,
+                                   welch_p_less)
 from cogbert_cloud.store import open_store
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
 
@@ -221,7 +222,7 @@ def test_operator_pause_resume_abort_and_illegal_transitions(setup):
     ctl.resume(actor="alice")
     ctl.abort("operator says no", actor="alice")
     assert reg.get(2)["state"] == "rolled_back"
-    with pytest.raises(ValueError):
+    with pytest.raises(RolloutConflict):
         ctl.abort()
     with pytest.raises(RegistryError):
         reg.set_state(2, "stable")

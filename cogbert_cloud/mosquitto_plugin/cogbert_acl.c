@@ -1,24 +1,28 @@
 /*
- * cogbert_acl: the device access policy of a Cogbert fleet, as a Mosquitto 2.0 plugin.
+ * cogbert_acl: the access policy of a Cogbert fleet, as a Mosquitto 2.0 plugin.
  *
- * The broker's acl_file (`pattern` lines on %u for devices, `user` blocks for services) decides
- * publishes and deliveries. Two things it cannot do, this plugin adds:
+ * Which listener a client may use is settled by TLS before this plugin runs: the device
+ * listener trusts only the fleet CA (which issues device certificates), the service listener
+ * only the services CA, so a certificate of the other role fails the handshake. This plugin
+ * adds what certificates and an acl_file cannot:
  *
- *  - refuse a SUBSCRIBE. Mosquitto 2.0's acl_file grants every subscription and filters on
- *    delivery, so a device that subscribes to another device's topic would be told "granted"
- *    and then silently receive nothing. Here device U (certificate CN, through
- *    use_identity_as_username) may subscribe only to PREFIX/F/U/ack, PREFIX/F/U/release and
- *    PREFIX/F/release, with F a literal fleet name (no wildcards anywhere); anything else gets
- *    SUBACK "not authorized".
- *  - drop a revoked identity. Mosquitto checks the CRL only at connect time. A name listed in
- *    the revoked file is refused everything and kicked off the broker within about a second
- *    of the file changing.
+ *  - Devices (device listener: use_identity_as_username and use_username_as_clientid, so the
+ *    username and the client id are the certificate's CN and nobody can take over another
+ *    device's session). A device D of fleet F (the certificate's OU) may publish only
+ *    PREFIX/F/D/{exp,telemetry,status}, and subscribe to and receive only PREFIX/F/D/{ack,release}
+ *    and PREFIX/F/release; no wildcards. Everything else is denied here (Mosquitto 2.0's
+ *    acl_file grants every subscription and filters on delivery, and its %u patterns cannot
+ *    bind a fleet).
+ *  - Services (service listener: use_identity_as_username is off, so that Mosquitto asks this
+ *    plugin at CONNECT). The CN must be "svc:NAME" and the client id NAME or "NAME-SUFFIX"
+ *    (replicas of one service choose distinct suffixes; no client can take over another
+ *    service's session); the username becomes the CN, whatever the client sent. Their topics
+ *    come from the acl_file (one block per service identity, by role): the plugin defers.
+ *  - A name listed in the revoked file is refused everything and kicked off the broker within
+ *    about a second of the file changing (Mosquitto checks the CRL only at connect time).
  *
- * For everything else, and for every service identity (CN "svc:NAME"), the plugin defers and
- * the acl_file decides.
- *
- * Options: plugin_opt_prefix (default "cogbert/v1"), plugin_opt_revoked_file (optional; one
- * name per line, written by `cogbert pki revoke`).
+ * Options: plugin_opt_prefix (default "cogbert/v1"), plugin_opt_revoked_file (optional; one name
+ * a line, written by `cogbert pki revoke`).
  */
 #include <stdbool.h>
 #include <stdio.h>
@@ -27,13 +31,18 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include <openssl/objects.h>
+#include <openssl/x509.h>
+
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
 
 #define MAX_LEVEL 128
+#define MAX_NAME 64          /* device ids and fleet names: 1-64 of [A-Za-z0-9_-] */
 
 struct policy {
+	mosquitto_plugin_id_t *id;
 	char prefix[256];
 	char revoked_path[4096];
 	char *revoked;          /* "\nname1\nname2\n", or NULL */
@@ -42,8 +51,20 @@ struct policy {
 	time_t last_check;
 };
 
-static mosquitto_plugin_id_t *plugin_id;
-static struct policy policy;
+/* A device id or fleet name: 1-64 of letters, digits, '-', '_', starting with a letter or digit. */
+static bool valid_name(const char *s)
+{
+	size_t n = 0;
+	if (!s || !*s) return false;
+	if (!((*s >= 'A' && *s <= 'Z') || (*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9'))) return false;
+	for (; s[n]; n++) {
+		char c = s[n];
+		if (n >= MAX_NAME) return false;
+		if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_'))
+			return false;
+	}
+	return true;
+}
 
 /* One topic level: non-empty, at most MAX_LEVEL bytes, no '/'. Wildcards are checked apart. */
 static bool next_level(const char **p, char *out)
@@ -63,48 +84,118 @@ static bool has_wildcard(const char *s)
 	return strchr(s, '+') != NULL || strchr(s, '#') != NULL;
 }
 
-static bool is_revoked(const char *username)
+static bool is_revoked(const struct policy *pol, const char *username)
 {
 	size_t n;
 	const char *hit;
-	if (!policy.revoked) return false;
+	if (!pol->revoked) return false;
 	n = strlen(username);
-	for (hit = strstr(policy.revoked, username); hit; hit = strstr(hit + 1, username)) {
-		if (hit > policy.revoked && hit[-1] == '\n' && hit[n] == '\n') return true;
+	for (hit = strstr(pol->revoked, username); hit; hit = strstr(hit + 1, username)) {
+		if (hit > pol->revoked && hit[-1] == '\n' && hit[n] == '\n') return true;
 	}
 	return false;
 }
 
-/* Whether device `username` may subscribe to `filter`. */
-static bool subscription_allowed(const char *username, const char *filter)
+/* Whether device `dev` of fleet `fleet` may do `access` on `topic`. */
+static bool device_allowed(const struct policy *pol, const char *dev, const char *fleet, int access,
+                           const char *topic)
 {
-	size_t plen = strlen(policy.prefix);
+	size_t plen = strlen(pol->prefix);
 	const char *p;
-	char fleet[MAX_LEVEL + 1], dev[MAX_LEVEL + 1], kind[MAX_LEVEL + 1];
+	char f[MAX_LEVEL + 1], d[MAX_LEVEL + 1], kind[MAX_LEVEL + 1];
 
-	if (has_wildcard(filter)) return false;
-	if (strncmp(filter, policy.prefix, plen) != 0 || filter[plen] != '/') return false;
-	p = filter + plen + 1;
-	if (!next_level(&p, fleet) || !next_level(&p, dev)) return false;
-	if (*p == '\0') return strcmp(dev, "release") == 0;     /* PREFIX/F/release */
-	if (!next_level(&p, kind) || *p != '\0') return false;
-	return strcmp(dev, username) == 0 && (!strcmp(kind, "ack") || !strcmp(kind, "release"));
+	if (!topic || has_wildcard(topic)) return false;
+	if (strncmp(topic, pol->prefix, plen) != 0 || topic[plen] != '/') return false;
+	p = topic + plen + 1;
+	if (!next_level(&p, f) || strcmp(f, fleet) != 0 || !next_level(&p, d)) return false;
+	if (*p == '\0') {       /* PREFIX/F/release: the fleet's retained release */
+		return strcmp(d, "release") == 0 && access != MOSQ_ACL_WRITE;
+	}
+	if (strcmp(d, dev) != 0 || !next_level(&p, kind) || *p != '\0') return false;
+	if (access == MOSQ_ACL_WRITE) {
+		return !strcmp(kind, "exp") || !strcmp(kind, "telemetry") || !strcmp(kind, "status");
+	}
+	return !strcmp(kind, "ack") || !strcmp(kind, "release");   /* subscribe, read */
+}
+
+/* The value of the certificate subject's entry `nid`, into out; false when absent or too long. */
+static bool subject_entry(X509 *cert, int nid, char *out, int size)
+{
+	X509_NAME *name = X509_get_subject_name(cert);
+	int len;
+	if (!name || X509_NAME_entry_count(name) <= 0) return false;
+	len = X509_NAME_get_text_by_NID(name, nid, out, size);
+	return len > 0 && len < size - 1;
+}
+
+static int refuse(const char *client_id, const char *why, const char *who)
+{
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "cogbert_acl: refused client %s (%s): %s",
+	                     client_id ? client_id : "(none)", who ? who : "?", why);
+	return MOSQ_ERR_AUTH;
+}
+
+/* BASIC_AUTH runs only on the service listener (the device listener takes its identity from the
+ * certificate, use_identity_as_username, and Mosquitto then skips authentication plugins). */
+static int on_basic_auth(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_basic_auth *ed = event_data;
+	struct policy *pol = userdata;
+	const char *client_id = mosquitto_client_id(ed->client);
+	const char *name;
+	char cn[160];
+	size_t n;
+	X509 *cert;
+	(void)event;
+
+	cert = mosquitto_client_certificate(ed->client);
+	if (!cert) return refuse(client_id, "no client certificate", NULL);
+	if (!subject_entry(cert, NID_commonName, cn, sizeof(cn))) {
+		X509_free(cert);
+		return refuse(client_id, "certificate has no usable common name", NULL);
+	}
+	X509_free(cert);
+	name = cn + 4;
+	n = strlen(name);
+	if (strncmp(cn, "svc:", 4) != 0 || !valid_name(name)) {
+		return refuse(client_id, "not a service identity", cn);
+	}
+	if (!client_id || strncmp(client_id, name, n) != 0 || (client_id[n] != '\0' && client_id[n] != '-')) {
+		return refuse(client_id, "a service's client id must be its name or NAME-SUFFIX", cn);
+	}
+	if (is_revoked(pol, cn)) return refuse(client_id, "identity is revoked", cn);
+	if (mosquitto_set_username(ed->client, cn) != MOSQ_ERR_SUCCESS) {
+		return refuse(client_id, "could not set the username", cn);
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* The fleet of a device connection: its certificate's OU. */
+static bool device_fleet(struct mosquitto *client, char *fleet, int size)
+{
+	X509 *cert = mosquitto_client_certificate(client);
+	bool ok;
+	if (!cert) return false;
+	ok = subject_entry(cert, NID_organizationalUnitName, fleet, size) && valid_name(fleet);
+	X509_free(cert);
+	return ok;
 }
 
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
+	struct policy *pol = userdata;
 	const char *username = mosquitto_client_username(ed->client);
+	char fleet[160];
 	(void)event;
-	(void)userdata;
 
-	if (!username || !*username || is_revoked(username)) return MOSQ_ERR_ACL_DENIED;
-	if (ed->access != MOSQ_ACL_SUBSCRIBE || strchr(username, ':')) return MOSQ_ERR_PLUGIN_DEFER;
-	if (!ed->topic) return MOSQ_ERR_ACL_DENIED;
-	return subscription_allowed(username, ed->topic) ? MOSQ_ERR_PLUGIN_DEFER : MOSQ_ERR_ACL_DENIED;
+	if (!username || !*username || is_revoked(pol, username)) return MOSQ_ERR_ACL_DENIED;
+	if (strncmp(username, "svc:", 4) == 0) return MOSQ_ERR_PLUGIN_DEFER;   /* the acl_file's roles */
+	if (!valid_name(username) || !device_fleet(ed->client, fleet, sizeof(fleet))) return MOSQ_ERR_ACL_DENIED;
+	return device_allowed(pol, username, fleet, ed->access, ed->topic) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
 }
 
-static void load_revoked(void)
+static void load_revoked(struct policy *pol)
 {
 	struct stat st;
 	FILE *f;
@@ -112,13 +203,13 @@ static void load_revoked(void)
 	char *line;
 	size_t got;
 
-	if (!policy.revoked_path[0] || stat(policy.revoked_path, &st) != 0) return;
-	if (st.st_mtime == policy.revoked_mtime && (long)st.st_size == policy.revoked_size) return;
+	if (!pol->revoked_path[0] || stat(pol->revoked_path, &st) != 0) return;
+	if (st.st_mtime == pol->revoked_mtime && (long)st.st_size == pol->revoked_size) return;
 	if (st.st_size > (1 << 24)) {
-		mosquitto_log_printf(MOSQ_LOG_ERR, "cogbert_acl: %s is too large", policy.revoked_path);
+		mosquitto_log_printf(MOSQ_LOG_ERR, "cogbert_acl: %s is too large", pol->revoked_path);
 		return;
 	}
-	f = fopen(policy.revoked_path, "rb");
+	f = fopen(pol->revoked_path, "rb");
 	if (!f) return;
 	buf = malloc((size_t)st.st_size + 3);
 	if (!buf) {
@@ -130,10 +221,10 @@ static void load_revoked(void)
 	fclose(f);
 	buf[got + 1] = '\n';
 	buf[got + 2] = '\0';
-	free(policy.revoked);
-	policy.revoked = buf;
-	policy.revoked_mtime = st.st_mtime;
-	policy.revoked_size = (long)st.st_size;
+	free(pol->revoked);
+	pol->revoked = buf;
+	pol->revoked_mtime = st.st_mtime;
+	pol->revoked_size = (long)st.st_size;
 
 	/* Drop the live sessions of every revoked name: Mosquitto never re-checks a CRL for them. */
 	for (line = buf + 1; *line; ) {
@@ -151,13 +242,13 @@ static void load_revoked(void)
 
 static int on_tick(int event, void *event_data, void *userdata)
 {
+	struct policy *pol = userdata;
 	time_t now = time(NULL);
 	(void)event;
 	(void)event_data;
-	(void)userdata;
-	if (now != policy.last_check) {
-		policy.last_check = now;
-		load_revoked();
+	if (now != pol->last_check) {
+		pol->last_check = now;
+		load_revoked(pol);
 	}
 	return MOSQ_ERR_SUCCESS;
 }
@@ -175,32 +266,36 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
                           struct mosquitto_opt *options, int option_count)
 {
 	int i, rc;
-	(void)userdata;
-	memset(&policy, 0, sizeof(policy));
-	strcpy(policy.prefix, "cogbert/v1");
+	struct policy *pol = calloc(1, sizeof(*pol));
+	if (!pol) return MOSQ_ERR_NOMEM;
+	strcpy(pol->prefix, "cogbert/v1");
 	for (i = 0; i < option_count; i++) {
-		if (!strcmp(options[i].key, "prefix") && strlen(options[i].value) < sizeof(policy.prefix)) {
-			strcpy(policy.prefix, options[i].value);
+		if (!strcmp(options[i].key, "prefix") && strlen(options[i].value) < sizeof(pol->prefix)) {
+			strcpy(pol->prefix, options[i].value);
 		} else if (!strcmp(options[i].key, "revoked_file") &&
-		           strlen(options[i].value) < sizeof(policy.revoked_path)) {
-			strcpy(policy.revoked_path, options[i].value);
+		           strlen(options[i].value) < sizeof(pol->revoked_path)) {
+			strcpy(pol->revoked_path, options[i].value);
 		}
 	}
-	plugin_id = identifier;
-	load_revoked();
-	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
-	if (rc != MOSQ_ERR_SUCCESS) return rc;
-	return mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL);
+	pol->id = identifier;
+	*userdata = pol;
+	load_revoked(pol);
+	rc = mosquitto_callback_register(pol->id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, pol);
+	if (rc == MOSQ_ERR_SUCCESS) rc = mosquitto_callback_register(pol->id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, pol);
+	if (rc == MOSQ_ERR_SUCCESS) rc = mosquitto_callback_register(pol->id, MOSQ_EVT_TICK, on_tick, NULL, pol);
+	return rc;
 }
 
 int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
 {
-	(void)userdata;
+	struct policy *pol = userdata;
 	(void)options;
 	(void)option_count;
-	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
-	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
-	free(policy.revoked);
-	policy.revoked = NULL;
+	if (!pol) return MOSQ_ERR_SUCCESS;
+	mosquitto_callback_unregister(pol->id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
+	mosquitto_callback_unregister(pol->id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+	mosquitto_callback_unregister(pol->id, MOSQ_EVT_TICK, on_tick, NULL);
+	free(pol->revoked);
+	free(pol);
 	return MOSQ_ERR_SUCCESS;
 }
