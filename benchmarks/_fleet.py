@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cogbert_cloud.broker import BrokerConfig, LocalBroker
-from cogbert_cloud.pki import PKI
+from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.fleet.pki import PKI
 
 
 @contextmanager

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from cogbert_edge.cli import CliParser, run_command, version
+from cogbert_bench import edge, ingest, link, native, ope, train, updates
 
-from . import edge, ingest, link, native, ope, train, updates
+from cogbert_edge.cli import CliParser, run_command, version
 
 # Suite name -> the module that registers it and prints its table (a module may hold several).
 SUITES = {"edge": edge, "link": link, "native": native, "ingest": ingest, "outbox": ingest,

@@ -9,15 +9,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from cogbert_bench._timing import summary_us, time_calls
+from cogbert_bench.peers import PEERS, peer_available
 
 from cogbert_edge import Bundle, ModelConfig, Policy, init_params
-from cogbert_edge._mlx import blas_status
-from cogbert_edge.backends import BACKENDS, available_backends
-from cogbert_edge.model import NumpyMath, step
-from cogbert_edge.quant import plan, quantize_params
-
-from ._timing import summary_us, time_calls
-from .peers import PEERS, peer_available
+from cogbert_edge._internal.mlx import blas_status
+from cogbert_edge.inference.backends import BACKENDS, available_backends
+from cogbert_edge.inference.model import NumpyMath, step
+from cogbert_edge.inference.quant import plan, quantize_params
 
 QUANTS = ("fp32", "int8", "int4")
 

@@ -27,20 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cogbert_bench._fleet import local_fleet
+from cogbert_bench._timing import summary_us
 
-from cogbert_cloud.broker import BrokerConfig, LocalBroker
-from cogbert_cloud.dataset import ExperienceDataset
-from cogbert_cloud.pki import PKI
-from cogbert_cloud.store import open_store
-from cogbert_edge.link import LinkSettings, MqttLink
-from cogbert_edge.outbox import Outbox, OutboxSettings
-from cogbert_edge import batch as batch_codec
-from cogbert_edge.records import Record, encode
-from cogbert_edge.topics import device_topic
-from cogbert_edge.uploader import Uploader, UploaderSettings
-
-from ._fleet import local_fleet
-from ._timing import summary_us
+from cogbert_cloud.data.dataset import ExperienceDataset
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge.experience.outbox import Outbox, OutboxSettings
+from cogbert_edge.experience.uploader import Uploader, UploaderSettings
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
+from cogbert_edge.wire import batch as batch_codec
+from cogbert_edge.wire.records import Record, encode
+from cogbert_edge.wire.topics import device_topic
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cogbert_bench._fleet import local_fleet
 
-from cogbert_cloud.broker import LocalBroker
-from cogbert_cloud.pki import PKI
-from cogbert_edge.link import LinkSettings, MqttLink
-from cogbert_edge.topics import device_topic
-
-from ._fleet import local_fleet
+from cogbert_cloud.fleet.broker import LocalBroker
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
+from cogbert_edge.wire.topics import device_topic
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,9 +24,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from cogbert_cloud.baseline import fit_value_head, soft_heuristic
-from cogbert_cloud.gate import GateSettings, evaluate_candidate
-from cogbert_cloud.ope import ESTIMATORS, collect_episodes, evaluate_target, target_terms
+from cogbert_cloud.learn.baseline import fit_value_head, soft_heuristic
+from cogbert_cloud.learn.gate import GateSettings, evaluate_candidate
+from cogbert_cloud.learn.ope import ESTIMATORS, collect_episodes, evaluate_target, target_terms
 from cogbert_edge import Bundle
 
 ENV = "ProductionChain-v0"

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from cogbert_edge.model import ModelConfig
+from cogbert_edge.inference.model import ModelConfig
 
 
 def onnx_model(params: Mapping[str, np.ndarray], config: ModelConfig):

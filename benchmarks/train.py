@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from cogbert_cloud.train import PPOTrainer, evaluate, preset
+from cogbert_cloud.learn.train import PPOTrainer, evaluate, preset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +60,8 @@ def main(args: argparse.Namespace) -> dict:
 def _against_heuristic(bundle, episodes: int, seed: int) -> dict:
     """The issue's comparison: the trained policy sampling its actions, as devices run it,
     against the documented heuristic on the same ``episodes`` seeds."""
-    from cogbert_cloud.envs import HeuristicPolicy
-    from cogbert_cloud.envs import evaluate as evaluate_heuristic
+    from cogbert_cloud.learn.envs import HeuristicPolicy
+    from cogbert_cloud.learn.envs import evaluate as evaluate_heuristic
 
     trained = np.asarray(evaluate(bundle, "ProductionChain-v0", episodes, seed=seed, deterministic=False))
     heuristic = np.asarray(evaluate_heuristic(lambda e: HeuristicPolicy(), episodes, seed=seed))
@@ -80,7 +80,7 @@ def _sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    import cogbert_cloud.envs  # noqa: F401 - registers the ids
+    import cogbert_cloud.learn.envs  # noqa: F401 - registers the ids
 
     torch.set_num_threads(1)
     venv = VecNormalize(DummyVecEnv([lambda: gym.make(env_id) for _ in range(8)]), norm_obs=True, norm_reward=True)

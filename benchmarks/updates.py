@@ -26,18 +26,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cogbert_bench._fleet import local_fleet
+from cogbert_bench._timing import summary_us
 
-from cogbert_cloud.broker import BrokerConfig
-from cogbert_cloud.distribution import publish_release, release_message
-from cogbert_cloud.pki import PKI
-from cogbert_cloud.releases import KeyStore, create_release
-from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
-from cogbert_edge import Device, DeviceSettings, UpdateSettings
-from cogbert_edge.link import LinkSettings, MqttLink
-from cogbert_edge.updater import golden_outputs
-
-from ._fleet import local_fleet
-from ._timing import summary_us
+from cogbert_cloud.fleet.broker import BrokerConfig
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_cloud.release.distribution import publish_release, release_message
+from cogbert_cloud.release.signing import KeyStore, create_release
+from cogbert_edge import (
+    ActionSpace,
+    Bundle,
+    Device,
+    DeviceSettings,
+    ModelConfig,
+    UpdateSettings,
+    init_params,
+)
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
+from cogbert_edge.update.agent import golden_outputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,11 +12,12 @@ import argparse
 import sys
 from typing import Callable
 
+from cogbert_cloud.fleet import broker, pki
+from cogbert_cloud.release import signing as releases
+from cogbert_cloud.service import demo
 from cogbert_edge import cli as edge_cli
-from cogbert_edge._log import setup_logging
+from cogbert_edge._internal.log import setup_logging
 from cogbert_edge.cli import CliParser, run_command, version
-
-from . import broker, demo, pki, releases
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     device_sub = edge_cli.register(sub)
     _optional(device_sub, {"simulate": "run N simulated devices that decide and upload experience"},
-              lambda: __import__("cogbert_cloud.simulate", fromlist=["register"]).register(device_sub))
+              lambda: __import__("cogbert_cloud.fleet.simulate", fromlist=["register"]).register(device_sub))
     release_sub = releases.register(sub)
     _register_cloud(sub, release_sub)
     pki.register(sub)
@@ -64,24 +65,23 @@ def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubP
               lambda: _register_ingest(csub))
     _register_dataset(csub)
     _optional(csub, {"train": "train a policy in simulation (--env) or from fleet data (--data)"},
-              lambda: __import__("cogbert_cloud.train.command", fromlist=["register"]).register(csub))
+              lambda: __import__("cogbert_cloud.learn.train.command", fromlist=["register"]).register(csub))
     _optional(csub, {"evaluate": "off-policy evaluation and the promotion gate"},
-              lambda: __import__("cogbert_cloud.gate", fromlist=["register"]).register(csub))
+              lambda: __import__("cogbert_cloud.learn.gate", fromlist=["register"]).register(csub))
     _optional(csub, {"serve": "the control plane: rollout controller, operator API, learning loop",
                      "token": "make an API bearer token and print it with its digest"},
-              lambda: __import__("cogbert_cloud.service", fromlist=["register"]).register(csub, release_sub))
+              lambda: __import__("cogbert_cloud.service.serve", fromlist=["register"]).register(csub, release_sub))
 
 
 def _register_ingest(csub: argparse._SubParsersAction) -> None:
-    from cogbert_edge.settings import add_arguments, from_args
-
-    from .ingest import IngestSettings
+    from cogbert_cloud.data.ingest import IngestSettings
+    from cogbert_edge.config import add_arguments, from_args
 
     ing = csub.add_parser("ingest", help="store experience batches from the broker exactly once")
     add_arguments(ing, IngestSettings, env_prefix="INGEST_")
 
     def ingest_main(a: argparse.Namespace) -> int:
-        from .ingest import run
+        from cogbert_cloud.data.ingest import run
         return run(from_args(IngestSettings, a, env_prefix="INGEST_"))
 
     ing.set_defaults(func=ingest_main)
@@ -98,8 +98,8 @@ def _register_dataset(csub: argparse._SubParsersAction) -> None:
     def stats_main(a: argparse.Namespace) -> int:
         import json
 
-        from .dataset import ExperienceDataset
-        from .store import open_store
+        from cogbert_cloud.data.dataset import ExperienceDataset
+        from cogbert_cloud.data.store import open_store
         stats = ExperienceDataset(open_store(a.store), a.fleet).stats()
         print(json.dumps(stats) if a.json else "\n".join(f"{k:>12}: {v}" for k, v in stats.items()))
         return 0

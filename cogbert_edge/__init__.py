@@ -13,29 +13,35 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (BackendUnavailableError, BundleError, CogbertError, ConfigError, LinkError,
-                     ObservationError)
+from cogbert_edge.errors import (
+    BackendUnavailableError,
+    BundleError,
+    CogbertError,
+    ConfigError,
+    LinkError,
+    ObservationError,
+)
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _LAZY = {
-    "ActionSpace": ".model",
-    "ModelConfig": ".model",
-    "init_params": ".model",
-    "Bundle": ".bundle",
-    "load_bundle": ".bundle",
-    "QuantSpec": ".quant",
-    "Decision": ".policy",
-    "Policy": ".policy",
-    "State": ".policy",
+    "ActionSpace": ".inference.model",
+    "ModelConfig": ".inference.model",
+    "init_params": ".inference.model",
+    "Bundle": ".inference.bundle",
+    "load_bundle": ".inference.bundle",
+    "QuantSpec": ".inference.quant",
+    "Decision": ".inference.policy",
+    "Policy": ".inference.policy",
+    "State": ".inference.policy",
     "Device": ".device",
     "DeviceSettings": ".device",
     "LoggedDecision": ".device",
-    "OutboxSettings": ".outbox",
-    "UploaderSettings": ".uploader",
-    "LinkSettings": ".link",
-    "UpdateSettings": ".updater",
+    "OutboxSettings": ".experience.outbox",
+    "UploaderSettings": ".experience.uploader",
+    "LinkSettings": ".link.mqtt",
+    "UpdateSettings": ".update.agent",
 }
 
 __all__ = [
@@ -79,12 +85,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .bundle import Bundle, load_bundle
-    from .device import Device, DeviceSettings, LoggedDecision
-    from .link import LinkSettings
-    from .model import ActionSpace, ModelConfig, init_params
-    from .outbox import OutboxSettings
-    from .policy import Decision, Policy, State
-    from .quant import QuantSpec
-    from .updater import UpdateSettings
-    from .uploader import UploaderSettings
+    from cogbert_edge.device import Device, DeviceSettings, LoggedDecision
+    from cogbert_edge.experience.outbox import OutboxSettings
+    from cogbert_edge.experience.uploader import UploaderSettings
+    from cogbert_edge.inference.bundle import Bundle, load_bundle
+    from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params
+    from cogbert_edge.inference.policy import Decision, Policy, State
+    from cogbert_edge.inference.quant import QuantSpec
+    from cogbert_edge.link.mqtt import LinkSettings
+    from cogbert_edge.update.agent import UpdateSettings

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from .bundle import Bundle, load_bundle
-from .errors import BundleError, CogbertError
-from .model import ActionSpace, ModelConfig, init_params
-from .quant import plan, quantize_params
+from cogbert_edge.errors import BundleError, CogbertError
+from cogbert_edge.inference.bundle import Bundle, load_bundle
+from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params
+from cogbert_edge.inference.quant import plan, quantize_params
 
 __all__ = ["CliParser", "EXIT_FAILED", "EXIT_MISSING", "EXIT_OK", "EXIT_USAGE", "register", "run_command",
            "version"]
@@ -47,10 +47,11 @@ class CliParser(argparse.ArgumentParser):
 def version() -> str:
     """The installed distribution's version (the package's own in a source checkout)."""
     try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
         return dist_version("cogbert")
     except PackageNotFoundError:
-        from . import __version__
+        from cogbert_edge import __version__
         return __version__
 
 
@@ -122,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
 
 
 def _csr(args: argparse.Namespace) -> int:
-    from .identity import make_key_and_csr
+    from cogbert_edge.link.identity import make_key_and_csr
     key, csr = make_key_and_csr(args.device_id, args.out)
     print(f"wrote {key} (keep it on the device) and {csr} (send it to the fleet CA)")
     return 0

@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from ._log import event
-from .errors import ConfigError
-from .experience import ExperienceLog
-from .link import LinkSettings, MqttLink
-from .outbox import Outbox, OutboxSettings
-from .policy import INVALID_OBS_POLICIES, Decision, Policy, State
-from .topics import check_device_id, check_fleet, device_topic, fleet_release
-from .updater import UpdateAgent, UpdateSettings
-from .uploader import Uploader, UploaderSettings
+from cogbert_edge._internal.log import event
+from cogbert_edge.errors import ConfigError
+from cogbert_edge.experience.log import ExperienceLog
+from cogbert_edge.experience.outbox import Outbox, OutboxSettings
+from cogbert_edge.experience.uploader import Uploader, UploaderSettings
+from cogbert_edge.inference.policy import INVALID_OBS_POLICIES, Decision, Policy, State
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
+from cogbert_edge.update.agent import UpdateAgent, UpdateSettings
+from cogbert_edge.wire.topics import check_device_id, check_fleet, device_topic, fleet_release
 
 __all__ = ["Device", "DeviceSettings", "LoggedDecision"]
 

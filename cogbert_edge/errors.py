@@ -32,7 +32,7 @@ class BundleError(CogbertError, ValueError):
     """A model bundle is malformed, truncated, inconsistent or of an unsupported version.
 
     Raised for anything read from a bundle file or buffer: the bytes are untrusted until
-    they have passed every check in :mod:`cogbert_edge.bundle`.
+    they have passed every check in :mod:`cogbert_edge.inference.bundle`.
     """
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cogbert_edge import Bundle, ModelConfig, init_params
-from cogbert_edge.quant import plan, quantize_params
+from cogbert_edge.inference.quant import plan, quantize_params
+
 
 @pytest.fixture(scope="session")
 def config() -> ModelConfig:

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from cogbert_cloud.train.ppo import PPOConfig, PPOTrainer
+from cogbert_cloud.learn.train.ppo import PPOConfig, PPOTrainer
 
 
 def fixed_batch(T: int = 16, N: int = 4, obs_dim: int = 2, hidden: int = 16) -> dict:

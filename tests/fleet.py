@@ -11,9 +11,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from cogbert_cloud.broker import BrokerConfig, LocalBroker
-from cogbert_cloud.pki import PKI
-from cogbert_edge.link import LinkSettings, MqttLink
+from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
 
 
 def make_pki(root: Path) -> PKI:

@@ -145,8 +145,8 @@ def _serve_settings(controller: dict):
     """The ServeSettings `cogbert cloud serve` builds in the controller's container: its command
     line through the real parser, then the COGBERT_SERVE_* variables its env gives values."""
     from cogbert_cloud.cli import build_parser
-    from cogbert_cloud.service import ServeSettings
-    from cogbert_edge.settings import load
+    from cogbert_cloud.service.serve import ServeSettings
+    from cogbert_edge.config import load
 
     c = _serve_container(controller)
     ns = build_parser().parse_args(c["command"][1:] + c["args"])
@@ -168,8 +168,8 @@ def _loop_job(data_url: str | None = None, controller: dict | None = None) -> di
     """The trainer Job that `cogbert cloud serve --loop --trainer kubernetes` creates, built as
     serve() builds it, from the settings the controller's container gives it (``controller``:
     the rendered one by default)."""
-    from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
-    from cogbert_cloud.store import open_store
+    from cogbert_cloud.data.store import open_store
+    from cogbert_cloud.service.loop import KubernetesJobTrainer, LoopSettings
 
     s = _serve_settings(controller or _rendered_controller())
     assert s.loop and s.trainer == "kubernetes"

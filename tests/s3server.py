@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cogbert_cloud.broker import free_port
+from cogbert_cloud.fleet.broker import free_port
 
 
 @pytest.fixture(scope="module")

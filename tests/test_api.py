@@ -9,10 +9,10 @@ import subprocess
 import pytest
 from fastapi.testclient import TestClient
 
-from cogbert_cloud.api import ControlPlane, Tokens, create_app, token_digest
-from cogbert_cloud.registry import Registry
-from cogbert_cloud.rollout import FleetView, RolloutController, RolloutSettings
-from cogbert_cloud.store import open_store
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.release.registry import Registry
+from cogbert_cloud.release.rollout import FleetView, RolloutController, RolloutSettings
+from cogbert_cloud.service.api import ControlPlane, Tokens, create_app, token_digest
 
 from .test_rollout import small_bundle, tel
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from cogbert_edge import BackendUnavailableError, ConfigError
-from cogbert_edge.backends import AUTO_ORDER, available_backends, create_backend, resolve_backend
+from cogbert_edge.inference.backends import (
+    AUTO_ORDER,
+    available_backends,
+    create_backend,
+    resolve_backend,
+)
 
 from .helpers import needs_mlx
 
@@ -35,7 +40,7 @@ def test_mlx_agrees_with_numpy_along_a_recurrent_rollout(bundles, quant, batch):
 def test_auto_picks_the_first_available_backend_of_the_documented_order(monkeypatch):
     # The documented rule, written out rather than recomputed from AUTO_ORDER: native where it
     # has SIMD kernels for this CPU, else numpy (always available, ahead of MLX).
-    from cogbert_edge.backends.native_backend import native_simd
+    from cogbert_edge.inference.backends.native_backend import native_simd
     monkeypatch.delenv("COGBERT_BACKEND", raising=False)
     expected = "native" if native_simd() else "numpy"
     assert resolve_backend("auto") == expected == resolve_backend(None)
@@ -48,7 +53,7 @@ def test_auto_picks_the_first_available_backend_of_the_documented_order(monkeypa
 def test_unknown_or_unavailable_backends_are_typed_errors(monkeypatch, bundles):
     with pytest.raises(ConfigError, match="unknown backend"):
         resolve_backend("tpu")
-    from cogbert_edge import backends
+    from cogbert_edge.inference import backends
     monkeypatch.setitem(backends.BACKENDS, "mlx", (backends.BACKENDS["mlx"][0], lambda: False))
     with pytest.raises(BackendUnavailableError, match="not available"):
         create_backend(bundles["fp32"], "mlx")

@@ -8,10 +8,11 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cogbert_edge import batch as codec
-from cogbert_edge.records import DONE, STATE, Record, RecordError, decode, encode
+from cogbert_edge.wire import batch as codec
+from cogbert_edge.wire.records import DONE, STATE, Record, RecordError, decode, encode
 
 
 def make_records(n=50, obs_dim=8, hidden=4, continuous=False, start=1):

@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from cogbert_cloud.broker import LocalBroker
-from cogbert_cloud.pki import PKI
-
-from cogbert_edge.link import LinkSettings, MqttLink
+from cogbert_cloud.fleet.broker import LocalBroker
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
 
 from .fleet import service_link
 

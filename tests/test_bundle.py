@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cogbert_edge import Bundle, BundleError, load_bundle
-from cogbert_edge.bundle import MAX_HEADER_BYTES
+from cogbert_edge.inference.bundle import MAX_HEADER_BYTES
 
 from .helpers import needs_mlx
 

@@ -8,10 +8,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cogbert_edge import Bundle, BundleError, ModelConfig, ActionSpace, init_params, load_bundle
-from cogbert_edge.quant import plan, quantize_params
+from cogbert_edge import ActionSpace, Bundle, BundleError, ModelConfig, init_params, load_bundle
+from cogbert_edge.inference.quant import plan, quantize_params
 
 from .helpers import mutate_bundle
 

@@ -12,13 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cogbert_cloud.broker import LocalBroker
-from cogbert_cloud.dataset import ExperienceDataset
-from cogbert_cloud.ingest import IngestService, IngestSettings
-from cogbert_cloud.pki import PKI
-from cogbert_cloud.store import open_store
-from cogbert_edge import (ActionSpace, Bundle, ConfigError, Device, DeviceSettings, ModelConfig, OutboxSettings,
-                          init_params)
+from cogbert_cloud.data.dataset import ExperienceDataset
+from cogbert_cloud.data.ingest import IngestService, IngestSettings
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.fleet.broker import LocalBroker
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge import (
+    ActionSpace,
+    Bundle,
+    ConfigError,
+    Device,
+    DeviceSettings,
+    ModelConfig,
+    OutboxSettings,
+    init_params,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,8 +32,8 @@ def test_two_processes_make_the_same_update_as_one_with_the_combined_batch(tmp_p
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
     assert worst <= TOL, worst
     # and the update is not a no-op (a test that could not fail would prove nothing)
-    from cogbert_cloud.train.ppo import PPOConfig, PPOTrainer
-    from cogbert_edge.model import init_params
+    from cogbert_cloud.learn.train.ppo import PPOConfig, PPOTrainer
+    from cogbert_edge.inference.model import init_params
     t = PPOTrainer(PPOConfig(env="CartPoleNoVel-v1", num_envs=4, encoder=(16,), hidden=16, seed=3))
     init = init_params(t.model, 3, policy_gain=0.01)
     assert max(float(np.abs(a[k] - init[k]).max()) for k in a.files) > 1e-3

@@ -11,12 +11,27 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from cogbert_cloud.envs import (ENV_IDS, CartPoleNoVelEnv, CartPoleNoVelVecEnv, CartPoleVecEnv,
-                                HeuristicPolicy, MemoryHeuristicPolicy, NoOpPolicy, OraclePolicy,
-                                ProductionChainConfig, ProductionChainEnv, ProductionChainVecEnv,
-                                RandomPolicy, decode_action, encode_action, evaluate, make_env,
-                                make_vec_env, observation_names)
-from cogbert_cloud.envs.heuristics import Observation, _poisson_pmf
+from cogbert_cloud.learn.envs import (
+    ENV_IDS,
+    CartPoleNoVelEnv,
+    CartPoleNoVelVecEnv,
+    CartPoleVecEnv,
+    HeuristicPolicy,
+    MemoryHeuristicPolicy,
+    NoOpPolicy,
+    OraclePolicy,
+    ProductionChainConfig,
+    ProductionChainEnv,
+    ProductionChainVecEnv,
+    RandomPolicy,
+    decode_action,
+    encode_action,
+    evaluate,
+    make_env,
+    make_vec_env,
+    observation_names,
+)
+from cogbert_cloud.learn.envs.heuristics import Observation, _poisson_pmf
 from cogbert_edge import ConfigError
 
 CFG = ProductionChainConfig()

@@ -17,15 +17,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from cogbert_cloud.broker import LocalBroker
-from cogbert_cloud.dataset import ExperienceDataset
-from cogbert_cloud.pki import PKI
-from cogbert_cloud.store import open_store
-from cogbert_edge import batch as codec
-from cogbert_edge.link import LinkSettings, MqttLink
-from cogbert_edge.policy import Decision, State
-from cogbert_edge.records import Record, encode
-from cogbert_edge.topics import device_topic
+from cogbert_cloud.data.dataset import ExperienceDataset
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.fleet.broker import LocalBroker
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge.inference.policy import Decision, State
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
+from cogbert_edge.wire import batch as codec
+from cogbert_edge.wire.records import Record, encode
+from cogbert_edge.wire.topics import device_topic
 
 BIN = Path(sys.executable).parent
 FLEET, DEV, OBS, HID = "plant", "dev-0", 3, 4

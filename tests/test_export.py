@@ -4,8 +4,8 @@ refused with its numbers."""
 import numpy as np
 import pytest
 
-from cogbert_cloud.baseline import soft_heuristic
-from cogbert_cloud.train.export import ExportRefused, export_bundle
+from cogbert_cloud.learn.baseline import soft_heuristic
+from cogbert_cloud.learn.train.export import ExportRefused, export_bundle
 from cogbert_edge import Bundle, load_bundle
 
 ENV = "ProductionChain-v0"

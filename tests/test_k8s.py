@@ -41,12 +41,39 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from .k8s_manifests import (BASE, BASE_DOCS, BASE_KUSTOMIZATION, CRD_GROUPS, DEPLOY, DOCS, EXAMPLE_DOCS, EXAMPLES,
-                            IMAGE_COMPONENT, JOBS, WORKLOAD_KINDS, OUR_WORKLOADS, OVERLAYS, SIGNING_KEY_FILES,
-                            SIGNING_NAMESPACE, VERSIONS, _component_images, _containers, _find, _kustomize,
-                            _load, _loop_job, _manifest_files, _name, _ns, _pod_labels, _pod_spec,
-                            _rendered_controller, _serve_container, _serve_settings, kubernetes_validate)
-
+from .k8s_manifests import (
+    BASE,
+    BASE_DOCS,
+    BASE_KUSTOMIZATION,
+    CRD_GROUPS,
+    DEPLOY,
+    DOCS,
+    EXAMPLE_DOCS,
+    EXAMPLES,
+    IMAGE_COMPONENT,
+    JOBS,
+    OUR_WORKLOADS,
+    OVERLAYS,
+    SIGNING_KEY_FILES,
+    SIGNING_NAMESPACE,
+    VERSIONS,
+    WORKLOAD_KINDS,
+    _component_images,
+    _containers,
+    _find,
+    _kustomize,
+    _load,
+    _loop_job,
+    _manifest_files,
+    _name,
+    _ns,
+    _pod_labels,
+    _pod_spec,
+    _rendered_controller,
+    _serve_container,
+    _serve_settings,
+    kubernetes_validate,
+)
 
 # -- schemas and kustomize ------------------------------------------------------------------
 
@@ -630,7 +657,7 @@ def _load_render():
 
 
 def test_the_broker_config_is_what_cogbert_broker_config_generates(tmp_path):
-    from cogbert_cloud.pki import PKI
+    from cogbert_cloud.fleet.pki import PKI
     pki = PKI.init(tmp_path / "pki")
     pki.issue_server(["cogbert-broker-devices.cogbert.svc"])
     pki.issue_service("ingest")
@@ -742,16 +769,16 @@ def _leaf_parser(parser: argparse.ArgumentParser,
         parser, argv = subs[0].choices[argv[i]], argv[i + 1:]
 
 
-SETTINGS = {("cloud", "ingest"): ("cogbert_cloud.ingest", "IngestSettings", "INGEST_"),
-            ("cloud", "serve"): ("cogbert_cloud.service", "ServeSettings", "SERVE_"),
-            ("device", "simulate"): ("cogbert_cloud.simulate", "SimulateSettings", "SIM_")}
+SETTINGS = {("cloud", "ingest"): ("cogbert_cloud.data.ingest", "IngestSettings", "INGEST_"),
+            ("cloud", "serve"): ("cogbert_cloud.service.serve", "ServeSettings", "SERVE_"),
+            ("device", "simulate"): ("cogbert_cloud.fleet.simulate", "SimulateSettings", "SIM_")}
 
 
 def test_every_cogbert_command_line_is_accepted_by_the_cli(capsys):
     import importlib
 
     from cogbert_cloud.cli import build_parser
-    from cogbert_edge.settings import from_args
+    from cogbert_edge.config import from_args
 
     seen = set()
     for w, c in _cogbert_containers():
@@ -791,8 +818,8 @@ def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
     # A stand-in kubectl: `apply` records the Job; `get` plays the Job by writing the bundle its
     # args say it exports (PREFIX/model.safetensors in the store) after checking its input exists,
     # and reports it Complete.
-    from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
-    from cogbert_cloud.store import open_store
+    from cogbert_cloud.data.store import open_store
+    from cogbert_cloud.service.loop import KubernetesJobTrainer, LoopSettings
 
     store_url = f"file://{tmp_path / 'store'}"
     fake = tmp_path / "kubectl"
@@ -800,7 +827,7 @@ def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
         #!{sys.executable}
         import json, sys
         from pathlib import Path
-        from cogbert_cloud.store import open_store
+        from cogbert_cloud.data.store import open_store
         jobs = Path({str(tmp_path / 'jobs')!r})
         jobs.mkdir(exist_ok=True)
         if sys.argv[1] == "apply":
@@ -844,8 +871,8 @@ def _recorded_kubectl(tmp_path: Path, conditions: list[dict]) -> Path:
 
 
 def _trainer(tmp_path: Path, kubectl: Path, **settings):
-    from cogbert_cloud.loop import KubernetesJobTrainer, LoopSettings
-    from cogbert_cloud.store import open_store
+    from cogbert_cloud.data.store import open_store
+    from cogbert_cloud.service.loop import KubernetesJobTrainer, LoopSettings
     url = f"file://{tmp_path / 'store'}"
     return KubernetesJobTrainer(LoopSettings(store_url=url, job_poll_interval=0.05, **settings), open_store(url),
                                 kubectl=str(kubectl))

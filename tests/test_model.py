@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cogbert_edge import ActionSpace, ConfigError, ModelConfig, init_params
-from cogbert_edge.model import NumpyMath, entropy, log_prob, sequence, step
+from cogbert_edge.inference.model import NumpyMath, entropy, log_prob, sequence, step
 
 
 def test_batch_step_equals_each_row_stepped_alone(config, params):

@@ -27,13 +27,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cogbert_edge import (ActionSpace, BackendUnavailableError, Bundle, BundleError, ConfigError,
-                          Decision, ModelConfig, ObservationError, Policy, State, init_params, load_bundle)
-from cogbert_edge.backends import AUTO_ORDER, create_backend
-from cogbert_edge.backends import native_backend as nb
-from cogbert_edge.quant import plan, quantize_params
+from cogbert_edge import (
+    ActionSpace,
+    BackendUnavailableError,
+    Bundle,
+    BundleError,
+    ConfigError,
+    Decision,
+    ModelConfig,
+    ObservationError,
+    Policy,
+    State,
+    init_params,
+    load_bundle,
+)
+from cogbert_edge.inference.backends import AUTO_ORDER, create_backend
+from cogbert_edge.inference.backends import native_backend as nb
+from cogbert_edge.inference.quant import plan, quantize_params
 
 from .helpers import mutate_bundle, structured_obs
 from .test_bundle import _cases, edit_meta, join, split
@@ -175,7 +188,7 @@ def test_a_batch_row_equals_the_same_row_stepped_alone_bit_for_bit(bundles, quan
 
 
 def test_auto_prefers_native_where_it_has_simd_kernels(monkeypatch):
-    from cogbert_edge.backends import resolve_backend
+    from cogbert_edge.inference.backends import resolve_backend
     monkeypatch.setenv("COGBERT_BACKEND", "numpy")     # "auto" is explicit: the variable must not matter
     if BEST in ("avx2", "vnni", "neon"):
         assert AUTO_ORDER[0] == "native"
@@ -568,7 +581,7 @@ def test_the_c_example_runs_a_decision_loop_on_bundles_from_the_cli(tmp_path):
 def test_the_binding_is_found_through_cogbert_native_lib_first(tmp_path):
     built = sorted((NATIVE / "build").glob("_cogbert_native*"))
     assert built, "make -C native builds the binding into native/build/"
-    code = ("from cogbert_edge.backends import native_backend as nb, available_backends;"
+    code = ("from cogbert_edge.inference.backends import native_backend as nb, available_backends;"
             "print(nb.native_available(), 'native' in available_backends(), nb.native_error())")
     for path, expect in ((built[0], "True True"), (tmp_path / "missing.so", "False False")):
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -9,15 +9,26 @@ import json
 import numpy as np
 import pytest
 
-from cogbert_cloud.baseline import fit_value_head, soft_heuristic
 from cogbert_cloud.cli import main as cli_main
-from cogbert_cloud.gate import GateSettings, evaluate_candidate
-from cogbert_cloud.ope import (ESTIMATORS, Episodes, OPEError, Terms, collect_episodes, compare,
-                               episodes_from_store, estimate, ess, evaluate_target, target_terms,
-                               windowed)
-from cogbert_cloud.store import open_store
-from cogbert_edge import batch as batch_codec
-from cogbert_edge.records import DONE, TRUNCATED, Record, encode
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.learn.baseline import fit_value_head, soft_heuristic
+from cogbert_cloud.learn.gate import GateSettings, evaluate_candidate
+from cogbert_cloud.learn.ope import (
+    ESTIMATORS,
+    Episodes,
+    OPEError,
+    Terms,
+    collect_episodes,
+    compare,
+    episodes_from_store,
+    ess,
+    estimate,
+    evaluate_target,
+    target_terms,
+    windowed,
+)
+from cogbert_edge.wire import batch as batch_codec
+from cogbert_edge.wire.records import DONE, TRUNCATED, Record, encode
 
 ENV = "ProductionChain-v0"
 SHORT = {"episode_length": 64}    # short episodes: many of them in a few thousand steps

@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from cogbert_edge._fs import SlotFile
-from cogbert_edge.experience import ExperienceLog
-from cogbert_edge.outbox import Outbox, OutboxSettings
-from cogbert_edge.policy import Decision, State
-from cogbert_edge.records import DONE, TRUNCATED, decode
+from cogbert_edge._internal.fs import SlotFile
+from cogbert_edge.experience.log import ExperienceLog
+from cogbert_edge.experience.outbox import Outbox, OutboxSettings
+from cogbert_edge.inference.policy import Decision, State
+from cogbert_edge.wire.records import DONE, TRUNCATED, decode
 
 
 def payload(i: int, size: int = 100) -> bytes:
@@ -119,7 +119,7 @@ def test_a_read_the_cache_can_answer_does_not_touch_the_file(tmp_path, monkeypat
     # The uploader's reads are byte-limited (a batch's worth) and the newest records are in
     # memory: going to the file just to find that one more record does not fit doubled the
     # read's cost.
-    import cogbert_edge.outbox as outbox_module
+    import cogbert_edge.experience.outbox as outbox_module
 
     ob = open_outbox(tmp_path)
     for i in range(100):
@@ -183,7 +183,7 @@ def test_kill_9_while_appending_loses_no_written_record(tmp_path):
     child = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(os.getcwd())!r})
-        from cogbert_edge.outbox import Outbox, OutboxSettings
+        from cogbert_edge.experience.outbox import Outbox, OutboxSettings
         ob = Outbox(OutboxSettings({str(tmp_path)!r}, segment_bytes=64 * 1024))
         i = 0
         while True:
@@ -248,13 +248,13 @@ def test_a_full_disk_never_stops_decisions_and_is_counted(tmp_path, monkeypatch)
     def full(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("cogbert_edge.outbox.os.writev", full)
+    monkeypatch.setattr("cogbert_edge.experience.outbox.os.writev", full)
     results = [ob.append(payload(i)) for i in range(1, 200)]   # never raises
     time.sleep(0.05)
     accepted = [r for r in results if r is not None]
     assert accepted == list(range(2, 2 + len(accepted))), "refused records use no sequence number"
     assert ob.dropped_unwritten == 199 - len(accepted) > 0
-    monkeypatch.setattr("cogbert_edge.outbox.os.writev", real_writev)
+    monkeypatch.setattr("cogbert_edge.experience.outbox.os.writev", real_writev)
     ob.flush()                                   # the disk recovered: buffered records land
     assert [s for s, _ in ob.read(1, 1000)] == [1] + accepted
     ob.close()

@@ -118,7 +118,7 @@ def test_wheel_files(wheel_files):
     assert "END OF TERMS AND CONDITIONS" in license_text  # the full text, not a stub
     assert "cogbert_edge/py.typed" in wheel_files
     assert "cogbert_cloud/py.typed" in wheel_files
-    plugins = [n for n in wheel_files if re.fullmatch(r"cogbert_cloud/mosquitto_plugin/[^/]+\.c", n)]
+    plugins = [n for n in wheel_files if re.fullmatch(r"cogbert_cloud/fleet/mosquitto_plugin/[^/]+\.c", n)]
     assert plugins, "the Mosquitto ACL plugin's C source is not in the wheel"
     tops = {n.split("/")[0] for n in wheel_files}
     assert tops == {*PACKAGES, f"cogbert-{VERSION}.dist-info"}, tops
@@ -233,7 +233,7 @@ def test_edge_install_runs_the_native_backend(edge_venv):
     out = edge_venv.py(f"""
 import json, numpy as np, cogbert_edge
 from cogbert_edge import Policy
-from cogbert_edge.backends.native_backend import native_module
+from cogbert_edge.inference.backends.native_backend import native_module
 p = Policy.load({str(b)!r})
 n = Policy.load({str(b)!r}, backend="numpy")
 x = np.linspace(-1, 1, p.bundle.config.obs_dim, dtype=np.float32)[None, :]

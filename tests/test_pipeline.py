@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cogbert_cloud.broker import BrokerConfig, LocalBroker, free_port
-from cogbert_cloud.dataset import ExperienceDataset
-from cogbert_cloud.pki import PKI
-from cogbert_cloud.store import open_store
-from cogbert_edge import Bundle, ModelConfig, ActionSpace, init_params
-from cogbert_edge import batch as codec
-from cogbert_edge.link import LinkSettings, MqttLink
-from cogbert_edge.records import Record, encode
-from cogbert_edge.topics import device_topic
+from cogbert_cloud.data.dataset import ExperienceDataset
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker, free_port
+from cogbert_cloud.fleet.pki import PKI
+from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
+from cogbert_edge.link.mqtt import LinkSettings, MqttLink
+from cogbert_edge.wire import batch as codec
+from cogbert_edge.wire.records import Record, encode
+from cogbert_edge.wire.topics import device_topic
 
 from .s3server import s3  # noqa: F401
 

@@ -9,11 +9,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cogbert_cloud.broker import BrokerConfig, write_config
 from cogbert_cloud.errors import PKIError
-from cogbert_cloud.pki import PKI
+from cogbert_cloud.fleet.broker import BrokerConfig, write_config
+from cogbert_cloud.fleet.pki import PKI
 from cogbert_edge import ConfigError
-from cogbert_edge.identity import make_key_and_csr
+from cogbert_edge.link.identity import make_key_and_csr
 
 
 def cert(path):

@@ -7,10 +7,17 @@ import threading
 import numpy as np
 import pytest
 
-from cogbert_edge import (ActionSpace, Bundle, ConfigError, ModelConfig, ObservationError, Policy,
-                          init_params)
-from cogbert_edge.backends import available_backends
-from cogbert_edge.model import NumpyMath, log_prob
+from cogbert_edge import (
+    ActionSpace,
+    Bundle,
+    ConfigError,
+    ModelConfig,
+    ObservationError,
+    Policy,
+    init_params,
+)
+from cogbert_edge.inference.backends import available_backends
+from cogbert_edge.inference.model import NumpyMath, log_prob
 
 
 @pytest.fixture(scope="module", params=available_backends())

@@ -33,8 +33,8 @@ def test_the_edge_package_imports_without_numpy_until_a_policy_is_used():
     import subprocess
     import sys
     code = ("import sys; sys.modules['numpy'] = None\n"
-            "import cogbert_edge, cogbert_edge.settings, cogbert_edge.errors\n"
-            "from cogbert_cloud.demo import help_text\n"
+            "import cogbert_edge, cogbert_edge.config, cogbert_edge.errors\n"
+            "from cogbert_cloud.service.demo import help_text\n"
             "assert '--devices' in help_text()\n"
             "try:\n    cogbert_edge.Policy\nexcept ImportError:\n    print('lazy')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cogbert_edge import ConfigError
-from cogbert_edge.model import NumpyMath, step
-from cogbert_edge.quant import QuantSpec, dequantize, pack, plan, quantize, unpack
+from cogbert_edge.inference.model import NumpyMath, step
+from cogbert_edge.inference.quant import QuantSpec, dequantize, pack, plan, quantize, unpack
 
 from .helpers import needs_mlx, structured_obs
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cogbert_cloud.broker import free_port
+from cogbert_cloud.fleet.broker import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cogbert_cloud.registry import AuditLog, Registry, RegistryError
-from cogbert_cloud.rollout import (FleetView, RolloutConflict, RolloutController, RolloutSettings, analyze, bucket,
-                                   welch_p_less)
-from cogbert_cloud.store import open_store
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.release.registry import AuditLog, Registry, RegistryError
+from cogbert_cloud.release.rollout import (
+    FleetView,
+    RolloutConflict,
+    RolloutController,
+    RolloutSettings,
+    analyze,
+    bucket,
+    welch_p_less,
+)
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
 
 S = RolloutSettings(fleet="f", stages=(50, 100), control_pct=30, stage_seconds=10, stage_timeout=100,
@@ -245,9 +252,9 @@ def test_offers_carry_the_root_chain_the_signing_service_published(tmp_path):
 
     import msgpack
 
-    from cogbert_cloud.releases import KeyStore
-    from cogbert_cloud.service import sign_requests
-    from cogbert_edge.trust import TrustedState
+    from cogbert_cloud.release.signing import KeyStore
+    from cogbert_cloud.service.serve import sign_requests
+    from cogbert_edge.update.trust import TrustedState
 
     keys = KeyStore.init(tmp_path / "keys")
     factory_root = keys.root_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cogbert_edge import ConfigError
-from cogbert_edge.settings import add_arguments, from_args, load
+from cogbert_edge.config import add_arguments, from_args, load
 
 
 @dataclass

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
+from cogbert_cloud.data.store import FileStore, open_store
 from cogbert_cloud.errors import StoreError
-from cogbert_cloud.store import FileStore, open_store
 
 from .s3server import s3  # noqa: F401
 
@@ -68,8 +68,8 @@ def test_unknown_schemes_are_refused():
 
 
 def test_file_urls_name_local_directories_relative_or_absolute(tmp_path, monkeypatch):
+    from cogbert_cloud.data.store import open_store
     from cogbert_cloud.errors import StoreError
-    from cogbert_cloud.store import open_store
     monkeypatch.chdir(tmp_path)
     assert open_store("file://./rel/store").root == (tmp_path / "rel" / "store").resolve()
     assert open_store(f"file://{tmp_path}/abs").root == tmp_path / "abs"

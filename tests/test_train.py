@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("mlx.core")
 
-from cogbert_cloud.dataset import Sequence  # noqa: E402
-from cogbert_cloud.store import open_store  # noqa: E402
-from cogbert_cloud.train.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from cogbert_cloud.train.vtrace import VTraceConfig, VTraceTrainer  # noqa: E402
+from cogbert_cloud.data.dataset import Sequence  # noqa: E402
+from cogbert_cloud.data.store import open_store  # noqa: E402
+from cogbert_cloud.learn.train.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from cogbert_cloud.learn.train.vtrace import VTraceConfig, VTraceTrainer  # noqa: E402
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, Policy, init_params  # noqa: E402
 
 

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from cogbert_cloud.pki import PKI
+from cogbert_cloud.fleet.pki import PKI
 from cogbert_edge.errors import LinkClosedError, PublishDeniedError, SubscribeDeniedError
-from cogbert_edge.link import LinkSettings, LinkState, MqttLink
-from cogbert_edge.topics import device_topic, fleet_release
+from cogbert_edge.link.mqtt import LinkSettings, LinkState, MqttLink
+from cogbert_edge.wire.topics import device_topic, fleet_release
 
 from .fleet import broker, client_context, device_link, own_broker, pki, service_link, try_connect  # noqa: F401
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cogbert_cloud.releases import KeyStore, create_release
+from cogbert_cloud.release.signing import KeyStore, create_release
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
-from cogbert_edge.trust import TrustedState, VerificationError, sign
-from cogbert_edge.updater import STEPS, UpdateAgent, UpdateSettings, golden_outputs
+from cogbert_edge.update.agent import STEPS, UpdateAgent, UpdateSettings, golden_outputs
+from cogbert_edge.update.trust import TrustedState, VerificationError, sign
 
 CFG = ModelConfig(obs_dim=12, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
 
@@ -415,7 +415,7 @@ def test_kill_9_at_every_install_step_leaves_a_loadable_verified_model(tmp_path,
             sys.path.insert(0, {os.getcwd()!r})
             from pathlib import Path
             from tests.test_updates import Harness
-            from cogbert_cloud.releases import KeyStore
+            from cogbert_cloud.release.signing import KeyStore
             dev = Harness(Path({str(work)!r}), KeyStore(Path({str(keys.root)!r})))
             dev.send({{"type": "release", "manifest": Path({str(tmp_path / 'manifest.json')!r}).read_bytes(),
                       "source": {{"kind": "url", "url": Path({str(tmp_path / 'new.safetensors')!r}).as_uri()}}}})
@@ -469,8 +469,8 @@ def test_commands_sign_and_verify_releases_with_exit_codes(tmp_path):
     assert refused.returncode == 1 and "hash_mismatch" in refused.stderr
     done = run(*reg, "--bundle", bundle)
     assert done.returncode == 0 and json.loads(done.stdout)["state"] == "stable", done.stderr
-    from cogbert_cloud.registry import Registry
-    from cogbert_cloud.store import open_store
+    from cogbert_cloud.data.store import open_store
+    from cogbert_cloud.release.registry import Registry
     assert Registry(open_store(store)).stable()["counter"] == 3
     assert run(*reg, "--bundle", bundle).returncode == 1, "a second stable release, or the same one twice"
 
@@ -480,11 +480,11 @@ def stat_mode(p: Path) -> int:
 
 
 def test_a_release_published_on_the_fleet_topic_reaches_a_device_over_mqtt_and_is_committed(tmp_path, keys):
-    from cogbert_cloud.broker import BrokerConfig, LocalBroker
-    from cogbert_cloud.distribution import publish_release
-    from cogbert_cloud.pki import PKI
+    from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker
+    from cogbert_cloud.fleet.pki import PKI
+    from cogbert_cloud.release.distribution import publish_release
     from cogbert_edge import Device, DeviceSettings, UpdateSettings
-    from cogbert_edge.link import LinkSettings, MqttLink
+    from cogbert_edge.link.mqtt import LinkSettings, MqttLink
 
     pki = PKI.init(tmp_path / "pki")
     pki.issue_server(["localhost"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from cogbert_edge import batch as codec
-from cogbert_edge.link import Message
-from cogbert_edge.outbox import Outbox, OutboxSettings
-from cogbert_edge.records import Record, encode
-from cogbert_edge.uploader import Uploader, UploaderSettings
+from cogbert_edge.experience.outbox import Outbox, OutboxSettings
+from cogbert_edge.experience.uploader import Uploader, UploaderSettings
+from cogbert_edge.link.mqtt import Message
+from cogbert_edge.wire import batch as codec
+from cogbert_edge.wire.records import Record, encode
 
 
 class RecordingLink:

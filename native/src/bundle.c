@@ -1,5 +1,5 @@
 /* Bundle format v1 reader: the safetensors layer and the model layer, each check as in
- * cogbert_edge/bundle.py (the reference reader) and docs/bundle-format.md section 6.
+ * cogbert_edge/inference/bundle.py (the reference reader) and docs/bundle-format.md section 6.
  *
  * The bytes are untrusted until every check has passed. Every read is bounds-checked against
  * `size`; every count that sizes an allocation is bounded first (header length, number of

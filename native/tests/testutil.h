@@ -1,6 +1,6 @@
 /* Test helper: write a valid bundle (docs/bundle-format.md) in memory, from C alone, so the C
  * tests, the fuzz seeds and the C benchmark need no Python. Random weights, min-max quantization
- * like cogbert_edge/quant.py. Header-only; static functions. */
+ * like cogbert_edge/inference/quant.py. Header-only; static functions. */
 #ifndef COGBERT_TESTUTIL_H
 #define COGBERT_TESTUTIL_H
 

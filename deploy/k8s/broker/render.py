@@ -2,7 +2,7 @@
 
     .venv/bin/python deploy/k8s/broker/render.py PKI_DIR [--out DIR]
 
-Runs the real generator (``cogbert broker config``, :func:`cogbert_cloud.broker.write_config`)
+Runs the real generator (``cogbert broker config``, :func:`cogbert_cloud.fleet.broker.write_config`)
 against the offline PKI directory, in a scratch directory, then rewrites the paths it wrote to
 the ones the broker pod sees:
 
@@ -41,7 +41,7 @@ SERVICE_PORT = 8884
 
 def render(pki_dir: Path) -> dict[str, str]:
     """The pod's ``mosquitto.conf`` and ``acl`` for ``pki_dir``, as {file name: text}."""
-    from cogbert_cloud.broker import BrokerConfig, write_config
+    from cogbert_cloud.fleet.broker import BrokerConfig, write_config
 
     pki_dir = Path(pki_dir).resolve()
     # The plugin is compiled into the broker image (deploy/docker/Dockerfile.broker); naming it

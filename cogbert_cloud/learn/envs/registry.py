@@ -1,0 +1,67 @@
+"""Gymnasium ids of Cogbert's simulators, and the helpers that build them by name.
+
+Importing :mod:`cogbert_cloud.learn.envs` registers ``CartPoleNoVel-v1`` and ``ProductionChain-v0``
+with Gymnasium, each with a ``vector_entry_point``, so ``gymnasium.make(id)`` gives the
+single environment and ``gymnasium.make_vec(id, n, vectorization_mode="vector_entry_point")``
+the numpy vector one. :func:`make_env` and :func:`make_vec_env` build the same objects
+without Gymnasium's wrappers (its environment checker and time limit add a few microseconds
+to every step, and the time limits are built into these environments).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gymnasium as gym
+
+from cogbert_cloud.learn.envs.cartpole_novel import (
+    CARTPOLE_MAX_STEPS,
+    CartPoleNoVelEnv,
+    CartPoleNoVelVecEnv,
+)
+from cogbert_cloud.learn.envs.production_chain import ProductionChainEnv, ProductionChainVecEnv
+from cogbert_cloud.learn.envs.production_chain_config import ProductionChainConfig
+from cogbert_cloud.learn.envs.vector import NumpyVecEnv
+from cogbert_edge.errors import ConfigError
+
+__all__ = ["ENV_IDS", "register_envs", "make_env", "make_vec_env"]
+
+_MODULE = __name__.rsplit(".", 1)[0]
+# id -> (single class, vector class, episode length)
+_ENVS: dict[str, tuple[Callable[..., gym.Env], Callable[..., NumpyVecEnv], int]] = {
+    "CartPoleNoVel-v1": (CartPoleNoVelEnv, CartPoleNoVelVecEnv, CARTPOLE_MAX_STEPS),
+    "ProductionChain-v0": (ProductionChainEnv, ProductionChainVecEnv,
+                           ProductionChainConfig().episode_length),
+}
+ENV_IDS: tuple[str, ...] = tuple(_ENVS)
+
+
+def register_envs() -> None:
+    """Register every id with Gymnasium (idempotent)."""
+    for env_id, (single, vector, steps) in _ENVS.items():
+        if env_id in gym.registry:
+            continue
+        module = f"{_MODULE}.{single.__module__.rsplit('.', 1)[1]}"
+        gym.register(id=env_id, entry_point=f"{module}:{single.__name__}",
+                     vector_entry_point=f"{module}:{vector.__name__}",
+                     max_episode_steps=steps)
+
+
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """The single environment ``env_id`` (``"ProductionChain-v0"``, or without the version)."""
+    return _lookup(env_id)[0](**kwargs)
+
+
+def make_vec_env(env_id: str, num_envs: int, seed: int | None = None,
+                 **kwargs: Any) -> NumpyVecEnv:
+    """The numpy vector environment ``env_id`` with ``num_envs`` instances; instance ``i`` is
+    seeded ``seed + i`` at the first ``reset()``. ``kwargs`` go to the constructor (for
+    ``ProductionChain``: ``config=`` or any config field)."""
+    return _lookup(env_id)[1](num_envs, seed, **kwargs)
+
+
+def _lookup(env_id: str) -> tuple[Callable[..., Any], Callable[..., Any], int]:
+    for known, entry in _ENVS.items():
+        if env_id in (known, known.rsplit("-v", 1)[0]):
+            return entry
+    raise ConfigError(f"unknown environment {env_id!r}; known: {', '.join(ENV_IDS)}")

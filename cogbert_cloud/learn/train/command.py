@@ -1,0 +1,106 @@
+"""``cogbert cloud train``: train in a simulator (PPO) or from stored fleet experience
+(V-trace), then export a checked, quantized bundle.
+
+    cogbert cloud train --env ProductionChain-v0 --out runs/a --steps 300000
+    cogbert cloud train --data file:///var/lib/cogbert --from model.safetensors --out runs/b
+
+Writes ``OUT/model-fp32.safetensors``, ``OUT/model.safetensors`` (int8 unless ``--bits``),
+``OUT/train.json`` (what was done and measured) and ``OUT/metrics.jsonl``; checkpoints go to
+``--store`` (default ``file://OUT/store``) under ``--prefix``, and ``--resume`` continues the
+latest one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cogbert_cloud.data.store import open_store
+from cogbert_cloud.learn.train.common import Metrics
+from cogbert_edge._internal.fs import atomic_write
+from cogbert_edge.errors import ConfigError
+from cogbert_edge.inference.bundle import load_bundle
+
+__all__ = ["register", "run_train"]
+
+
+def register(csub: argparse._SubParsersAction) -> None:
+    p = csub.add_parser("train", help="train a policy in simulation (--env) or from fleet data (--data)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--env", help="simulator id, e.g. ProductionChain-v0 or CartPoleNoVel-v1")
+    src.add_argument("--data", help="object store URL with fleet experience")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=100_000, help="environment steps (--env)")
+    p.add_argument("--from", dest="init", default=None,
+                   help="start from this bundle: a path, or store:KEY for an object in --store")
+    p.add_argument("--store", default=None, help="checkpoint store URL (default file://OUT/store)")
+    p.add_argument("--prefix", default="train")
+    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint under --prefix")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="updates between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, choices=(32, 8, 4), default=8)
+    p.add_argument("--eval-episodes", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--num-envs", type=int, default=None)
+    p.add_argument("--fleet", default=None, help="only this fleet's data (--data)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=lambda a: _print(run_train(a)))
+
+
+def _print(result: dict) -> int:
+    print(json.dumps(result))
+    return 0
+
+
+def run_train(a: argparse.Namespace) -> dict:
+    a.out.mkdir(parents=True, exist_ok=True)
+    store = open_store(a.store or f"file://{(a.out / 'store').resolve()}")
+    metrics = Metrics(str(a.out / "metrics.jsonl"))
+    init = None
+    if a.init:
+        init = load_bundle(store.get(a.init[6:]) if a.init.startswith("store:") else Path(a.init))
+    if a.env:
+        from cogbert_cloud.learn.train.ppo import PPOTrainer, evaluate, preset
+        if a.resume:
+            trainer = PPOTrainer.resume(store, a.prefix)
+        else:
+            cfg = preset(a.env, seed=a.seed, epochs=a.epochs, lr=a.lr, num_envs=a.num_envs,
+                         checkpoint_every=a.checkpoint_every)
+            trainer = PPOTrainer(cfg, store=store, prefix=a.prefix, init=init.fp32_params() if init else None)
+        run = trainer.train(a.steps, metrics=metrics, progress=a.progress)
+        env_id = trainer.cfg.env
+        fp32 = trainer.bundle(parent=init.model_id if init else "")
+        if trainer.dp.rank != 0:
+            return {"rank": trainer.dp.rank, **run}
+        returns = evaluate(fp32, env_id, a.eval_episodes)
+        # Devices sample their actions (and must, for their logs to support off-policy
+        # evaluation); a policy that is still stochastic can do much worse greedily.
+        sampled = evaluate(fp32, env_id, a.eval_episodes, deterministic=False)
+        summary = {"mode": "ppo", "env": env_id, **run, "eval_mean_return": float(np.mean(returns)),
+                   "eval_sampled_mean_return": float(np.mean(sampled)),
+                   "eval_episodes": len(returns), "processes": trainer.dp.size}
+    else:
+        from cogbert_cloud.data.dataset import ExperienceDataset
+        from cogbert_cloud.learn.train.vtrace import VTraceConfig, VTraceTrainer
+        if init is None:
+            raise ConfigError("--data needs --from: the model the fleet ran, to continue from")
+        sequences = list(ExperienceDataset(open_store(a.data), a.fleet).sequences())
+        trainer = VTraceTrainer(init, VTraceConfig(seed=a.seed, lr=a.lr or 3e-4, epochs=a.epochs or 4))
+        run = trainer.train(sequences, metrics=metrics, progress=a.progress)
+        fp32 = trainer.bundle()
+        env_id = None
+        summary = {"mode": "vtrace", "data": a.data, **run}
+    from cogbert_cloud.learn.train.export import export_bundle
+    fp32.save(a.out / "model-fp32.safetensors")
+    exported, report = export_bundle(fp32, env_id, bits=a.bits, extra={"x-train": json.dumps(summary)})
+    exported.save(a.out / "model.safetensors")
+    if a.store:   # a remote run (a Kubernetes Job) hands its result back through the store
+        store.put(f"{a.prefix}/model.safetensors", (a.out / "model.safetensors").read_bytes())
+    summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id)
+    atomic_write(a.out / "train.json", json.dumps(summary, indent=1).encode())
+    metrics.close()
+    return summary

@@ -1,0 +1,180 @@
+"""What every Cogbert trainer shares: parameters between numpy and MLX, observation
+statistics, checkpoints in the object store, progress and metrics, and data parallelism.
+
+Parameters are the model's flat ``{tensor name: array}`` (see ``cogbert_edge.inference.model``), split
+into the *trainable* weights and the observation normalizer (``obs_norm.mean``/``std``), which
+is estimated from data and baked into the exported bundle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import numpy as np
+
+from cogbert_cloud.data.store import ObjectStore
+from cogbert_edge._internal.mlx import import_mlx
+from cogbert_edge.inference.bundle import Bundle
+from cogbert_edge.inference.model import ModelConfig
+
+__all__ = ["RunningMeanStd", "split_params", "to_mx", "to_np", "Checkpoint", "Progress", "Metrics",
+           "DataParallel", "NORM_KEYS"]
+
+NORM_KEYS = ("obs_norm.mean", "obs_norm.std")
+
+
+def split_params(params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(trainable, normalizer)."""
+    return ({k: v for k, v in params.items() if k not in NORM_KEYS},
+            {k: params[k] for k in NORM_KEYS})
+
+
+def to_mx(params: dict[str, np.ndarray]) -> dict:
+    mx = import_mlx()
+    return {k: mx.array(np.asarray(v, np.float32)) for k, v in params.items()}
+
+
+def to_np(params: dict) -> dict[str, np.ndarray]:
+    return {k: np.array(v, dtype=np.float32) for k, v in params.items()}
+
+
+class RunningMeanStd:
+    """Parallel-algorithm running mean and variance (as VecNormalize keeps them)."""
+
+    def __init__(self, dim: int, eps: float = 1e-4) -> None:
+        self.mean = np.zeros(dim, np.float64)
+        self.var = np.ones(dim, np.float64)
+        self.count = eps
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, self.mean.size)
+        self.update_moments(x.mean(0), x.var(0), x.shape[0])
+
+    def update_moments(self, b_mean: np.ndarray, b_var: np.ndarray, n: float) -> None:
+        delta = b_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var + 1e-8)
+
+    def as_params(self) -> dict[str, np.ndarray]:
+        return {"obs_norm.mean": self.mean.astype(np.float32), "obs_norm.std": self.std.astype(np.float32)}
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "var": self.var.tolist(), "count": self.count}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "RunningMeanStd":
+        r = cls(len(s["mean"]))
+        r.mean, r.var, r.count = np.array(s["mean"]), np.array(s["var"]), float(s["count"])
+        return r
+
+
+@dataclass
+class Checkpoint:
+    """Arrays (parameters, optimizer moments, environment arrays) and a JSON state, stored as
+    one ``.npz`` object; read back with ``allow_pickle=False`` (no pickle, ever)."""
+
+    arrays: dict[str, np.ndarray]
+    state: dict
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, __state__=np.frombuffer(json.dumps(self.state).encode(), np.uint8), **self.arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Checkpoint":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        state = json.loads(arrays.pop("__state__").tobytes())
+        return cls(arrays, state)
+
+    def save(self, store: ObjectStore, key: str) -> None:
+        store.put(key, self.to_bytes())
+
+    @classmethod
+    def load(cls, store: ObjectStore, key: str) -> "Checkpoint":
+        return cls.from_bytes(store.get(key))
+
+
+def bundle_from(config: ModelConfig, trainable: dict[str, np.ndarray], norm: RunningMeanStd, **kw) -> Bundle:
+    return Bundle.create(config, {**trainable, **norm.as_params()}, **kw)
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal, unless forced)."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool | None = None) -> None:
+        self.total, self.stream = total, stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self.t0 = time.monotonic()
+
+    def update(self, done: int, **info: object) -> None:
+        if not self.enabled:
+            return
+        frac = min(1.0, done / max(self.total, 1))
+        bar = "=" * int(30 * frac) + ">" + " " * (30 - int(30 * frac))
+        rate = done / max(time.monotonic() - self.t0, 1e-9)
+        extra = " ".join(f"{k} {v}" for k, v in info.items())
+        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {done}/{self.total} steps {rate:,.0f}/s {extra}   ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+class Metrics:
+    """Metrics as JSON lines (a file, or nowhere)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.f = open(path, "a") if path else None
+
+    def write(self, **row: object) -> None:
+        if self.f:
+            self.f.write(json.dumps(row, default=float) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+class DataParallel:
+    """Gradient averaging across processes with ``mlx.distributed`` (ring backend, started by
+    ``mlx.launch``). With one process it does nothing."""
+
+    def __init__(self) -> None:
+        mx = import_mlx()
+        self.mx = mx
+        self.group = mx.distributed.init() if mx.distributed.is_available() else None
+        self.size = self.group.size() if self.group is not None else 1
+        self.rank = self.group.rank() if self.group is not None else 0
+
+    def average(self, grads: dict) -> dict:
+        if self.size == 1:
+            return grads
+        from mlx.utils import tree_map
+        return tree_map(lambda g: self.mx.distributed.all_sum(g, group=self.group) / self.size, grads)
+
+    def sum_scalar(self, x: float) -> float:
+        if self.size == 1:
+            return x
+        return float(self.mx.distributed.all_sum(self.mx.array(x), group=self.group).item())
+
+    def sum_array(self, x: np.ndarray) -> np.ndarray:
+        """Elementwise sum over processes (in float32 on the wire: MLX's CPU reductions)."""
+        if self.size == 1:
+            return x
+        summed = self.mx.distributed.all_sum(self.mx.array(np.asarray(x, np.float32)), group=self.group)
+        return np.array(summed, dtype=np.float64)

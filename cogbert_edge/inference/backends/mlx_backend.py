@@ -1,0 +1,92 @@
+"""The MLX backend: the model's math on ``mlx.core``, quantized layers through
+``mx.quantized_matmul`` on the bundle's packed tensors as they are, compiled with ``mx.compile``.
+
+:class:`MLXMath` is also what the cloud trainer differentiates through (fp32 parameters).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping
+
+import numpy as np
+
+from cogbert_edge._internal.mlx import import_mlx
+from cogbert_edge.errors import BackendUnavailableError
+from cogbert_edge.inference.bundle import Bundle
+from cogbert_edge.inference.model import step
+from cogbert_edge.inference.quant import QuantSpec
+
+
+class MLXMath:
+    """``model.Math`` over MLX arrays. ``params`` maps bundle tensor names to ``mx.array``."""
+
+    def __init__(self, params: Mapping[str, Any], quant: Mapping[str, QuantSpec] | None = None) -> None:
+        self.mx = import_mlx()
+        self.params = params
+        self.quant = quant or {}
+
+    def linear(self, name: str, x: Any) -> Any:
+        mx, p = self.mx, self.params
+        spec = self.quant.get(name)
+        if spec is None:
+            y = x @ p[name + ".weight"].T
+        else:
+            y = mx.quantized_matmul(x, p[name + ".weight"], p[name + ".scales"], p[name + ".biases"],
+                                    transpose=True, group_size=spec.group_size, bits=spec.bits)
+        b = p.get(name + ".bias")
+        return y if b is None else y + b
+
+    def linear2(self, name_a: str, a: Any, name_b: str, b: Any) -> Any:
+        return self.linear(name_a, a) + self.linear(name_b, b)
+
+    def param(self, name: str) -> Any:
+        return self.params[name]
+
+    def relu(self, x: Any) -> Any:
+        return self.mx.maximum(x, 0.0)
+
+    def sigmoid(self, x: Any) -> Any:
+        return self.mx.sigmoid(x)
+
+    def tanh(self, x: Any) -> Any:
+        return self.mx.tanh(x)
+
+    def clip(self, x: Any, lo: float, hi: float) -> Any:
+        return self.mx.clip(x, lo, hi)
+
+    def exp(self, x: Any) -> Any:
+        return self.mx.exp(x)
+
+    def logsumexp(self, x: Any) -> Any:
+        return self.mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, bundle: Bundle, *, compile: bool = True) -> None:
+        mx = import_mlx()
+        if mx is None:
+            raise BackendUnavailableError(
+                "MLX is not installed; install it with `pip install 'cogbert[mlx]'` or use backend='numpy'")
+        self._mx = mx
+        self.config = bundle.config
+        params = {k: mx.array(np.asarray(v)) for k, v in bundle.tensors.items()}
+        mx.eval(params)
+        math = MLXMath(params, bundle.quant)
+        config = self.config
+
+        def _step(obs, h, c):
+            return step(math, config, obs, h, c)
+
+        self._fn = mx.compile(_step) if compile else _step
+        # MLX's evaluation is not documented as safe from several threads at once.
+        self._lock = threading.Lock()
+
+    def step(self, obs: np.ndarray, h: np.ndarray, c: np.ndarray):
+        mx = self._mx
+        with self._lock:
+            out = self._fn(mx.array(obs), mx.array(h), mx.array(c))
+            mx.eval(out)
+            return tuple(np.array(o, copy=True) for o in out)

@@ -1,0 +1,465 @@
+"""The update agent: verified, staged, trialled model updates that roll back by themselves.
+
+A release arrives as a message on the device's (or the fleet's retained) ``release`` topic:
+msgpack ``{"type": "release", "manifest": <signed manifest bytes>, "source": {...},
+"root_chain": [<root N+1 bytes>, ...]}``, where the source is ``{"kind": "url", "url": ...}``
+(``file://`` or an HTTP(S) presigned URL) or ``{"kind": "chunks", "count": n}`` followed by
+``{"type": "chunk", "sha256", "index", "data"}`` messages. Nothing in the message but the
+signed manifest (and root chain) is trusted; the bundle is checked against the manifest.
+
+Install, step by step (``STEPS``), each leaving the device able to boot a verified model:
+
+1. ``verify``   the manifest against the trusted root (:class:`~cogbert_edge.update.trust.TrustedState`):
+                signatures, expiry, model and fleet, counter above the highest accepted, SDK;
+2. ``download`` into ``staging/`` in the background, capped at the manifest's length, with a
+                timeout and retries, after checking free space;
+3. ``stage``    check length and sha256, load it strictly, check it fits this device (same
+                observations and actions), move it into ``models/`` (atomic rename);
+4. ``persist``  the new highest counter and "trial of X, last good Y" in ``state.json``
+                (temp file, fsync, rename, fsync of the directory);
+5. ``swap``     between two decisions (the decision path reads one reference; nothing waits);
+6. ``trial``    for ``trial_decisions`` decisions and ``trial_seconds``: golden inputs (the
+                bundle's ``x-golden`` outputs recomputed here), no NaN/Inf, decision latency
+                against the previous model, error rate; then
+7. ``commit``   (state: current = last good = X) or roll back to Y.
+
+On boot, a trial still open in ``state.json`` means the device died during it: it boots the
+last good model and reports ``rolled_back:crash_during_trial``. Statuses go to the device's
+``status`` topic: ``installed``, ``trial``, ``committed``, ``rolled_back:<reason>``,
+``rejected:<reason>``, ``already_installed``.
+
+Recurrent state across a swap: a session's state is kept when the new model has the same
+hidden size (it is the same architecture, retrained); otherwise the device resets it to the
+new model's initial state at that session's next decision (``Device.state_resets`` counts).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import msgpack
+import numpy as np
+
+from cogbert_edge import __version__
+from cogbert_edge._internal.fs import atomic_write, fsync_path
+from cogbert_edge._internal.log import event
+from cogbert_edge.errors import ConfigError
+from cogbert_edge.inference.bundle import FORMAT_VERSION, Bundle, BundleError, load_bundle
+from cogbert_edge.inference.policy import Policy
+from cogbert_edge.update.trust import Release, TrustedState, VerificationError
+
+__all__ = ["UpdateAgent", "UpdateSettings", "STEPS", "golden_outputs"]
+
+log = logging.getLogger("cogbert.update")
+STEPS = ("verify", "download", "stage", "persist", "swap", "trial", "commit")
+SDK_VERSION = tuple(int(x) for x in __version__.split("."))
+
+
+@dataclass
+class UpdateSettings:
+    directory: Path | None = None      # a Device sets it to SPOOL/update
+    model: str = "cogbert"
+    fleet: str = "default"
+    trial_decisions: int = 200
+    trial_seconds: float = 5.0
+    latency_factor: float = 3.0          # the trial's latency quantile may be at most this times the previous model's ...
+    latency_slack_us: float = 500.0      # ... plus this much
+    max_error_rate: float = 0.01
+    download_timeout: float = 30.0
+    download_retries: int = 3
+    golden_agreement: float = 0.9
+
+
+def _background(fn: Callable, *args: object) -> None:
+    """Run install work on its own thread, so decisions never wait for it.
+
+    The interpreter's switch interval is left alone: lowering it during installs (tried, to cut
+    the GIL wait of a decision) did not lower the measured swap pause, and in a process hosting
+    many devices it made 200 simultaneous installs take 10 s instead of 2 s."""
+    threading.Thread(target=fn, args=args, daemon=True, name="cogbert-update").start()
+
+
+def _open_url(url: str, timeout: float):
+    """A readable stream for the bundle URL. A ``file://`` URL is opened directly: urllib's
+    file handler builds MIME headers (parsing the system's mime.types on first use), which cost
+    seconds of CPU when 200 simulated devices install at once."""
+    if url.startswith("file://"):
+        return open(urllib.request.url2pathname(urllib.parse.urlsplit(url).path), "rb")
+    return urllib.request.urlopen(url, timeout=timeout)
+
+
+def golden_outputs(bundle: Bundle, seed: int = 7, steps: int = 16) -> dict:
+    """Greedy actions and values of ``bundle`` on seeded inputs, with the numpy reference.
+    The exporter stores them as the bundle's ``x-golden``; a device recomputes them on its own
+    backend before trusting a new model."""
+    policy = Policy(bundle, "numpy")
+    obs = np.random.default_rng(seed).standard_normal((steps, bundle.config.obs_dim)).astype(np.float32)
+    state, actions, values = policy.initial_state(), [], []
+    for x in obs:
+        d = policy.act(x, state, deterministic=True)
+        state = d.state
+        actions.append(d.action if isinstance(d.action, int) else [round(float(v), 6) for v in d.action])
+        values.append(round(d.value, 6))
+    return {"seed": seed, "steps": steps, "actions": actions, "values": values}
+
+
+class UpdateAgent:
+    """Owns the device's model files and trust state. ``device`` must offer ``swap(policy)``,
+    ``policy``, ``backend`` and ``report(status_dict)``."""
+
+    def __init__(self, settings: UpdateSettings, trusted_root: bytes, *, factory_bundle: Path,
+                 backend: str | None = None, clock: Callable[[], dt.datetime] | None = None) -> None:
+        if settings.directory is None:
+            raise ConfigError("UpdateSettings.directory is not set: say where the update agent keeps its files")
+        self.s = settings
+        self.dir = Path(settings.directory)
+        (self.dir / "models").mkdir(parents=True, exist_ok=True)
+        (self.dir / "staging").mkdir(exist_ok=True)
+        self.backend = backend
+        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self._lock = threading.Lock()
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self._pending: dict[str, tuple[Release, int]] = {}    # sha -> (release, chunk count)
+        self.statuses: list[dict] = []
+        self._report: Callable[[dict], None] = lambda status: None
+        self._swap: Callable[[Policy], None] = lambda policy: None
+        self._busy = False
+        self.trial: dict | None = None
+        # The running model's recent decision latencies (µs), set by the device at a swap.
+        self.baseline_latency_us: np.ndarray | None = None
+        self.factory_bundle = Path(factory_bundle)
+
+        root_path = self.dir / "root.json"
+        root = root_path.read_bytes() if root_path.exists() else trusted_root
+        self.trust = TrustedState(root, now=self.clock())
+        if not root_path.exists():
+            atomic_write(root_path, root)
+        self.state = self._load_state()
+
+    # -- boot -------------------------------------------------------------------------------
+
+    def boot(self) -> tuple[Policy, str | None]:
+        """The policy to start with, and a status to report (a trial cut short by a crash)."""
+        note = None
+        trial = self.state.get("trial")
+        if trial:
+            note = "rolled_back:crash_during_trial"
+            self.state["trial"] = None
+            self._save_state()
+        current = self.state.get("current")
+        if current:
+            try:
+                data = (self.dir / "models" / f"{current['sha256']}.safetensors").read_bytes()
+                if hashlib.sha256(data).hexdigest() != current["sha256"]:
+                    raise BundleError("stored model does not match its recorded hash")
+                return Policy(load_bundle(data), self.backend), note
+            except (OSError, BundleError) as e:
+                event(log, "stored_model_unusable", level=logging.ERROR, error=str(e))
+                note = "rolled_back:stored_model_unusable"
+        return Policy(load_bundle(self.factory_bundle), self.backend), note
+
+    def attach(self, *, swap: Callable[[Policy], None], report: Callable[[dict], None]) -> None:
+        self._swap, self._report = swap, report
+
+    @property
+    def highest_counter(self) -> int:
+        return int(self.state.get("highest_counter", 0))
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def on_message(self, payload: bytes, current: Policy) -> None:
+        """Handle a release or chunk message (from the link's thread): verification is quick,
+        the rest runs on a worker thread so decisions never wait."""
+        try:
+            msg = msgpack.unpackb(payload, raw=False, max_bin_len=1 << 30, max_str_len=1 << 20,
+                                  max_array_len=64, max_map_len=16)
+            kind = msg.get("type") if isinstance(msg, dict) else None
+        except Exception:  # noqa: BLE001 - hostile bytes: report and ignore
+            return self._status(None, "rejected:malformed", "release message is not msgpack")
+        if kind == "chunk":
+            return self._on_chunk(msg)
+        if kind != "release":
+            return self._status(None, "rejected:malformed", f"unknown message type {str(kind)[:20]}")
+        try:
+            chain = msg.get("root_chain") or []
+            if not isinstance(chain, list) or not all(isinstance(r, bytes) for r in chain):
+                raise VerificationError("malformed", "root_chain must be a list of root metadata bytes")
+            if self.trust.update_root_chain(chain):
+                atomic_write(self.dir / "root.json", self.trust.root_bytes)
+            manifest = msg.get("manifest")
+            if not isinstance(manifest, bytes):
+                raise VerificationError("malformed", "manifest must be bytes")
+            release = self._verify(manifest, current)
+        except VerificationError as e:
+            if e.reason == "rollback" and self._is_current(msg.get("manifest")):
+                return self._status(None, "already_installed", "this release is installed")
+            return self._status(None, f"rejected:{e.reason}", str(e))
+        event(log, "release_offered", counter=release.counter, model=release.model)
+        source = msg.get("source")
+        if not isinstance(source, dict):
+            return self._status(release, "rejected:malformed", "no bundle source")
+        with self._lock:
+            if self._busy or self.trial is not None:
+                return self._status(release, "rejected:busy", "another update is in progress")
+            self._busy = True
+        if source.get("kind") == "chunks" and isinstance(source.get("count"), int) and 0 < source["count"] <= 4096:
+            with self._lock:
+                self._pending[release.sha256] = (release, source["count"])
+                self._chunks.setdefault(release.sha256, {})
+            self._maybe_assemble(release.sha256, current)
+            return
+        _background(self._install_from_url, release, source, current)
+
+    def _verify(self, manifest: bytes, current: Policy) -> Release:
+        self.trust.now = self.clock()
+        release = self.trust.verify_release(manifest, model=self.s.model, fleet=self.s.fleet,
+                                            highest_counter=self.highest_counter,
+                                            sdk_format_version=FORMAT_VERSION, sdk_version=SDK_VERSION)
+        self._crash_point("verify")
+        c, cfg = release.compat, current.config
+        if (c["architecture"] != "lstm-ac" or c["obs_dim"] != cfg.obs_dim
+                or c["action"] != {"kind": cfg.action.kind, "size": cfg.action.size}):
+            raise VerificationError("incompatible", f"release needs obs {c['obs_dim']} and actions {c['action']}; "
+                                                    f"this device provides obs {cfg.obs_dim}, actions "
+                                                    f"{cfg.action.kind} {cfg.action.size}")
+        return release
+
+    def _is_current(self, manifest: object) -> bool:
+        cur = self.state.get("current")
+        return bool(cur) and isinstance(manifest, bytes) and \
+            hashlib.sha256(manifest).hexdigest() == cur.get("manifest_sha256")
+
+    # -- download ---------------------------------------------------------------------------
+
+    def _on_chunk(self, msg: dict) -> None:
+        sha, index, data = msg.get("sha256"), msg.get("index"), msg.get("data")
+        if not isinstance(sha, str) or not isinstance(index, int) or not isinstance(data, bytes):
+            return
+        with self._lock:
+            pending = self._pending.get(sha)
+            if pending is None or not 0 <= index < pending[1]:
+                return
+            parts = self._chunks[sha]
+            parts[index] = data
+            if sum(map(len, parts.values())) > pending[0].length:     # endless data
+                self._pending.pop(sha)
+                self._chunks.pop(sha)
+                self._busy = False
+                release = pending[0]
+            else:
+                release = None
+        if release is not None:
+            return self._status(release, "rejected:length_mismatch", "chunks exceed the stated length")
+        self._maybe_assemble(sha, None)
+
+    def _maybe_assemble(self, sha: str, current: Policy | None) -> None:
+        with self._lock:
+            pending = self._pending.get(sha)
+            if pending is None or len(self._chunks.get(sha, {})) < pending[1]:
+                return
+            release, count = self._pending.pop(sha)
+            parts = self._chunks.pop(sha)
+        data = b"".join(parts[i] for i in range(count))
+        _background(self._install, release, data)
+
+    def _install_from_url(self, release: Release, source: dict, current: Policy) -> None:
+        t0 = time.monotonic()
+        try:
+            data = self._download(release, str(source.get("url", "")))
+        except VerificationError as e:
+            with self._lock:
+                self._busy = False
+            return self._status(release, f"rejected:{e.reason}", str(e))
+        self._install(release, data, download_s=time.monotonic() - t0)
+
+    def _download(self, release: Release, url: str) -> bytes:
+        free = shutil.disk_usage(self.dir).free
+        if free < 2 * release.length + (16 << 20):
+            raise VerificationError("no_space", f"{free} bytes free; the bundle needs {release.length}")
+        if not url.startswith(("file://", "https://", "http://")):
+            raise VerificationError("malformed", "bundle URL must be file://, http:// or https://")
+        part = self.dir / "staging" / f"{release.sha256}.part"
+        last_error = ""
+        for attempt in range(self.s.download_retries):
+            try:
+                with _open_url(url, self.s.download_timeout) as r, open(part, "wb") as f:
+                    self._crash_point("download")
+                    got = 0
+                    while True:
+                        chunk = r.read(min(1 << 16, release.length + 1 - got))
+                        if not chunk:
+                            break
+                        got += len(chunk)
+                        if got > release.length:      # endless data: stop at once, keep nothing
+                            raise VerificationError("length_mismatch",
+                                                    f"the download goes past the stated {release.length} bytes")
+                        f.write(chunk)
+                data = part.read_bytes()
+                part.unlink()
+                return data
+            except VerificationError:
+                part.unlink(missing_ok=True)
+                raise
+            except OSError as e:          # includes timeouts and HTTP errors
+                last_error = str(e)[:200]
+                part.unlink(missing_ok=True)
+                event(log, "download_retry", level=logging.WARNING, attempt=attempt + 1, error=last_error)
+                time.sleep(min(2 ** attempt, 10))
+        raise VerificationError("download_failed", last_error)
+
+    # -- install ----------------------------------------------------------------------------
+
+    def _install(self, release: Release, data: bytes, *, download_s: float = 0.0) -> None:
+        t0 = time.monotonic()
+        try:
+            TrustedState.verify_bundle(release, data)
+            try:
+                bundle = load_bundle(data)
+            except BundleError as e:
+                raise VerificationError("malformed_bundle", str(e)) from None
+            cfg, c = bundle.config, release.compat
+            if cfg.obs_dim != c["obs_dim"] or cfg.hidden != c["hidden"] or \
+                    {"kind": cfg.action.kind, "size": cfg.action.size} != c["action"]:
+                raise VerificationError("incompatible", "the bundle's shape differs from its manifest's")
+            policy = Policy(bundle, self.backend)
+            golden = self._golden_check(bundle, policy)
+            if golden:
+                raise VerificationError("golden", golden)
+        except VerificationError as e:
+            with self._lock:
+                self._busy = False
+            return self._status(release, f"rejected:{e.reason}", str(e))
+        t1 = time.monotonic()
+        dest = self.dir / "models" / f"{release.sha256}.safetensors"
+        self._crash_point("stage")
+        atomic_write(dest, data)
+        previous = self.state.get("current")
+        self.state.update(highest_counter=release.counter,
+                          trial={"counter": release.counter, "sha256": release.sha256,
+                                 "model_id": bundle.model_id, "manifest_sha256": hashlib.sha256(release.raw).hexdigest()},
+                          last_good=previous)
+        self._crash_point("persist")
+        self._save_state()
+        event(log, "install_timing", counter=release.counter, download_ms=round(download_s * 1e3, 1),
+              check_ms=round((t1 - t0) * 1e3, 1), write_ms=round((time.monotonic() - t1) * 1e3, 1))
+        self._status(release, "installed", bundle.model_id)
+        with self._lock:
+            self.trial = {"release": release, "policy": policy, "bundle": bundle, "previous": previous,
+                          "started": time.monotonic(), "decisions": 0, "errors": 0, "nonfinite": 0, "lat": []}
+            self._busy = False
+        self._crash_point("swap")
+        self._swap(policy)
+        self._status(release, "trial", bundle.model_id)
+        self._crash_point("trial")
+
+    def _golden_check(self, bundle: Bundle, policy: Policy) -> str | None:
+        raw = bundle.extra.get("x-golden")
+        if raw is None:
+            return None
+        try:
+            g = json.loads(raw)
+            obs = np.random.default_rng(int(g["seed"])).standard_normal((int(g["steps"]), bundle.config.obs_dim))
+        except (ValueError, KeyError, TypeError):
+            return "x-golden is malformed"
+        state, agree, worst = policy.initial_state(), 0, 0.0
+        for x, a, v in zip(obs.astype(np.float32), g["actions"], g["values"]):
+            d = policy.act(x, state, deterministic=True)
+            state = d.state
+            if not np.isfinite(d.value):
+                return "non-finite value on golden inputs"
+            agree += (d.action == a) if isinstance(a, int) else bool(np.allclose(d.action, a, atol=0.05))
+            worst = max(worst, abs(d.value - v) / (1.0 + abs(v)))
+        if agree < self.s.golden_agreement * len(g["actions"]) or worst > 0.05:
+            return f"golden outputs differ ({agree}/{len(g['actions'])} actions agree, value error {worst:.3f})"
+        return None
+
+    # -- trial ------------------------------------------------------------------------------
+
+    def observe(self, policy: Policy, latency_s: float, ok: bool, finite: bool) -> Policy | None:
+        """Called after every decision. Returns the policy to swap to when a trial ends in a
+        rollback (the caller swaps), else None."""
+        t = self.trial
+        if t is None or policy is not t["policy"]:
+            return None
+        t["decisions"] += 1
+        t["errors"] += not ok
+        t["nonfinite"] += not finite
+        if len(t["lat"]) < 10000:
+            t["lat"].append(latency_s)
+        if t["nonfinite"]:
+            return self._end_trial("nan_outputs")
+        if t["decisions"] < self.s.trial_decisions or time.monotonic() - t["started"] < self.s.trial_seconds:
+            return None
+        if t["errors"] > self.s.max_error_rate * t["decisions"]:
+            return self._end_trial("error_rate")
+        # The same quantile of both models: p95 once the trial has 100 decisions, else the median.
+        # The p95 of a short trial is its maximum, and one scheduler stall (another thread holding
+        # the GIL, a busy core) would roll back a model that is not slower.
+        base_lat = self.baseline_latency_us
+        if base_lat is not None and len(base_lat):
+            q = 95 if len(t["lat"]) >= 100 else 50
+            base = float(np.percentile(base_lat, q))
+            now = float(np.percentile(t["lat"], q) * 1e6)
+            if now > base * self.s.latency_factor + self.s.latency_slack_us:
+                return self._end_trial(f"latency:p{q}_{now:.0f}us_vs_{base:.0f}us")
+        return self._end_trial(None)
+
+    def _end_trial(self, failure: str | None) -> Policy | None:
+        with self._lock:
+            t, self.trial = self.trial, None
+        if t is None:
+            return None
+        release = t["release"]
+        if failure is None:
+            self._crash_point("commit")
+            self.state.update(current=self.state["trial"], last_good=self.state["trial"], trial=None)
+            self._save_state()
+            self._status(release, "committed", t["bundle"].model_id)
+            return None
+        self.state.update(trial=None, current=t["previous"], last_good=t["previous"])
+        self._save_state()
+        self._status(release, f"rolled_back:{failure}", t["bundle"].model_id)
+        policy, _ = self.boot()
+        return policy
+
+    # -- persistence and reporting ----------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        try:
+            return json.loads((self.dir / "state.json").read_text())
+        except FileNotFoundError:
+            return {"highest_counter": 0, "current": None, "last_good": None, "trial": None}
+
+    def _save_state(self) -> None:
+        atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
+        fsync_path(self.dir)
+
+    def _status(self, release: Release | None, status: str, detail: str = "") -> None:
+        report = {"status": status, "counter": release.counter if release else None,
+                  "detail": detail[:300], "time": time.time()}
+        self.statuses.append(report)
+        event(log, "update_status", level=logging.WARNING if status.startswith(("rejected", "rolled")) else
+              logging.INFO, **report)
+        try:
+            self._report(report)
+        except Exception:  # noqa: BLE001 - reporting must never break an update
+            log.exception("status report failed")
+
+    @staticmethod
+    def _crash_point(step: str) -> None:
+        # Tests kill the device at each install step (COGBERT_UPDATE_CRASH_AT=<step>) and check
+        # that it boots a verified model afterwards.
+        if os.environ.get("COGBERT_UPDATE_CRASH_AT") == step:
+            os._exit(137)
