@@ -6,7 +6,6 @@ import json
 import sys
 
 from cogbert_bench import edge, ingest, link, native, ope, train, updates
-
 from cogbert_edge.cli import CliParser, run_command, version
 
 # Suite name -> the module that registers it and prints its table (a module may hold several).

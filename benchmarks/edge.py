@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from cogbert_bench._timing import summary_us, time_calls
 from cogbert_bench.peers import PEERS, peer_available
-
 from cogbert_edge import Bundle, ModelConfig, Policy, init_params
 from cogbert_edge._internal.mlx import blas_status
 from cogbert_edge.inference.backends import BACKENDS, available_backends

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cogbert_bench._fleet import local_fleet
 from cogbert_bench._timing import summary_us
-
 from cogbert_cloud.data.dataset import ExperienceDataset
 from cogbert_cloud.data.store import open_store
 from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cogbert_bench._fleet import local_fleet
 
+from cogbert_bench._fleet import local_fleet
 from cogbert_cloud.fleet.broker import LocalBroker
 from cogbert_cloud.fleet.pki import PKI
 from cogbert_edge.link.mqtt import LinkSettings, MqttLink

@@ -7,7 +7,7 @@ input checks, no sampling), so the comparison with Cogbert's public API is conse
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cogbert_bench._fleet import local_fleet
 from cogbert_bench._timing import summary_us
-
 from cogbert_cloud.fleet.broker import BrokerConfig
 from cogbert_cloud.fleet.pki import PKI
 from cogbert_cloud.release.distribution import publish_release, release_message

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from cogbert_cloud.fleet import broker, pki
 from cogbert_cloud.release import signing as releases

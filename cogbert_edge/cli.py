@@ -17,8 +17,9 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from cogbert_edge.errors import BundleError, CogbertError
 from cogbert_edge.inference.bundle import Bundle, load_bundle

@@ -141,7 +141,7 @@ class Device:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "Device":
+    def start(self) -> Device:
         """Connect (in the background: the device decides while the broker is unreachable),
         start uploading, and listen for releases."""
         s = self.settings
@@ -162,7 +162,7 @@ class Device:
         self._started = True
         return self
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         return self if self._started else self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -144,7 +144,7 @@ class Hostile:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Hostile":
+    def start(self) -> Hostile:
         self.thread.start()
         return self
 

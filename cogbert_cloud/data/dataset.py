@@ -17,8 +17,8 @@ one), and at the first state snapshot after ``max_len`` records.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

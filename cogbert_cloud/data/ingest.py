@@ -42,7 +42,6 @@ import re
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +181,7 @@ class IngestService:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "IngestService":
+    def start(self) -> IngestService:
         for w in self._workers:
             w.start()
         self.link.start()

@@ -284,7 +284,7 @@ class LocalBroker:
         self.conf_path = write_config(self.pki_dir, self.workdir, self.config)
         return self.conf_path
 
-    def start(self, timeout: float = 10.0) -> "LocalBroker":
+    def start(self, timeout: float = 10.0) -> LocalBroker:
         if self.conf_path is None:
             self.write_config()
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf_path)],
@@ -342,7 +342,7 @@ class LocalBroker:
             raise BrokerError("the broker is not running")
         os.kill(self.proc.pid, sig)
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

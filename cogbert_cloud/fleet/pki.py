@@ -86,7 +86,7 @@ class PKI:
     # -- creating and opening ---------------------------------------------------------------
 
     @classmethod
-    def init(cls, root: Path, *, common_name: str = "Cogbert fleet CA", days: int = 3650) -> "PKI":
+    def init(cls, root: Path, *, common_name: str = "Cogbert fleet CA", days: int = 3650) -> PKI:
         pki = cls(root)
         if pki.ca_cert_path.exists():
             raise PKIError(f"{root} already holds a PKI (ca.pem exists); refusing to overwrite it")
@@ -121,7 +121,7 @@ class PKI:
         return self.services_ca_path
 
     @classmethod
-    def open(cls, root: Path, *, with_ca_key: bool = True) -> "PKI":
+    def open(cls, root: Path, *, with_ca_key: bool = True) -> PKI:
         """Open a PKI directory. ``with_ca_key=False`` is for readers (the broker's
         configuration): they need the CA certificate, the CRL and the index, never the key, so
         they work on a copy without ``private/``; issuing or revoking there fails clearly."""

@@ -29,8 +29,8 @@ episodes for both policies, giving a paired interval for the difference.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class Episodes:
     mask: np.ndarray
 
     @classmethod
-    def from_lists(cls, obs: list, action: list, log_prob: list, reward: list) -> "Episodes":
+    def from_lists(cls, obs: list, action: list, log_prob: list, reward: list) -> Episodes:
         if not obs:
             raise OPEError("no complete episodes")
         n, t_max = len(obs), max(len(o) for o in obs)

@@ -26,7 +26,8 @@ import itertools
 import json
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from cogbert_cloud.data.store import ObjectStore
 from cogbert_cloud.errors import ConflictError, NotFoundError, StoreError

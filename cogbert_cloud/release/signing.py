@@ -53,7 +53,7 @@ class KeyStore:
         self.private = self.root / "private"
 
     @classmethod
-    def init(cls, root: Path, *, expires_days: int = 365) -> "KeyStore":
+    def init(cls, root: Path, *, expires_days: int = 365) -> KeyStore:
         ks = cls(root)
         if (ks.root / "root.json").exists():
             raise CogbertError(f"{root} already holds keys; use `cogbert keys rotate`")

@@ -278,7 +278,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             broker.stop()
 
 
-def _mean_return(bundle: "Bundle", env_id: str, episodes: int) -> float:
+def _mean_return(bundle: Bundle, env_id: str, episodes: int) -> float:
     """Mean undiscounted return sampling actions, as the devices run the policy; the same
     seeded episodes for every release."""
     import numpy as np
@@ -287,7 +287,7 @@ def _mean_return(bundle: "Bundle", env_id: str, episodes: int) -> float:
     return float(np.mean(evaluate(bundle, env_id, episodes, seed=4242, deterministic=False)))
 
 
-def _load(data: bytes) -> "Bundle":
+def _load(data: bytes) -> Bundle:
     from cogbert_edge.inference.bundle import load_bundle
     return load_bundle(data)
 
@@ -308,7 +308,7 @@ def _poison(bundle: bytes) -> bytes:
     return Bundle.create(b.config, fp32, model_id=f"{b.model_id}-broken", parent=b.model_id).to_bytes()
 
 
-def _latencies(bundle: "Bundle", n: int = 3000) -> tuple[list[float], str]:
+def _latencies(bundle: Bundle, n: int = 3000) -> tuple[list[float], str]:
     import numpy as np
 
     from cogbert_edge import Policy

@@ -22,9 +22,10 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from cogbert_cloud.data.dataset import ExperienceDataset
 from cogbert_cloud.data.store import ObjectStore

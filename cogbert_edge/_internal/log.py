@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 
-
 __all__ = ["setup_logging", "event"]
 
 

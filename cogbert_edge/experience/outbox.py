@@ -43,9 +43,9 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from cogbert_edge._internal.fs import SlotFile, fsync_path
 from cogbert_edge._internal.log import event

@@ -133,7 +133,7 @@ class Uploader:
         self.sent = self.resent = self.acked = self.rejected = self.duplicates = self.unencodable = 0
         self._thread = threading.Thread(target=self._run, name=f"cogbert-uploader-{device}", daemon=True)
 
-    def start(self) -> "Uploader":
+    def start(self) -> Uploader:
         self.outbox.on_durable = self._wake.set
         self.link.subscribe(device_topic(self.fleet, self.device, "ack"), self._on_ack)
         self._thread.start()

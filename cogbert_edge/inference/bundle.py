@@ -17,10 +17,11 @@ import os
 import re
 import secrets
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class Bundle:
     def create(cls, config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
                quant: Mapping[str, QuantSpec] | None = None, model_id: str | None = None,
                parent: str = "", extra: Mapping[str, str] | None = None,
-               created_at: str | None = None) -> "Bundle":
+               created_at: str | None = None) -> Bundle:
         """Build a bundle from parameters and check it exactly as a loaded one is checked."""
         bundle = cls(
             config=config,

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,11 +73,11 @@ class ActionSpace:
         return self.kind == "discrete"
 
     @classmethod
-    def of_discrete(cls, n: int) -> "ActionSpace":
+    def of_discrete(cls, n: int) -> ActionSpace:
         return cls("discrete", n)
 
     @classmethod
-    def of_continuous(cls, dim: int) -> "ActionSpace":
+    def of_continuous(cls, dim: int) -> ActionSpace:
         return cls("continuous", dim)
 
 
@@ -120,7 +121,7 @@ class ModelConfig:
         object.__setattr__(self, "obs_clip", float(clip))
 
     @classmethod
-    def reference(cls) -> "ModelConfig":
+    def reference(cls) -> ModelConfig:
         """The reference model every benchmark uses: obs 64, Linear 256, LSTM 256, 8 actions."""
         return cls(obs_dim=64, action=ActionSpace.of_discrete(8), encoder=(256,), hidden=256)
 
@@ -175,7 +176,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, *, obs_clip: float = 10.0) -> "ModelConfig":
+    def from_dict(cls, d: Any, *, obs_clip: float = 10.0) -> ModelConfig:
         """Strict inverse of :meth:`to_dict`: unknown or missing keys and wrong types raise."""
         _expect_keys("config", d, {"obs_dim", "encoder", "hidden", "action"})
         _expect_keys("config.action", d["action"], {"kind", "size"})

@@ -16,7 +16,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -119,8 +119,8 @@ class Policy:
             self._gauss_const = float(-(self._log_std.sum() + 0.5 * LOG_2PI * cfg.action.size))
 
     @classmethod
-    def load(cls, source: Union[str, os.PathLike, bytes], backend: str | None = None, *,
-             invalid_obs: str = "raise", seed: int | None = None) -> "Policy":
+    def load(cls, source: str | os.PathLike | bytes, backend: str | None = None, *,
+             invalid_obs: str = "raise", seed: int | None = None) -> Policy:
         """Load and validate a bundle (path or bytes) and put it on ``backend``: a name
         (``native``, ``numpy``, ``mlx``), ``auto`` (the fastest here), or None (the default:
         ``$COGBERT_BACKEND`` if set, else ``auto``)."""

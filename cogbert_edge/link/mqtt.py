@@ -32,10 +32,9 @@ import logging
 import random
 import ssl
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -100,7 +99,7 @@ class LinkSettings:
         return urlparse(self.broker).port or 8883
 
     @classmethod
-    def for_device(cls, broker: str, pki_dir: Path, device_id: str, **kw) -> "LinkSettings":
+    def for_device(cls, broker: str, pki_dir: Path, device_id: str, **kw) -> LinkSettings:
         """Settings for device ``device_id`` from a PKI directory's standard layout."""
         d = Path(pki_dir)
         check_device_id(device_id)
@@ -109,7 +108,7 @@ class LinkSettings:
                    key_file=d / "devices" / device_id / "key.pem", **kw)
 
     @classmethod
-    def for_service(cls, broker: str, pki_dir: Path, name: str, client_id: str = "", **kw) -> "LinkSettings":
+    def for_service(cls, broker: str, pki_dir: Path, name: str, client_id: str = "", **kw) -> LinkSettings:
         d = Path(pki_dir)
         return cls(broker=broker, ca_file=d / "ca.pem", cert_file=d / "services" / name / "cert.pem",
                    key_file=d / "services" / name / "key.pem", client_id=client_id or name, **kw)
@@ -134,7 +133,7 @@ class _Handle:
     def __init__(self) -> None:
         self._done = threading.Event()
         self._error: LinkError | None = None
-        self._callbacks: list[Callable[["_Handle"], None]] = []
+        self._callbacks: list[Callable[[_Handle], None]] = []
         self._lock = threading.Lock()
 
     def done(self) -> bool:
@@ -151,7 +150,7 @@ class _Handle:
         if self._error is not None:
             raise self._error
 
-    def add_done_callback(self, fn: Callable[["_Handle"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[_Handle], None]) -> None:
         """Call ``fn(handle)`` once done (at once if already done), from the network thread."""
         with self._lock:
             if not self._done.is_set():
@@ -266,7 +265,7 @@ class MqttLink:
     def add_state_listener(self, fn: Callable[[LinkState], None]) -> None:
         self._listeners.append(fn)
 
-    def start(self) -> "MqttLink":
+    def start(self) -> MqttLink:
         if self._thread is not None:
             raise LinkError("link already started")
         self._thread = threading.Thread(target=self._run, name=f"cogbert-link-{self.name}", daemon=True)
@@ -300,7 +299,7 @@ class MqttLink:
         for s in subs:
             s.handle._finish(LinkClosedError(f"link {self.name} closed"))
 
-    def __enter__(self) -> "MqttLink":
+    def __enter__(self) -> MqttLink:
         return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:

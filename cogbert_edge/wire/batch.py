@@ -87,7 +87,7 @@ class Batch:
     def seqs(self) -> np.ndarray:
         return np.arange(self.first, self.last + 1, dtype=np.int64)
 
-    def sliced(self, first: int, last: int) -> "Batch":
+    def sliced(self, first: int, last: int) -> Batch:
         """The records ``first..last`` (sequence numbers within this batch) as a batch of their
         own: what ingestion stores of a batch that overlaps records it already has."""
         if not self.first <= first <= last <= self.last:

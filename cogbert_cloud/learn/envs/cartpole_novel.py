@@ -17,7 +17,7 @@ same seed and actions.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from gymnasium import spaces

@@ -55,7 +55,7 @@ class Observation:
     arrivals: np.ndarray  # [N]
 
     @classmethod
-    def parse(cls, obs: np.ndarray, cfg: ProductionChainConfig) -> "Observation":
+    def parse(cls, obs: np.ndarray, cfg: ProductionChainConfig) -> Observation:
         K = cfg.stations
         o = np.asarray(obs, np.float64)
         return cls(buffers=np.rint(o[:, :K] * cfg.buffer_capacity),

@@ -74,7 +74,7 @@ class ProductionChainConfig:
             if f.name not in probs and f.type == "float":
                 _check(f.name, getattr(self, f.name), 0.0, math.inf)
 
-    def replace(self, **changes: Any) -> "ProductionChainConfig":
+    def replace(self, **changes: Any) -> ProductionChainConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -10,7 +10,8 @@ to every step, and the time limits are built into these environments).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 

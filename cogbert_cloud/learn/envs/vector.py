@@ -25,7 +25,8 @@ environments are one implementation, and tests hold them to it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class RunningMeanStd:
         return {"mean": self.mean.tolist(), "var": self.var.tolist(), "count": self.count}
 
     @classmethod
-    def from_state(cls, s: dict) -> "RunningMeanStd":
+    def from_state(cls, s: dict) -> RunningMeanStd:
         r = cls(len(s["mean"]))
         r.mean, r.var, r.count = np.array(s["mean"]), np.array(s["var"]), float(s["count"])
         return r
@@ -93,7 +93,7 @@ class Checkpoint:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Checkpoint":
+    def from_bytes(cls, data: bytes) -> Checkpoint:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         state = json.loads(arrays.pop("__state__").tobytes())
@@ -103,7 +103,7 @@ class Checkpoint:
         store.put(key, self.to_bytes())
 
     @classmethod
-    def load(cls, store: ObjectStore, key: str) -> "Checkpoint":
+    def load(cls, store: ObjectStore, key: str) -> Checkpoint:
         return cls.from_bytes(store.get(key))
 
 

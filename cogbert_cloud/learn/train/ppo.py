@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -301,7 +300,7 @@ class PPOTrainer:
         return key
 
     @classmethod
-    def resume(cls, store: ObjectStore, prefix: str) -> "PPOTrainer":
+    def resume(cls, store: ObjectStore, prefix: str) -> PPOTrainer:
         key = store.get(f"{prefix}/latest").decode()
         ck = Checkpoint.load(store, key)
         cfg_d = ck.state["config"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 from cogbert_edge.errors import BackendUnavailableError, ConfigError
 from cogbert_edge.inference.bundle import Bundle
