@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from cogbert_edge.errors import CogbertError
+from cogbert_edge.errors import CogbertError, ConfigError
 
-__all__ = ["PKIError", "BrokerError", "StoreError", "IngestError", "NotFoundError", "ConflictError", "TrainingError"]
+__all__ = ["PKIError", "BrokerError", "StoreError", "IngestError", "NotFoundError", "ConflictError", "TrainingError",
+           "EnvironmentNotFoundError", "UnsupportedSpaceError"]
 
 
 class PKIError(CogbertError):
@@ -33,3 +34,11 @@ class ConflictError(CogbertError):
 
 class TrainingError(CogbertError):
     """A training run failed, or did not finish in time."""
+
+
+class EnvironmentNotFoundError(ConfigError):
+    """A training environment id is not registered with Gymnasium (nor importable as ``module:Class``)."""
+
+
+class UnsupportedSpaceError(ConfigError):
+    """An environment's observation or action space is one the trainer cannot learn on (images, Dict, Text...)."""
