@@ -22,6 +22,7 @@ import numpy as np
 
 from cogbert_edge.errors import ConfigError, ObservationError
 from cogbert_edge.inference.backends import create_backend
+from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.bundle import Bundle, load_bundle
 from cogbert_edge.inference.model import LOG_2PI, ModelConfig
 
@@ -117,6 +118,12 @@ class Policy:
             self._log_std = np.asarray(bundle.tensors["policy.log_std"], np.float32)
             self._std = np.exp(self._log_std)
             self._gauss_const = float(-(self._log_std.sum() + 0.5 * LOG_2PI * cfg.action.size))
+        # --- continuous action bounds (owned by the training side; see inference/bounds.py) ---
+        # A bundle with x-action-bounds gets its Gaussian samples squashed into the bounds, and
+        # reports the log-density of the action it returns (the one the device applies).
+        self.action_bounds: ActionBounds | None = (
+            None if self._discrete else ActionBounds.from_extra(bundle.extra, cfg.action.size))
+        # --- end of continuous action bounds ---
 
     @classmethod
     def load(cls, source: str | os.PathLike | bytes, backend: str | None = None, *,
@@ -184,6 +191,8 @@ class Policy:
         n = head.shape[0]
         if deterministic:
             action = head.argmax(axis=-1) if self._discrete else head.copy()
+            if self.action_bounds is not None:   # continuous action bounds
+                action = self.action_bounds.squash(action)
             return action, np.zeros(n, np.float64)
         rng = rng or self._rng
         if self._discrete:
@@ -197,7 +206,10 @@ class Policy:
             return action, logp.astype(np.float64)
         noise = rng.standard_normal(head.shape).astype(np.float32)
         action = head + self._std * noise
-        return action, (-0.5 * (noise * noise).sum(axis=-1) + self._gauss_const).astype(np.float64)
+        logp = (-0.5 * (noise * noise).sum(axis=-1) + self._gauss_const).astype(np.float64)
+        if self.action_bounds is not None:   # continuous action bounds: the applied action's density
+            return self.action_bounds.apply(action, logp)
+        return action, logp
 
     def _check_obs(self, obs: Any, *, single: bool) -> np.ndarray:
         try:
