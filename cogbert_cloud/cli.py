@@ -9,6 +9,7 @@ says which extra to install. Errors and exit codes: :mod:`cogbert_edge.cli`.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
@@ -23,8 +24,11 @@ from cogbert_edge.cli import CliParser, run_command, version
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="cogbert", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cogbert {version()}")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="log level of the JSON logs on stderr")
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level of the logs on stderr (default: COGBERT_LOG_LEVEL, else INFO)")
+    parser.add_argument("--log-format", default=None, choices=("auto", "json", "text"),
+                        help="JSON lines, readable text, or auto: text on a terminal (default: COGBERT_LOG_FORMAT, "
+                             "else auto)")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     device_sub = edge_cli.register(sub)
     _optional(device_sub, {"simulate": "run N simulated devices that decide and upload experience"},
@@ -110,8 +114,14 @@ def _register_dataset(csub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_command("cogbert", lambda: args.func(args))
+
+    def command() -> int:
+        # Inside run_command: a bad COGBERT_LOG_LEVEL or COGBERT_LOG_FORMAT is a one-line error.
+        setup_logging(args.log_level, args.log_format)
+        args.log_level = logging.getLevelName(logging.getLogger("cogbert").level)   # what handlers read
+        return int(args.func(args) or 0)
+
+    return run_command("cogbert", command)
 
 
 if __name__ == "__main__":

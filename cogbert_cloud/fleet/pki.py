@@ -97,7 +97,7 @@ class PKI:
         _make_ca(pki.services_ca_path, pki._services_key_path, f"{common_name} (services)", days)
         pki._save_index([])
         pki.refresh_crl()
-        event(log, "pki_initialised", root=str(root), ca_serial=cert.serial_number)
+        event(log, "pki_initialised", root=str(root), ca_serial=str(cert.serial_number))
         return pki
 
     def services_ca(self) -> tuple[Path, Path]:
