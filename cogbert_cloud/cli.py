@@ -68,7 +68,8 @@ def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubP
     _optional(csub, {"ingest": "store experience batches from the broker exactly once"},
               lambda: _register_ingest(csub))
     _register_dataset(csub)
-    _optional(csub, {"train": "train a policy in simulation (--env) or from fleet data (--data)"},
+    _optional(csub, {"train": "train a policy in simulation (--env) or from fleet data (--data)",
+                     "plot": "draw a training run's learning curve (metrics.jsonl) to PNG"},
               lambda: __import__("cogbert_cloud.learn.train.command", fromlist=["register"]).register(csub))
     _optional(csub, {"evaluate": "off-policy evaluation and the promotion gate"},
               lambda: __import__("cogbert_cloud.learn.gate", fromlist=["register"]).register(csub))

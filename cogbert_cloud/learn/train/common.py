@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from cogbert_cloud.data.store import ObjectStore
+from cogbert_edge._internal.log import event
 from cogbert_edge._internal.mlx import import_mlx
 from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import ModelConfig
@@ -26,6 +28,7 @@ __all__ = ["RunningMeanStd", "split_params", "to_mx", "to_np", "Checkpoint", "Pr
            "DataParallel", "NORM_KEYS"]
 
 NORM_KEYS = ("obs_norm.mean", "obs_norm.std")
+_log = logging.getLogger("cogbert.train")
 
 
 def split_params(params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -112,42 +115,95 @@ def bundle_from(config: ModelConfig, trainable: dict[str, np.ndarray], norm: Run
 
 
 class Progress:
-    """A one-line progress bar on stderr (only when it is a terminal, unless forced)."""
+    """Visible progress wherever training runs.
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool | None = None) -> None:
-        self.total, self.stream = total, stream
-        self.enabled = stream.isatty() if enabled is None else enabled
+    ``mode``: ``"bar"`` draws a one-line bar on ``stream`` (a terminal); ``"log"`` writes a
+    structured ``train_progress`` log event every ``every_s`` seconds (steps, steps/s, episode
+    return, losses, ETA) for a Kubernetes Job or CI, where a bar is noise; ``"off"`` writes
+    nothing. ``enabled`` (the ``--progress/--no-progress`` flag) True forces the bar, False turns
+    progress off, None (the default) picks the bar on a terminal and log lines otherwise.
+    """
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool | None = None, *,
+                 every_s: float = 10.0, what: str = "steps") -> None:
+        self.total, self.stream, self.what = total, stream, what
+        if enabled is None:
+            self.mode = "bar" if stream.isatty() else "log"
+        else:
+            self.mode = "bar" if enabled else "off"
+        self.enabled = self.mode == "bar"
+        self.every_s = every_s
         self.t0 = time.monotonic()
+        self._last_log = self.t0
 
     def update(self, done: int, **info: object) -> None:
-        if not self.enabled:
+        if self.mode == "off":
+            return
+        now = time.monotonic()
+        elapsed = max(now - self.t0, 1e-9)
+        rate = done / elapsed
+        if self.mode == "log":
+            if now - self._last_log < self.every_s and done < self.total:
+                return
+            self._last_log = now
+            eta = (self.total - done) / rate if rate > 0 else None
+            row = {self.what: done, "total": self.total, "per_s": round(rate, 1), "elapsed_s": round(elapsed, 1),
+                   "eta_s": round(eta, 1) if eta is not None else None}
+            row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()})
+            event(_log, "train_progress", metrics=row)
             return
         frac = min(1.0, done / max(self.total, 1))
         bar = "=" * int(30 * frac) + ">" + " " * (30 - int(30 * frac))
-        rate = done / max(time.monotonic() - self.t0, 1e-9)
-        extra = " ".join(f"{k} {v}" for k, v in info.items())
-        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {done}/{self.total} steps {rate:,.0f}/s {extra}   ")
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        extra = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {done}/{self.total} {self.what} {rate:,.0f}/s "
+                          f"eta {eta:.0f}s {extra}   ")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.mode == "bar":
             self.stream.write("\n")
 
 
 class Metrics:
-    """Metrics as JSON lines (a file, or nowhere)."""
+    """Metrics as JSON lines (a file, or nowhere), and as TensorBoard scalars in ``tensorboard``
+    (a directory) when ``tensorboardX`` or ``torch.utils.tensorboard`` is installed; every
+    numeric field of a row becomes the scalar ``train/FIELD`` at step ``steps`` (or the row's
+    index). ``self.tensorboard`` says whether event files are being written."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, tensorboard: str | None = None) -> None:
         self.f = open(path, "a") if path else None
+        self._tb = _summary_writer(tensorboard) if tensorboard else None
+        self.tensorboard = self._tb is not None
+        self._rows = 0
 
     def write(self, **row: object) -> None:
         if self.f:
             self.f.write(json.dumps(row, default=float) + "\n")
             self.f.flush()
+        if self._tb is not None:
+            step = row.get("steps", self._rows)
+            for k, v in row.items():
+                if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and k != "steps":
+                    self._tb.add_scalar(f"train/{k}", float(v), int(step))  # type: ignore[arg-type]
+        self._rows += 1
 
     def close(self) -> None:
         if self.f:
             self.f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _summary_writer(logdir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return SummaryWriter(logdir)
 
 
 class DataParallel:

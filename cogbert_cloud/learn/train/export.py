@@ -7,8 +7,9 @@ return of each. Export refuses, with the numbers, when the quantized policy lose
 and the loss must exceed the limit by two standard errors of the paired difference. A policy
 whose greedy actions agree 99 % of the time can still end some episodes far apart (one
 different action early changes everything after it); two standard errors keep that noise from
-refusing a sound export, while a broken quantization loses far more than that. The exported bundle carries ``x-golden`` outputs
-(for the device's install check) and its training and check metrics as ``x-`` metadata.
+refusing a sound export, while a broken quantization loses far more than that. The exported
+bundle carries ``x-golden`` outputs (for the device's install check) and its training and check
+metrics as ``x-`` metadata, and keeps the fp32 bundle's own (action bounds, training config).
 """
 
 from __future__ import annotations
@@ -17,23 +18,24 @@ import json
 
 import numpy as np
 
+from cogbert_cloud.errors import ExportRefused
 from cogbert_cloud.learn.envs import make_vec_env
 from cogbert_cloud.learn.train.ppo import evaluate
 from cogbert_edge import Bundle, Policy
-from cogbert_edge.errors import CogbertError
 from cogbert_edge.inference.quant import plan, quantize_params
 from cogbert_edge.update.agent import golden_outputs
 
 __all__ = ["export_bundle", "ExportRefused", "action_agreement"]
 
 
-class ExportRefused(CogbertError):
-    """The quantized model is too far from the fp32 one; the message has the numbers."""
 
 
 def action_agreement(fp32: Bundle, quant: Bundle, env_id: str, *, episodes: int = 8, seed: int = 777,
                      env_kwargs: dict | None = None) -> float:
-    """Share of fp32 greedy decisions the quantized model repeats, on fp32's trajectories."""
+    """Share of fp32 greedy decisions the quantized model repeats, on fp32's trajectories.
+
+    Continuous actions agree when every dimension is within 5 % of the action range (of the
+    bounds, or of 2 standard deviations of the fp32 policy when unbounded)."""
     p, q = Policy(fp32, "numpy"), Policy(quant, "numpy")
     env = make_vec_env(env_id, episodes, seed=seed, **(env_kwargs or {}))
     obs, _ = env.reset(seed=seed)
@@ -43,14 +45,26 @@ def action_agreement(fp32: Bundle, quant: Bundle, env_id: str, *, episodes: int 
     while alive.any():
         dp = p.act_batch(obs, sp, deterministic=True)
         dq = q.act_batch(obs, sq, deterministic=True)
-        agree += int((np.asarray(dp.action) == np.asarray(dq.action))[alive].sum())
+        agree += int(_same(p, np.asarray(dp.action), np.asarray(dq.action))[alive].sum())
         total += int(alive.sum())
         obs, _, term, trunc, _ = env.step(np.asarray(dp.action))
         ended = (term | trunc)[:, None]
         alive &= ~(term | trunc)
-        zero = lambda s: type(s)(np.where(ended, 0, s.h).astype(np.float32), np.where(ended, 0, s.c).astype(np.float32))  # noqa: E731
-        sp, sq = zero(dp.state), zero(dq.state)
+        sp, sq = _zero(dp.state, ended), _zero(dq.state, ended)
     return agree / max(total, 1)
+
+
+def _zero(s, ended: np.ndarray):
+    """The state with the rows of ended episodes zeroed (their next episode starts afresh)."""
+    return type(s)(np.where(ended, 0, s.h).astype(np.float32), np.where(ended, 0, s.c).astype(np.float32))
+
+
+def _same(policy: Policy, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.ndim == 1:
+        return a == b
+    bounds = policy.action_bounds
+    scale = (bounds.high - bounds.low) if bounds is not None else 2.0 * np.exp(policy.bundle.tensors["policy.log_std"])
+    return (np.abs(a - b) <= 0.05 * scale).all(axis=-1)
 
 
 def export_bundle(fp32: Bundle, env_id: str | None, *, bits: int = 8, group_size: int = 64,
@@ -64,7 +78,9 @@ def export_bundle(fp32: Bundle, env_id: str | None, *, bits: int = 8, group_size
         layers: dict = {}
     else:
         layers = plan(fp32.config, bits, group_size)
-        quant = Bundle.create(fp32.config, quantize_params(params, layers), quant=layers, parent=fp32.model_id)
+        # The fp32 bundle's metadata (action bounds, training config) goes with the quantized one.
+        quant = Bundle.create(fp32.config, quantize_params(params, layers), quant=layers, parent=fp32.model_id,
+                              extra=dict(fp32.extra))
     report: dict = {"bits": bits, "group_size": group_size}
     if env_id is not None:
         g32 = np.asarray(evaluate(fp32, env_id, episodes, env_kwargs=env_kwargs))

@@ -40,7 +40,9 @@ from cogbert_cloud.learn.train.common import (
     to_np,
 )
 from cogbert_edge._internal.mlx import import_mlx
+from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.model import (
+    LOG_2PI,
     ActionSpace,
     ModelConfig,
     NumpyMath,
@@ -51,7 +53,7 @@ from cogbert_edge.inference.model import (
     step,
 )
 
-__all__ = ["PPOConfig", "PPOTrainer", "PRESETS", "preset", "evaluate"]
+__all__ = ["PPOConfig", "PPOTrainer", "preset", "evaluate"]
 
 
 @dataclass
@@ -75,23 +77,16 @@ class PPOConfig:
     seed: int = 0
     checkpoint_every: int = 0         # updates; 0 = only at the end
     env_kwargs: dict = field(default_factory=dict)
-
-
-# Starting points that learn. CartPoleNoVel starts from rl-baselines3-zoo's RecurrentPPO
-# hyperparameters (8 envs x 32 steps, normalized observations and rewards); with one LSTM shared
-# by actor and critic, 10 epochs at lr 3e-4 and gamma 0.99 / GAE 0.95 learn more reliably than
-# the zoo's 20 epochs at 1e-3 (measured over seeds: docs/training.md).
-PRESETS: dict[str, dict] = {
-    "CartPoleNoVel-v1": dict(epochs=10, lr=3e-4, gamma=0.99, gae_lambda=0.95),
-    "ProductionChain-v0": dict(num_envs=32, rollout=128, epochs=4, minibatches=4, lr=1e-3, gamma=0.99,
-                               gae_lambda=0.95, ent_coef=0.01, encoder=(64,), hidden=64),
-}
+    vectorization: str = "auto"       # Gymnasium envs without a same-step vector_entry_point: sync or async
+    log_std_init: float = 0.0         # continuous actions: initial log standard deviation
 
 
 def preset(env: str, **overrides: object) -> PPOConfig:
-    base = dict(PRESETS.get(env, PRESETS.get(env + "-v0", {})))
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return PPOConfig(env=env, **base)
+    """The configuration for ``env`` from the shipped ``configs/ppo.yml`` (its ``default`` entry,
+    then the environment's), with ``overrides`` (None values ignored) on top."""
+    from cogbert_cloud.learn.train.config import resolve
+    cfg, _ = resolve(PPOConfig, "ppo", env, base={"env": env}, flags=dict(overrides))
+    return cfg
 
 
 class PPOTrainer:
@@ -108,11 +103,26 @@ class PPOTrainer:
         # Process r steps environments r*n .. r*n+n-1 of the whole batch, seeded as one process
         # stepping them all would seed them.
         self.env_seed = cfg.seed + self.dp.rank * n_local
-        self.env = make_vec_env(cfg.env, n_local, seed=self.env_seed, **cfg.env_kwargs)
+        self.env = make_vec_env(cfg.env, n_local, seed=self.env_seed, vectorization=cfg.vectorization,
+                                **cfg.env_kwargs)
         obs_dim = self.env.single_observation_space.shape[0]
-        self.model = ModelConfig(obs_dim=obs_dim, action=ActionSpace.of_discrete(int(self.env.single_action_space.n)),
-                                 encoder=tuple(cfg.encoder), hidden=cfg.hidden)
-        params = init if init is not None else init_params(self.model, cfg.seed, policy_gain=0.01)
+        space = self.env.single_action_space
+        self.discrete = hasattr(space, "n")
+        self.bounds: ActionBounds | None = None
+        if self.discrete:
+            action = ActionSpace.of_discrete(int(space.n))
+        else:
+            action = ActionSpace.of_continuous(int(space.shape[0]))
+            low, high = getattr(self.env, "low", None), getattr(self.env, "high", None)
+            if low is not None and high is not None:
+                self.bounds = ActionBounds(low, high)
+        self.model = ModelConfig(obs_dim=obs_dim, action=action, encoder=tuple(cfg.encoder), hidden=cfg.hidden)
+        if init is not None:
+            params = init
+        else:
+            params = init_params(self.model, cfg.seed, policy_gain=0.01)
+            if not self.discrete:
+                params["policy.log_std"] = np.full(action.size, cfg.log_std_init, np.float32)
         self.params, norm = split_params(params)
         self.params_mx = to_mx(self.params)
         self.norm = RunningMeanStd(obs_dim)
@@ -153,7 +163,11 @@ class PPOTrainer:
         def loss(params, norm, obs, h0, c0, starts, actions, old_logp, adv, ret, clip):
             F = MLXMath({**params, **norm})
             heads, values, _, _ = sequence(F, model, obs, h0, c0, starts, mx.stack)
-            onehot = (mx.arange(model.action.size)[None, None, :] == actions[..., None]).astype(mx.float32)
+            onehot = None
+            if model.action.discrete:
+                onehot = (mx.arange(model.action.size)[None, None, :] == actions[..., None]).astype(mx.float32)
+            # Continuous: ``actions`` are the Gaussian samples before the squash; the squash's
+            # Jacobian does not depend on the parameters, so it cancels in the ratio.
             logp = log_prob(F, model, heads, actions, onehot)
             ratio = mx.exp(logp - old_logp)
             pg = -mx.minimum(ratio * adv, mx.clip(ratio, 1 - clip, 1 + clip) * adv).mean()
@@ -172,17 +186,30 @@ class PPOTrainer:
         F = NumpyMath({**self.params, **self.norm.as_params()})
         buf = {k: np.zeros((T, N), np.float32) for k in ("starts", "rewards", "dones", "values", "logp")}
         buf["obs"] = np.zeros((T, N, model.obs_dim), np.float32)
-        buf["actions"] = np.zeros((T, N), np.int32)
+        if self.discrete:
+            buf["actions"] = np.zeros((T, N), np.int32)
+        else:
+            buf["actions"] = np.zeros((T, N, model.action.size), np.float32)
+            std = np.exp(self.params["policy.log_std"]).astype(np.float32)
         buf["h0"], buf["c0"] = self.h.copy(), self.c.copy()
         for t in range(T):
             keep = (1.0 - self.starts)[:, None]
             buf["obs"][t], buf["starts"][t] = self.obs, self.starts
             head, value, self.h, self.c = step(F, model, self.obs, self.h * keep, self.c * keep)
-            logp_all = head - F.logsumexp(head)
-            probs = np.exp(logp_all)
-            u = self.rng.random((N, 1))
-            actions = np.minimum((probs.cumsum(-1) < u * probs.sum(-1, keepdims=True)).sum(-1), model.action.size - 1)
-            obs, reward, term, trunc, info = self.env.step(actions)
+            if self.discrete:
+                logp_all = head - F.logsumexp(head)
+                probs = np.exp(logp_all)
+                u = self.rng.random((N, 1))
+                actions = np.minimum((probs.cumsum(-1) < u * probs.sum(-1, keepdims=True)).sum(-1),
+                                     model.action.size - 1)
+                logp = logp_all[np.arange(N), actions]
+                applied = actions
+            else:
+                noise = self.rng.standard_normal(head.shape).astype(np.float32)
+                actions = head + std * noise
+                logp = -0.5 * (noise * noise).sum(-1) - float(np.log(std).sum()) - 0.5 * LOG_2PI * model.action.size
+                applied = self.bounds.squash(actions) if self.bounds is not None else actions
+            obs, reward, term, trunc, info = self.env.step(applied)
             reward = reward.astype(np.float64)
             ended = term | trunc
             if ended.any() and "episode_return" in info:
@@ -197,7 +224,7 @@ class PPOTrainer:
                 _, v_final, _, _ = step(F, model, info["final_obs"][boot], self.h[boot], self.c[boot])
                 reward[boot] += cfg.gamma * v_final
             buf["actions"][t], buf["values"][t] = actions, value
-            buf["logp"][t] = logp_all[np.arange(N), actions]
+            buf["logp"][t] = logp
             buf["rewards"][t], buf["dones"][t] = reward, ended
             self.obs, self.starts = obs, ended.astype(np.float32)
         keep = (1.0 - self.starts)[:, None]
@@ -266,7 +293,8 @@ class PPOTrainer:
                    "episode_return": float(np.mean(recent)) if recent else None, **info}
             if metrics and self.dp.rank == 0:
                 metrics.write(**row)
-            bar.update(self.steps, ret=f"{row['episode_return']:.1f}" if recent else "-")
+            bar.update(self.steps, episode_return=row["episode_return"], loss=float(info["loss"]),
+                       v_loss=float(info["v_loss"]), entropy=float(info["entropy"]))
             if cfg.checkpoint_every and self.update_idx % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()
@@ -277,6 +305,8 @@ class PPOTrainer:
     # -- evaluation, export, checkpoints ----------------------------------------------------
 
     def bundle(self, **kw):
+        if self.bounds is not None:
+            kw["extra"] = {**self.bounds.metadata(), **kw.get("extra", {})}
         return bundle_from(self.model, self.params, self.norm, **kw)
 
     def checkpoint(self) -> Checkpoint:
@@ -319,9 +349,9 @@ class PPOTrainer:
                 name, _, leaf = k[len("opt."):].rpartition(".")
                 (state.setdefault(name, {}) if name else state)[leaf] = mx.array(v)
         t.opt.state = state
-        _load_env_state(t.env, ck.arrays, ck.state["env"])
-        t.obs, t.h, t.c = ck.arrays["obs"], ck.arrays["h"], ck.arrays["c"]
-        t.starts, t.ret_acc = ck.arrays["starts"], ck.arrays["ret_acc"]
+        if _load_env_state(t.env, ck.arrays, ck.state["env"]):
+            t.obs, t.h, t.c = ck.arrays["obs"], ck.arrays["h"], ck.arrays["c"]
+            t.starts, t.ret_acc = ck.arrays["starts"], ck.arrays["ret_acc"]
         t.update_idx, t.steps = ck.state["update"], ck.state["steps"]
         t.norm = RunningMeanStd.from_state(ck.state["norm"])
         t.ret_rms = RunningMeanStd.from_state(ck.state["ret_rms"])
@@ -331,7 +361,11 @@ class PPOTrainer:
 
 
 def _env_state(env) -> tuple[dict[str, np.ndarray], dict]:
-    """Every array, scalar and generator state of a numpy vector environment."""
+    """Every array, scalar and generator state of a numpy vector environment. A Gymnasium
+    environment's state is its own (it cannot be saved in general): a resumed run starts new
+    episodes there."""
+    if not hasattr(env, "_rngs"):
+        return {}, {"scalars": {}, "rngs": [], "fresh": True}
     arrays, scalars = {}, {}
     for k, v in vars(env).items():
         if isinstance(v, np.ndarray):
@@ -341,14 +375,18 @@ def _env_state(env) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, {"scalars": scalars, "rngs": [g.bit_generator.state for g in env._rngs]}
 
 
-def _load_env_state(env, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def _load_env_state(env, arrays: dict[str, np.ndarray], meta: dict) -> bool:
+    """Restore what :func:`_env_state` saved; False when the environment starts afresh."""
+    if meta.get("fresh"):
+        return False
     for k, v in arrays.items():
         if k.startswith("env."):
             setattr(env, k[4:], v.copy())
     for k, v in meta["scalars"].items():
         setattr(env, k, v)
-    for g, s in zip(env._rngs, meta["rngs"]):
+    for g, s in zip(env._rngs, meta["rngs"], strict=True):
         g.bit_generator.state = s
+    return True
 
 
 def evaluate(bundle, env_id: str, episodes: int = 20, *, seed: int = 12345, deterministic: bool = True,

@@ -63,7 +63,8 @@ def pad_sequences(seqs: list[Sequence]) -> dict[str, np.ndarray]:
     out = {"obs": np.zeros((T, B, D), np.float32), "actions": np.zeros((T, B), np.int32),
            "logp": np.zeros((T, B), np.float32), "reward": np.zeros((T, B), np.float32),
            "done": np.zeros((T, B), np.float32), "mask": np.zeros((T, B), np.float32),
-           "h0": np.stack([s.h0 for s in seqs]).astype(np.float32), "c0": np.stack([s.c0 for s in seqs]).astype(np.float32)}
+           "h0": np.stack([s.h0 for s in seqs]).astype(np.float32),
+           "c0": np.stack([s.c0 for s in seqs]).astype(np.float32)}
     for b, s in enumerate(seqs):
         n = len(s.seqs)
         out["obs"][:n, b] = s.obs
@@ -139,7 +140,7 @@ class VTraceTrainer:
             raise ValueError("no usable sequences (each needs more than burn_in + 1 steps)")
         norm = {k: mx.array(v) for k, v in self.norm.as_params().items()}
         total = cfg.epochs * len(seqs)
-        bar = Progress(total, enabled=progress)
+        bar = Progress(total, enabled=progress, what="sequences")
         done_n, stats, t0 = 0, [], time.monotonic()
         for epoch in range(cfg.epochs):
             order = self.rng.permutation(len(seqs))
@@ -154,7 +155,7 @@ class VTraceTrainer:
                 mx.eval(self.params_mx, self.opt.state, loss, aux)
                 stats.append([float(loss)] + [float(a) for a in aux])
                 done_n += len(order[k:k + cfg.batch_sequences])
-                bar.update(done_n, loss=f"{float(loss):.3f}")
+                bar.update(done_n, loss=float(loss), pg_loss=float(aux[0]), v_loss=float(aux[1]))
                 if metrics:
                     metrics.write(epoch=epoch, sequences=done_n, loss=float(loss), pg_loss=float(aux[0]),
                                   v_loss=float(aux[1]), entropy=float(aux[2]), mean_ratio=float(aux[3]))
