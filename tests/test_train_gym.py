@@ -19,6 +19,7 @@ pytest.importorskip("mlx.core")
 pytest.importorskip("gymnasium")
 
 import gymnasium as gym  # noqa: E402
+
 from cogbert_cloud.errors import EnvironmentNotFoundError, UnsupportedSpaceError  # noqa: E402
 from cogbert_cloud.learn.envs import GymVecEnv, make_vec_env  # noqa: E402
 from cogbert_cloud.learn.train.config import resolve  # noqa: E402
