@@ -168,8 +168,8 @@ def test_spaces_the_trainer_cannot_take_raise_typed_errors():
         def __init__(self, space):
             self.observation_space, self.action_space = gym.spaces.Box(-1, 1, (2,)), space
 
-    gym.register("CogbertTest/Obs-v0", entry_point=Obs)
-    gym.register("CogbertTest/Act-v0", entry_point=Act)
+    gym.register("CogbertTest/Obs-v0", entry_point=Obs)  # type: ignore[arg-type]
+    gym.register("CogbertTest/Act-v0", entry_point=Act)  # type: ignore[arg-type]
     bad_obs = {"image": gym.spaces.Box(0, 255, (32, 32, 3), np.uint8),
                "Dict": gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,))}), "Text": gym.spaces.Text(5)}
     for name, space in bad_obs.items():
