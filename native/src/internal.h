@@ -17,12 +17,19 @@
 /* Position of input j%4 inside its quad of xq. */
 #define CB_QPOS(j) (((j) & ~(size_t)3) + (((j) & 1) << 1) + (((j) >> 1) & 1))
 
+/* Every block the library allocates is aligned to this (cache lines; no SIMD load straddles). */
+#define CB_ALIGN 64
+
+/* ---- allocator (alloc.c) and status helpers (status.c): depend on libc only ----------- */
+
 typedef struct {
     cogbert_alloc_fn alloc;
     cogbert_free_fn free;
     void *ctx;
 } cb_allocator;
 
+/* The options' allocator, or malloc/free when options is NULL or sets none. */
+void cb_allocator_from(const cogbert_options *options, cb_allocator *a);
 void *cb_malloc(const cb_allocator *a, size_t size);
 void cb_free(const cb_allocator *a, void *p);
 /* a * b, or 0 with *overflow set when it does not fit size_t. */
@@ -147,7 +154,41 @@ extern const cb_kernels cb_scalar_kernels, cb_scalar8_kernels, cb_avx2_kernels, 
 /* The AVX2 fp32 product and LSTM cell, shared by the VNNI table. */
 void cb_avx2_linear_f32(const cb_layer *L, size_t B, const float *x, size_t ldx, float *y, size_t ldy, int acc);
 void cb_avx2_cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out);
+
+/* ---- CPU dispatch (dispatch.c) -------------------------------------------------------- */
+
 int cb_cpu_has_avx2_fma(void);
 int cb_cpu_has_avx512_vnni(void);
+/* The table for a COGBERT_KERNEL_* (AUTO: the best this build and CPU have) into *out, or
+ * ARGUMENT / UNSUPPORTED with err filled. */
+int cb_choose_kernels(int want, cb_kernels *out, cogbert_error *err);
+const char *cb_kernel_name(int id);
+
+/* ---- policy (policy.c), state (state.c), step (step.c), sampling (sample.c) ------------- */
+
+struct cogbert_policy {
+    cb_allocator alloc;
+    cb_kernels k;
+    size_t obs_dim, hidden, action_size, n_enc, lstm_in, cat_w, max_width, max_qcols, max_groups;
+    int continuous, fused, weight_bits;
+    float clip;
+    float *mean, *std, *log_std;
+    cb_layer enc[CB_MAX_ENCODER], lstm, lstm_hh, policy, value;
+    size_t bytes, macs;
+    void *mem[4 * CB_MAX_LAYERS + 8];
+    size_t n_mem;
+    char model_id[132];
+};
+
+struct cogbert_state {
+    const cogbert_policy *p;
+    size_t max_batch;
+    float *h, *c, *xa, *xb, *cat, *gates, *xs, *xsum, *head, *value;
+    int16_t *xq;
+    void *block;
+    size_t bytes;
+};
+
+int cb_all_finite(const float *x, size_t n);
 
 #endif
