@@ -50,7 +50,9 @@ class SimulateSettings:
     fleet: str = "sim"
     prefix: str = field(default="sim", metadata={"help": "device ids are PREFIX-0000, PREFIX-0001, ..."})
     first_index: int = 0
-    env: str = field(default="auto", metadata={"help": "sensor, ProductionChain-v0, or auto (by the bundle's shape)"})
+    env: str = field(default="auto", metadata={"help": "sensor, auto (by the bundle's shape: ProductionChain-v0 "
+                                               "or sensor), or any Gymnasium id the bundle fits"})
+    env_package: str = field(default="", metadata={"help": "modules to import first (they register --env)"})
     rate: float = field(default=0.0, metadata={"help": "decisions per second per device; 0 = as fast as possible"})
     drain_timeout: float = 120.0
     ack_timeout: float = 10.0
@@ -90,42 +92,54 @@ class SensorEnv:
         return self._obs(), reward, False, self.t >= self.episode
 
 
-def _make_env(name: str, obs_dim: int, n_actions: int, seed: int):
-    """The environment a simulated device acts in: ``sensor``, ProductionChain-v0, or ``auto``
-    (ProductionChain-v0 when the bundle fits it and gymnasium is installed, else ``sensor``)."""
-    if name == "sensor":
-        return SensorEnv(obs_dim, n_actions, seed)
-    if name not in ("auto", "ProductionChain-v0"):
-        raise ConfigError(f"unknown simulation environment {name!r}; use sensor, ProductionChain-v0 or auto")
-    try:
-        from cogbert_cloud.learn.envs import make_env
-    except ModuleNotFoundError:
-        if name == "auto":
+def _make_env(name: str, obs_dim: int, n_actions: int, seed: int, *, discrete: bool = True,
+              env_package: str = ""):
+    """The environment a simulated device acts in: ``sensor``, ``auto`` (ProductionChain-v0 when
+    the bundle fits it and gymnasium is installed, else ``sensor``), or any Gymnasium id the
+    bundle fits (``env_package``: modules to import first, comma-separated), with discrete or
+    continuous actions."""
+    if name == "sensor" or (name == "auto" and discrete):
+        if name == "sensor" and not discrete:
+            raise ConfigError("the sensor environment takes discrete actions; name the bundle's environment (--env ID)")
+        try:
+            from cogbert_cloud.learn.envs import make_env
+        except ModuleNotFoundError:
             return SensorEnv(obs_dim, n_actions, seed)
-        raise
-    env = make_env("ProductionChain-v0")
-    fits = env.observation_space.shape == (obs_dim,) and getattr(env.action_space, "n", None) == n_actions
-    if fits:
-        return _GymAdapter(env, seed)
+        if name == "sensor":
+            return SensorEnv(obs_dim, n_actions, seed)
+        env = make_env("ProductionChain-v0")
+        fits = env.observation_space.shape == (obs_dim,) and getattr(env.action_space, "n", None) == n_actions
+        return _GymAdapter(env, seed, discrete=True) if fits else SensorEnv(obs_dim, n_actions, seed)
     if name == "auto":
-        return SensorEnv(obs_dim, n_actions, seed)
-    raise ConfigError(f"the bundle (obs {obs_dim}, {n_actions} actions) does not fit ProductionChain-v0 "
-                      f"(obs {env.observation_space.shape}, actions {env.action_space}); train one for it "
-                      "(cogbert cloud train --env ProductionChain-v0) or use --env sensor")
+        raise ConfigError("a bundle with continuous actions needs its environment named: --env ID (e.g. Pendulum-v1)")
+    from cogbert_cloud.learn.envs import import_env_packages, make_env
+    from cogbert_cloud.learn.envs.gym_adapter import action_bounds, flat_obs_dim
+    import_env_packages(env_package)
+    env = make_env(name)
+    kind, size, _, _ = action_bounds(env.action_space, name)
+    dim = flat_obs_dim(env.observation_space, name)
+    if dim != obs_dim or size != n_actions or (kind == "discrete") != discrete:
+        raise ConfigError(f"the bundle (obs {obs_dim}, {n_actions} {'discrete' if discrete else 'continuous'} "
+                          f"actions) does not fit {name} (obs {dim}, {size} {kind}); train one for it "
+                          f"(cogbert cloud train --env {name})")
+    return _GymAdapter(env, seed, discrete=discrete)
 
 
 class _GymAdapter:
-    def __init__(self, env, seed: int) -> None:
-        self.env, self.seed = env, seed
+    def __init__(self, env, seed: int, *, discrete: bool = True) -> None:
+        self.env, self.seed, self.discrete = env, seed, discrete
+        self._start = int(getattr(env.action_space, "start", 0)) if discrete else 0
 
     def reset(self) -> np.ndarray:
         obs, _ = self.env.reset(seed=self.seed)
         self.seed += 1_000_003
-        return obs
+        return np.asarray(obs, np.float32).reshape(-1)
 
     def step(self, action):
-        obs, r, term, trunc, _ = self.env.step(int(action))
-        return obs, float(r), bool(term), bool(trunc)
+        # Continuous: the Policy already applied the bundle's bounds (the action it logged).
+        a = int(action) + self._start if self.discrete else np.asarray(action, self.env.action_space.dtype)
+        obs, r, term, trunc, _ = self.env.step(a)
+        return np.asarray(obs, np.float32).reshape(-1), float(r), bool(term), bool(trunc)
 
 
 _stop = threading.Event()   # SIGTERM: stop deciding, deliver what was logged, report
@@ -148,7 +162,8 @@ def _simulate_device(s: SimulateSettings, index: int, dev_id: str, results: dict
                                 update=UpdateSettings(trial_decisions=s.trial_decisions, trial_seconds=s.trial_seconds),
                                 telemetry_interval=s.telemetry_interval)).start()
     cfg = dev.policy.config
-    env = _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed * 7919 + index)
+    env = _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed * 7919 + index, discrete=cfg.action.discrete,
+                    env_package=s.env_package)
     logged_before = dev.outbox.last_seq
     todo = max(0, s.steps - logged_before)
     obs, state = env.reset(), dev.policy.initial_state()
@@ -199,9 +214,8 @@ def run(s: SimulateSettings) -> dict:
             if not (s.pki / "devices" / dev_id / "cert.pem").exists():
                 pki.issue_device(dev_id, fleet=s.fleet)
     cfg = load_bundle(s.bundle).config   # fail early and clearly on a bad bundle ...
-    if not cfg.action.discrete:
-        raise ConfigError(f"{s.bundle} has a continuous action space; the simulated devices need a discrete one")
-    _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed)   # ... or one that does not fit the environment
+    # ... or one that does not fit the environment
+    _make_env(s.env, cfg.obs_dim, cfg.action.size, s.seed, discrete=cfg.action.discrete, env_package=s.env_package)
     _stop.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: _stop.set())

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cogbert_cloud.errors import OPEError
 from cogbert_cloud.learn.envs import make_vec_env
 from cogbert_edge import Bundle, Policy
-from cogbert_edge.errors import CogbertError
+from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.model import NumpyMath, log_prob, sequence
 
 __all__ = ["Episodes", "Terms", "OPEError", "ESTIMATORS", "collect_episodes", "episodes_from_store",
@@ -46,8 +47,6 @@ __all__ = ["Episodes", "Terms", "OPEError", "ESTIMATORS", "collect_episodes", "e
 ESTIMATORS = ("wis", "pdwis", "dr")
 
 
-class OPEError(CogbertError):
-    """Off-policy evaluation cannot run on this data (wrong shapes, no episodes, bad values)."""
 
 
 @dataclass
@@ -125,7 +124,7 @@ def windowed(terms: Terms, horizon: int, stride: int) -> Terms:
     rows = [(i, t) for i in range(n) for t in range(0, int(lengths[i]), stride)]
     if not rows:
         raise OPEError("no steps to start a window at")
-    ii, ss = (np.array(x) for x in zip(*rows))
+    ii, ss = (np.array(x) for x in zip(*rows, strict=True))
     cols = ss[:, None] + np.arange(horizon)[None, :]
     inside = cols < t_max
     cols = np.minimum(cols, t_max - 1)
@@ -162,7 +161,7 @@ def collect_episodes(bundle: Bundle, env_id: str, steps: int, seed: int = 0, *,
         d = policy.act_batch(obs, state, rng=rng)
         action = np.asarray(d.action)
         nxt, reward, term, trunc, _ = env.step(action)
-        for col, v in zip(hist, (obs, action, d.log_prob, reward)):
+        for col, v in zip(hist, (obs, action, d.log_prob, reward), strict=True):
             col.append(v)
         ended = term | trunc
         for i in np.flatnonzero(ended):
@@ -198,6 +197,7 @@ def episodes_from_sequences(seqs: Iterable) -> tuple[Episodes, dict]:
         for runs_s in sessions.values():
             cur: list = []
             start_ok = after_end = False
+            last_end = -1     # the outbox number that ended the previous episode (with after_end)
             for s in runs_s:
                 fresh = not np.any(s.h0) and not np.any(s.c0)
                 if cur and not fresh and _joined(covered, int(cur[-1].seqs[-1]), int(s.seqs[0])):
@@ -243,8 +243,12 @@ def target_terms(bundle: Bundle, eps: Episodes, *, chunk: int = 512) -> Terms:
     cfg = bundle.config
     if eps.obs.shape[-1] != cfg.obs_dim:
         raise OPEError(f"logged observations have {eps.obs.shape[-1]} values; the model takes {cfg.obs_dim}")
-    if not np.isfinite(eps.log_prob[eps.mask]).all() or (eps.log_prob[eps.mask] > 1e-4).any():
-        raise OPEError("behaviour log-probabilities must be finite and <= 0")
+    if not np.isfinite(eps.log_prob[eps.mask]).all():
+        raise OPEError("behaviour log-probabilities must be finite")
+    # A probability is at most 1; a continuous action's log-density may be positive.
+    if cfg.action.discrete and (eps.log_prob[eps.mask] > 1e-4).any():
+        raise OPEError("behaviour log-probabilities of discrete actions must be <= 0")
+    bounds = None if cfg.action.discrete else ActionBounds.from_extra(bundle.extra, cfg.action.size)
     F = NumpyMath(bundle.fp32_params())
     logp = np.zeros(eps.mask.shape)
     value = np.zeros(eps.mask.shape)
@@ -260,7 +264,14 @@ def target_terms(bundle: Bundle, eps: Episodes, *, chunk: int = 512) -> Terms:
             if act.min() < 0 or act.max() >= cfg.action.size:
                 raise OPEError(f"logged actions outside [0, {cfg.action.size})")
             onehot = np.eye(cfg.action.size, dtype=np.float32)[act]
-        logp[sl] = log_prob(F, cfg, head.astype(np.float64), act, onehot).T
+        if bounds is not None:
+            # Devices log the squashed action they applied and its density: evaluate the
+            # target's density of that same action (the Gaussian's at its pre-image, over the
+            # squash's Jacobian; see cogbert_edge/inference/bounds.py).
+            u = bounds.unsquash(act)
+            logp[sl] = (log_prob(F, cfg, head.astype(np.float64), u, None) - bounds.log_det(u)).T
+        else:
+            logp[sl] = log_prob(F, cfg, head.astype(np.float64), act, onehot).T
         value[sl] = v.T
     m = eps.mask
     return Terms(np.where(m, logp - eps.log_prob, 0.0), np.where(m, eps.reward, 0.0), np.where(m, value, 0.0), m)

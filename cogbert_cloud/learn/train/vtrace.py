@@ -34,6 +34,7 @@ from cogbert_cloud.learn.train.common import (
     to_np,
 )
 from cogbert_edge._internal.mlx import import_mlx
+from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import entropy, log_prob, sequence
 
@@ -56,11 +57,16 @@ class VTraceConfig:
     reward_scale: float = 1.0
 
 
-def pad_sequences(seqs: list[Sequence]) -> dict[str, np.ndarray]:
-    """Stack sequences time-major ``[T, B, ...]`` with a validity mask."""
+def pad_sequences(seqs: list[Sequence], bounds: ActionBounds | None = None) -> dict[str, np.ndarray]:
+    """Stack sequences time-major ``[T, B, ...]`` with a validity mask. Continuous actions are
+    ``[T, B, act_dim]``; with ``bounds`` the logged (squashed) actions are mapped back to the
+    Gaussian's ``u``, and ``log_det`` holds the squash's log-Jacobian at each."""
     T, B = max(len(s.seqs) for s in seqs), len(seqs)
     D = seqs[0].obs.shape[1]
-    out = {"obs": np.zeros((T, B, D), np.float32), "actions": np.zeros((T, B), np.int32),
+    act = seqs[0].action
+    act_shape = (T, B) if act.ndim == 1 else (T, B, act.shape[1])
+    out = {"obs": np.zeros((T, B, D), np.float32),
+           "actions": np.zeros(act_shape, np.int32 if act.ndim == 1 else np.float32),
            "logp": np.zeros((T, B), np.float32), "reward": np.zeros((T, B), np.float32),
            "done": np.zeros((T, B), np.float32), "mask": np.zeros((T, B), np.float32),
            "h0": np.stack([s.h0 for s in seqs]).astype(np.float32),
@@ -73,6 +79,10 @@ def pad_sequences(seqs: list[Sequence]) -> dict[str, np.ndarray]:
         out["reward"][:n, b] = s.reward
         out["done"][:n, b] = s.done | s.truncated
         out["mask"][:n, b] = 1.0
+    out["log_det"] = np.zeros((T, B), np.float32)
+    if bounds is not None and act.ndim == 2:
+        out["actions"] = bounds.unsquash(out["actions"])
+        out["log_det"] = bounds.log_det(out["actions"]).astype(np.float32) * out["mask"]
     return out
 
 
@@ -93,18 +103,24 @@ class VTraceTrainer:
         self.rng = np.random.default_rng(self.cfg.seed)
         self._grad = self._make_grad()
         self.parent = init.model_id
+        self.bounds = (None if self.model.action.discrete else
+                       ActionBounds.from_extra(init.extra, self.model.action.size))
 
     def _make_grad(self):
         mx, cfg, model = self.mx, self.cfg, self.model
         from cogbert_edge.inference.backends.mlx_backend import MLXMath
 
-        def loss(params, norm, obs, h0, c0, actions, mu_logp, reward, done, mask):
+        def loss(params, norm, obs, h0, c0, actions, mu_logp, reward, done, mask, log_det):
             F = MLXMath({**params, **norm})
             T = obs.shape[0]
-            starts = mx.zeros(actions.shape)
+            starts = mx.zeros(mask.shape)
             heads, values, _, _ = sequence(F, model, obs, h0, c0, starts, mx.stack)
-            onehot = (mx.arange(model.action.size)[None, None, :] == actions[..., None]).astype(mx.float32)
-            logp = log_prob(F, model, heads, actions, onehot)
+            onehot = None
+            if model.action.discrete:
+                onehot = (mx.arange(model.action.size)[None, None, :] == actions[..., None]).astype(mx.float32)
+            # Continuous and bounded: the density of the logged (applied) action is the
+            # Gaussian's at its pre-image over the squash's Jacobian, as the device logged it.
+            logp = log_prob(F, model, heads, actions, onehot) - log_det
             ratio = mx.stop_gradient(mx.exp(logp - mu_logp))
             rho = mx.minimum(ratio, cfg.rho_bar)
             cs = mx.minimum(ratio, cfg.c_bar)
@@ -145,9 +161,10 @@ class VTraceTrainer:
         for epoch in range(cfg.epochs):
             order = self.rng.permutation(len(seqs))
             for k in range(0, len(seqs), cfg.batch_sequences):
-                batch = pad_sequences([seqs[i] for i in order[k:k + cfg.batch_sequences]])
+                batch = pad_sequences([seqs[i] for i in order[k:k + cfg.batch_sequences]], self.bounds)
                 batch["reward"] = batch["reward"] * cfg.reward_scale
-                args = [mx.array(batch[x]) for x in ("obs", "h0", "c0", "actions", "logp", "reward", "done", "mask")]
+                args = [mx.array(batch[x]) for x in ("obs", "h0", "c0", "actions", "logp", "reward", "done", "mask",
+                                                     "log_det")]
                 (loss, aux), grads = self._grad(self.params_mx, norm, *args)
                 grads = self.dp.average(grads)
                 grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -166,4 +183,6 @@ class VTraceTrainer:
                 "wall_s": round(time.monotonic() - t0, 2), "loss": float(s[0]), "mean_ratio": float(s[4])}
 
     def bundle(self, **kw) -> Bundle:
+        if self.bounds is not None:
+            kw["extra"] = {**self.bounds.metadata(), **kw.get("extra", {})}
         return bundle_from(self.model, self.params, self.norm, parent=self.parent, **kw)
