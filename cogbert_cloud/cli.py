@@ -73,6 +73,8 @@ def _register_cloud(sub: argparse._SubParsersAction, release_sub: argparse._SubP
               lambda: __import__("cogbert_cloud.learn.train.command", fromlist=["register"]).register(csub))
     _optional(csub, {"evaluate": "off-policy evaluation and the promotion gate"},
               lambda: __import__("cogbert_cloud.learn.gate", fromlist=["register"]).register(csub))
+    _optional(csub, {"decide": "the decision service for thin clients (HTTP and WebSocket)"},
+              lambda: __import__("cogbert_cloud.service.decide.server", fromlist=["register"]).register(csub))
     _optional(csub, {"serve": "the control plane: rollout controller, operator API, learning loop",
                      "token": "make an API bearer token and print it with its digest"},
               lambda: __import__("cogbert_cloud.service.serve", fromlist=["register"]).register(csub, release_sub))
