@@ -146,12 +146,22 @@ class PKI:
                            days=days, sans=sans)
 
     def issue_device(self, device_id: str, *, fleet: str = "default", days: int = 365,
-                     not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> Identity:
-        """Device ``device_id`` of ``fleet``: the certificate's CN is the id, its OU the fleet."""
+                     not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+                     site: str | None = None, site_role: str = "agent") -> Identity:
+        """Device ``device_id`` of ``fleet``: the certificate's CN is the id, its OU the fleet.
+
+        A member of a multi-agent site also carries its site (subject L) and its site role
+        (subject title: ``agent`` or ``coordinator``), which the broker's site ACLs read."""
         check_device_id(device_id)
+        site_entries = None
+        if site is not None:
+            from cogbert_edge.site.topics import SITE_ROLES, check_site
+            if site_role not in SITE_ROLES:
+                raise PKIError(f"site_role must be one of {SITE_ROLES}, got {site_role!r}")
+            site_entries = (check_site(site), site_role)
         return self._issue("device", device_id, self.root / "devices" / device_id,
                            ExtendedKeyUsageOID.CLIENT_AUTH, days=days, not_before=not_before,
-                           not_after=not_after, fleet=check_fleet(fleet))
+                           not_after=not_after, fleet=check_fleet(fleet), site=site_entries)
 
     def issue_service(self, name: str, *, days: int = 365) -> Identity:
         return self._issue("service", service_username(name), self.root / "services" / name,
@@ -266,7 +276,7 @@ class PKI:
     def _issue(self, kind: str, cn: str, directory: Path, eku: x509.ObjectIdentifier, *, days: int,
                sans: list[x509.GeneralName] | None = None, public_key=None,
                not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-               fleet: str | None = None) -> Identity:
+               fleet: str | None = None, site: tuple[str, str] | None = None) -> Identity:
         ca_cert, ca_key = self._ca(services=kind == "service")
         key = None
         if public_key is None:
@@ -278,6 +288,8 @@ class PKI:
         subject = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
         if fleet is not None:
             subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, fleet))
+        if site is not None:
+            subject += [x509.NameAttribute(NameOID.LOCALITY_NAME, site[0]), x509.NameAttribute(NameOID.TITLE, site[1])]
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name(subject))
                    .issuer_name(ca_cert.subject).public_key(public_key)
@@ -307,6 +319,8 @@ class PKI:
                  "revoked_at": None}
         if fleet is not None:
             entry["fleet"] = fleet
+        if site is not None:
+            entry["site"], entry["site_role"] = site
         if kind == "service":
             entry["ca"] = "services"
         index.append(entry)

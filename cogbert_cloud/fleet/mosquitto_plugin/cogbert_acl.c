@@ -18,6 +18,11 @@
  *    (replicas of one service choose distinct suffixes; no client can take over another
  *    service's session); the username becomes the CN, whatever the client sent. Their topics
  *    come from the acl_file (one block per service identity, by role): the plugin defers.
+ *  - Sites (multi-agent sites): a device certificate may name a site (subject L) and a site role
+ *    (subject title: "agent" or "coordinator"). A member M of site S of fleet F may publish
+ *    PREFIX/F/_site/S/M/msg, the coordinator also PREFIX/F/_site/S/M/decision, and members of S
+ *    may subscribe to PREFIX/F/_site/S/{+ or a member}/{msg,decision} and receive S's messages.
+ *    Nobody outside S may do any of it; "_site" is no valid device id, so it cannot collide.
  *  - A name listed in the revoked file is refused everything and kicked off the broker within
  *    about a second of the file changing (Mosquitto checks the CRL only at connect time).
  *
@@ -97,17 +102,29 @@ static bool is_revoked(const struct policy *pol, const char *username)
 }
 
 /* Whether device `dev` of fleet `fleet` may do `access` on `topic`. */
-static bool device_allowed(const struct policy *pol, const char *dev, const char *fleet, int access,
-                           const char *topic)
+static bool site_allowed(const char *dev, const char *site, const char *role, int access, const char *p);
+
+static bool device_allowed(const struct policy *pol, const char *dev, const char *fleet, const char *site,
+                           const char *role, int access, const char *topic)
 {
 	size_t plen = strlen(pol->prefix);
 	const char *p;
 	char f[MAX_LEVEL + 1], d[MAX_LEVEL + 1], kind[MAX_LEVEL + 1];
 
-	if (!topic || has_wildcard(topic)) return false;
+	if (!topic || strchr(topic, '#') != NULL) return false;
 	if (strncmp(topic, pol->prefix, plen) != 0 || topic[plen] != '/') return false;
 	p = topic + plen + 1;
 	if (!next_level(&p, f) || strcmp(f, fleet) != 0 || !next_level(&p, d)) return false;
+	if (strcmp(d, "_site") == 0) {
+		/* '+' is allowed in exactly one place: the member level of a subscription (site_allowed). */
+		const char *q = p, *plus = strchr(p, '+');
+		if (plus) {
+			const char *slash = strchr(q, '/');
+			if (!slash || plus != slash + 1 || strchr(plus + 1, '+') || plus[1] != '/') return false;
+		}
+		return site_allowed(dev, site, role, access, p);
+	}
+	if (has_wildcard(topic)) return false;
 	if (*p == '\0') {       /* PREFIX/F/release: the fleet's retained release */
 		return strcmp(d, "release") == 0 && access != MOSQ_ACL_WRITE;
 	}
@@ -116,6 +133,26 @@ static bool device_allowed(const struct policy *pol, const char *dev, const char
 		return !strcmp(kind, "exp") || !strcmp(kind, "telemetry") || !strcmp(kind, "status");
 	}
 	return !strcmp(kind, "ack") || !strcmp(kind, "release");   /* subscribe, read */
+}
+
+/* Whether member `dev` of site `site` (role `role`, "" if none) of fleet `fleet` may do `access` on a
+ * site topic; `p` points after PREFIX/F/_site/. */
+static bool site_allowed(const char *dev, const char *site, const char *role, int access, const char *p)
+{
+	char s[MAX_LEVEL + 1], m[MAX_LEVEL + 1], kind[MAX_LEVEL + 1];
+	bool is_msg, is_decision;
+
+	if (!site[0] || !next_level(&p, s) || strcmp(s, site) != 0) return false;
+	if (!next_level(&p, m) || !next_level(&p, kind) || *p != '\0') return false;
+	is_msg = strcmp(kind, "msg") == 0;
+	is_decision = strcmp(kind, "decision") == 0;
+	if (!is_msg && !is_decision) return false;
+	if (access == MOSQ_ACL_WRITE) {
+		if (strcmp(m, dev) != 0) return false;
+		return is_msg ? (!strcmp(role, "agent") || !strcmp(role, "coordinator")) : !strcmp(role, "coordinator");
+	}
+	if (access == MOSQ_ACL_SUBSCRIBE && strcmp(m, "+") == 0) return true;   /* every member's, one level */
+	return valid_name(m);
 }
 
 /* The value of the certificate subject's entry `nid`, into out; false when absent or too long. */
@@ -170,13 +207,18 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_SUCCESS;
 }
 
-/* The fleet of a device connection: its certificate's OU. */
-static bool device_fleet(struct mosquitto *client, char *fleet, int size)
+/* The fleet of a device connection (its certificate's OU) and, when the certificate names them,
+ * its site (L) and site role (title); site and role are "" otherwise. */
+static bool device_fleet(struct mosquitto *client, char *fleet, int size, char *site, char *role, int rsize)
 {
 	X509 *cert = mosquitto_client_certificate(client);
 	bool ok;
+	site[0] = role[0] = '\0';
 	if (!cert) return false;
 	ok = subject_entry(cert, NID_organizationalUnitName, fleet, size) && valid_name(fleet);
+	if (ok && subject_entry(cert, NID_localityName, site, size)) {
+		if (!valid_name(site) || !subject_entry(cert, NID_title, role, rsize)) site[0] = role[0] = '\0';
+	}
 	X509_free(cert);
 	return ok;
 }
@@ -186,13 +228,15 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	struct mosquitto_evt_acl_check *ed = event_data;
 	struct policy *pol = userdata;
 	const char *username = mosquitto_client_username(ed->client);
-	char fleet[160];
+	char fleet[160], site[160], role[32];
 	(void)event;
 
 	if (!username || !*username || is_revoked(pol, username)) return MOSQ_ERR_ACL_DENIED;
 	if (strncmp(username, "svc:", 4) == 0) return MOSQ_ERR_PLUGIN_DEFER;   /* the acl_file's roles */
-	if (!valid_name(username) || !device_fleet(ed->client, fleet, sizeof(fleet))) return MOSQ_ERR_ACL_DENIED;
-	return device_allowed(pol, username, fleet, ed->access, ed->topic) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+	if (!valid_name(username) || !device_fleet(ed->client, fleet, sizeof(fleet), site, role, sizeof(role)))
+		return MOSQ_ERR_ACL_DENIED;
+	return device_allowed(pol, username, fleet, site, role, ed->access, ed->topic) ? MOSQ_ERR_SUCCESS
+	                                                                               : MOSQ_ERR_ACL_DENIED;
 }
 
 static void load_revoked(struct policy *pol)

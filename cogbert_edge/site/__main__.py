@@ -1,0 +1,67 @@
+"""Run one site agent as a process: observations in, actions out, as JSON lines.
+
+    python -m cogbert_edge.site --device station_0 --fleet F --site S --members a,b,c \
+        --coordinator coord --broker mqtts://host:8883 --pki DIR --bundle role.safetensors
+
+Each input line is ``{"step": t, "obs": [...]}`` (the station's local observation); each output
+line is ``{"step", "action", "proposed", "mode", "round_trip_ms", "peers_heard"}``. At the end of
+the input the agent prints ``{"metrics": ...}`` and exits. This is how a station's controller (or
+the plant simulator of the tests and the demo) drives an agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cogbert_edge.errors import CogbertError
+from cogbert_edge.inference.policy import Policy
+from cogbert_edge.site.agent import SiteAgent, SiteAgentSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cogbert_edge.site", description="Run one agent of a site")
+    p.add_argument("--device", required=True)
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--site", required=True)
+    p.add_argument("--members", required=True, help="the site's agents, comma-separated, in agent-index order")
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--broker", required=True)
+    p.add_argument("--pki", required=True, type=Path)
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--mode", default="centralized", choices=["centralized", "decentralized"])
+    p.add_argument("--deadline-ms", type=float, default=50.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        settings = SiteAgentSettings(a.device, a.fleet, a.site, a.members.split(","), a.coordinator, a.broker,
+                                     a.pki, a.mode, a.deadline_ms)
+        agent = SiteAgent(settings, Policy.load(a.bundle, "numpy", seed=a.seed)).start()
+    except CogbertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    print(json.dumps({"event": "agent_ready", "device": a.device}), file=out, flush=True)
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                r = agent.step(int(req["step"]), req["obs"])
+            except (ValueError, KeyError, TypeError, CogbertError) as e:
+                # Bad input gets an error line and the agent keeps going.
+                print(json.dumps({"error": str(e)[:200]}), file=out, flush=True)
+                continue
+            print(json.dumps({"step": r.step, "action": r.action, "proposed": r.proposed, "mode": r.mode,
+                              "round_trip_ms": r.round_trip_ms, "peers_heard": r.peers_heard}), file=out, flush=True)
+        print(json.dumps({"metrics": agent.metrics()}), file=out, flush=True)
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
