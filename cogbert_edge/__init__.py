@@ -35,6 +35,11 @@ _LAZY = {
     "Decision": ".inference.policy",
     "Policy": ".inference.policy",
     "State": ".inference.policy",
+    "AsyncDecideClient": ".decide_client",
+    "DecideClient": ".decide_client",
+    "DecideRequestError": ".decide_client",
+    "DecideUnavailable": ".decide_client",
+    "RemoteDecision": ".decide_client",
     "Device": ".device",
     "DeviceSettings": ".device",
     "LoggedDecision": ".device",
@@ -46,11 +51,15 @@ _LAZY = {
 
 __all__ = [
     "ActionSpace",
+    "AsyncDecideClient",
     "BackendUnavailableError",
     "Bundle",
     "BundleError",
     "CogbertError",
     "ConfigError",
+    "DecideClient",
+    "DecideRequestError",
+    "DecideUnavailable",
     "Decision",
     "Device",
     "DeviceSettings",
@@ -62,6 +71,7 @@ __all__ = [
     "OutboxSettings",
     "Policy",
     "QuantSpec",
+    "RemoteDecision",
     "State",
     "UpdateSettings",
     "UploaderSettings",
@@ -85,6 +95,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from cogbert_edge.decide_client import (
+        AsyncDecideClient,
+        DecideClient,
+        DecideRequestError,
+        DecideUnavailable,
+        RemoteDecision,
+    )
     from cogbert_edge.device import Device, DeviceSettings, LoggedDecision
     from cogbert_edge.experience.outbox import OutboxSettings
     from cogbert_edge.experience.uploader import UploaderSettings
