@@ -59,7 +59,6 @@ class MARLConfig:
     epochs: int = 5
     minibatches: int = 2
     lr: float = 5e-4
-    critic_lr: float = 5e-4
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip: float = 0.2
@@ -75,10 +74,10 @@ class MARLConfig:
 
 
 MARL_PRESETS: dict[str, dict] = {
-    "ProductionLine-v0": dict(num_envs=16, rollout=128, epochs=5, minibatches=2, lr=7e-4, critic_lr=7e-4,
+    "ProductionLine-v0": dict(num_envs=16, rollout=128, epochs=4, minibatches=2, lr=7e-4,
                               ent_coef=0.01),
     # MAPPO's MPE settings (15 epochs on easy tasks, one minibatch), with fewer environments.
-    "mpe2:simple_spread_v3": dict(num_envs=16, rollout=25, epochs=10, minibatches=1, lr=7e-4, critic_lr=7e-4,
+    "mpe2:simple_spread_v3": dict(num_envs=16, rollout=25, epochs=10, minibatches=1, lr=7e-4,
                                   ent_coef=0.01, gamma=0.99),
 }
 
