@@ -44,6 +44,7 @@ from cogbert_edge import (
 )
 from cogbert_edge.link.mqtt import LinkSettings, MqttLink
 from cogbert_edge.update.agent import golden_outputs
+from cogbert_edge.wire.messages import StatusReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +112,7 @@ def swap_main(args: argparse.Namespace) -> dict:
             marks.append((start, len(lat)))
             while dev.updater.trial is not None:     # let the trial commit before the next release
                 decide(50)
-        statuses = [s["status"] for s in dev.updater.statuses]
+        statuses = [s.status for s in dev.updater.statuses]
         dev.close(flush=False)
     around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
     return {"suite": "swap", "model": "reference (obs 64, LSTM 256, 8 actions), fp32", "backend": dev.policy.backend,
@@ -147,11 +148,11 @@ def rollout_main(args: argparse.Namespace) -> dict:
             lock = threading.Lock()
 
             def on_status(m) -> None:
-                s = json.loads(m.payload)
+                s = StatusReport.decode(m.payload)
                 with lock:
-                    statuses.setdefault(s["device"], []).append(s["status"])
-                    if s["status"] == "committed":
-                        committed.setdefault(s["device"], time.monotonic())
+                    statuses.setdefault(s.device, []).append(s.status)
+                    if s.kind == "committed":
+                        committed.setdefault(s.device, time.monotonic())
 
             ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="rollout-bench"))
             ctl.start()

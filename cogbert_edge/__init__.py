@@ -20,6 +20,8 @@ from cogbert_edge.errors import (
     ConfigError,
     LinkError,
     ObservationError,
+    VerificationError,
+    WireError,
 )
 
 __version__ = "0.1.0"
@@ -47,14 +49,21 @@ _LAZY = {
     "UploaderSettings": ".experience.uploader",
     "LinkSettings": ".link.mqtt",
     "UpdateSettings": ".update.agent",
+    "Ack": ".wire.messages",
+    "Chunk": ".wire.messages",
+    "ReleaseOffer": ".wire.messages",
+    "StatusReport": ".wire.messages",
+    "Telemetry": ".wire.messages",
 }
 
 __all__ = [
+    "Ack",
     "ActionSpace",
     "AsyncDecideClient",
     "BackendUnavailableError",
     "Bundle",
     "BundleError",
+    "Chunk",
     "CogbertError",
     "ConfigError",
     "DecideClient",
@@ -71,10 +80,15 @@ __all__ = [
     "OutboxSettings",
     "Policy",
     "QuantSpec",
+    "ReleaseOffer",
     "RemoteDecision",
     "State",
+    "StatusReport",
+    "Telemetry",
     "UpdateSettings",
     "UploaderSettings",
+    "VerificationError",
+    "WireError",
     "init_params",
     "load_bundle",
     "__version__",
@@ -111,3 +125,4 @@ if TYPE_CHECKING:
     from cogbert_edge.inference.quant import QuantSpec
     from cogbert_edge.link.mqtt import LinkSettings
     from cogbert_edge.update.agent import UpdateSettings
+    from cogbert_edge.wire.messages import Ack, Chunk, ReleaseOffer, StatusReport, Telemetry

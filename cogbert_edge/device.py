@@ -19,9 +19,9 @@ full disk and on a bad update.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from cogbert_edge.experience.uploader import Uploader, UploaderSettings
 from cogbert_edge.inference.policy import INVALID_OBS_POLICIES, Decision, Policy, State
 from cogbert_edge.link.mqtt import LinkSettings, MqttLink
 from cogbert_edge.update.agent import UpdateAgent, UpdateSettings
+from cogbert_edge.wire.messages import OutboxTelemetry, StatusReport, Telemetry, UploaderTelemetry
 from cogbert_edge.wire.topics import check_device_id, check_fleet, device_topic, fleet_release
 
 __all__ = ["Device", "DeviceSettings", "LoggedDecision"]
@@ -132,6 +133,7 @@ class Device:
         self._lat: list[float] = []
         self._lock = threading.Lock()
         self._states: dict[str, State] = {}
+        self._boot = secrets.token_hex(8)
         self.decisions = self.errors = self.nonfinite = self.state_resets = self.swaps = 0
         self.reward_sum, self.reward_count = 0.0, 0
         self._stop = threading.Event()
@@ -269,34 +271,38 @@ class Device:
 
     # -- reporting --------------------------------------------------------------------------
 
-    def _report_status(self, status: dict) -> None:
+    def _report_status(self, status: StatusReport) -> None:
         s = self.settings
-        report = {"device": s.device_id, "model": self.policy.model_id, **status}
-        self.link.publish(device_topic(s.fleet, s.device_id, "status"), json.dumps(report).encode(), qos=1)
+        report = status.with_sender(s.device_id, self.policy.model_id)
+        self.link.publish(device_topic(s.fleet, s.device_id, "status"), report.encode(), qos=1)
 
-    def telemetry(self) -> dict:
+    def telemetry(self) -> Telemetry:
         """What the device reports on its telemetry topic every ``telemetry_interval`` seconds."""
         with self._lock:
             lat = list(self._lat)
             decisions, errors = self.decisions, self.errors
         p95 = float(np.percentile(lat, 95) * 1e6) if lat else None
-        return {"device": self.settings.device_id, "model": self.policy.model_id, "time": time.time(),
-                "decisions": decisions, "errors": errors, "nonfinite": self.nonfinite,
-                "reward_sum": self.reward_sum, "reward_count": self.reward_count,
-                "sanitized": self.policy.sanitized, "swaps": self.swaps, "state_resets": self.state_resets,
-                "release": (self.updater.state.get("current") or {}).get("counter") if self.updater else None,
-                "latency_p95_us": p95, "outbox": self.outbox.stats(),
-                "uploader": {"sent": self.uploader.sent, "resent": self.uploader.resent,
-                             "acked": self.uploader.acked, "rejected": self.uploader.rejected},
-                "late_rewards": self.log.late_rewards, "refused_records": self.log.refused,
-                "link": self.link.state.value}
+        ob = self.outbox.stats()
+        return Telemetry(
+            device=self.settings.device_id, model=self.policy.model_id, time=time.time(),
+            decisions=decisions, errors=errors, nonfinite=self.nonfinite,
+            reward_sum=self.reward_sum, reward_count=self.reward_count,
+            sanitized=self.policy.sanitized, swaps=self.swaps, state_resets=self.state_resets,
+            release=self.updater.current_counter if self.updater else None, latency_p95_us=p95,
+            outbox=OutboxTelemetry(pending=ob["pending"], bytes=ob["bytes"], segments=ob["segments"],
+                                   last_seq=ob["last_seq"], acked_seq=ob["acked_seq"],
+                                   dropped_oldest=ob["dropped_oldest"], dropped_unwritten=ob["dropped_unwritten"]),
+            uploader=UploaderTelemetry(sent=self.uploader.sent, resent=self.uploader.resent,
+                                       acked=self.uploader.acked, rejected=self.uploader.rejected),
+            late_rewards=self.log.late_rewards, refused_records=self.log.refused,
+            link=self.link.state.value, boot=self._boot)
 
     def _telemetry_loop(self) -> None:
         s = self.settings
         topic = device_topic(s.fleet, s.device_id, "telemetry")
         while not self._stop.wait(s.telemetry_interval):
             try:
-                self.link.publish(topic, json.dumps(self.telemetry()).encode(), qos=0)
+                self.link.publish(topic, self.telemetry().encode(), qos=0)
             except Exception as e:  # noqa: BLE001 - telemetry must never hurt the device
                 event(log, "telemetry_failed", level=logging.WARNING, device=s.device_id, error=str(e))
 

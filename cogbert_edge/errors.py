@@ -1,7 +1,25 @@
 """The one exception hierarchy of Cogbert, shared by the edge SDK and the cloud service.
 
-Every error a caller can act on derives from :class:`CogbertError`. Messages say what
-happened and, where there is something to do about it, what to do.
+Every error Cogbert raises on purpose derives from :class:`CogbertError`; messages say what
+happened and, where there is something to do about it, what to do. The device SDK's part::
+
+    CogbertError
+    ├── ConfigError (ValueError)            an argument, environment variable or file is invalid
+    ├── BundleError (ValueError)            a model bundle is malformed or unsupported
+    ├── ObservationError (ValueError)       an observation of the wrong shape, dtype, or not finite
+    ├── BackendUnavailableError             an inference backend cannot run here
+    ├── WireError (ValueError)              a message from the other side is malformed or hostile
+    │   ├── RecordError                     an experience record does not decode
+    │   └── BatchError                      an experience batch is malformed or hostile
+    ├── VerificationError                   signed metadata or a bundle failed verification
+    └── LinkError (RuntimeError)            the MQTT link to the cloud
+        ├── LinkTimeout (TimeoutError)
+        ├── LinkClosedError
+        ├── PublishDeniedError
+        └── SubscribeDeniedError
+
+The cloud's errors (:mod:`cogbert_cloud.errors`) hang from the same root. The ``ValueError``
+and ``RuntimeError`` bases are kept for callers that caught those before the tree existed.
 """
 
 from __future__ import annotations
@@ -12,6 +30,10 @@ __all__ = [
     "BundleError",
     "ObservationError",
     "BackendUnavailableError",
+    "WireError",
+    "RecordError",
+    "BatchError",
+    "VerificationError",
     "LinkError",
     "LinkTimeout",
     "LinkClosedError",
@@ -42,6 +64,29 @@ class ObservationError(CogbertError, ValueError):
 
 class BackendUnavailableError(CogbertError, RuntimeError):
     """The requested inference backend cannot run here (not installed or not built)."""
+
+
+class WireError(CogbertError, ValueError):
+    """A message read from the network (an ack, telemetry, a status report, a release offer, an
+    experience batch) is malformed, hostile, or of a version this code does not read."""
+
+
+class RecordError(WireError):
+    """An experience record does not decode (only possible after storage corruption)."""
+
+
+class BatchError(WireError):
+    """An experience batch is malformed or hostile; the message says which check failed."""
+
+
+class VerificationError(CogbertError):
+    """Signed metadata or a bundle failed verification. ``reason`` is a short machine-readable
+    word (``unknown_key``, ``bad_signature``, ``expired``, ``rollback``, ``mismatch``,
+    ``incompatible``, ``hash_mismatch``, ``length_mismatch``, ``malformed``, ``version``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 class LinkError(CogbertError, RuntimeError):

@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         telemetry = device.telemetry()
         summary = {"device": a.device_id, "decisions": decisions, "rewards": rewarded,
-                   "reward_sum": round(reward_sum, 6), "logged": telemetry["outbox"]["last_seq"],
-                   "drained": device.drained(), "model": telemetry["model"],
-                   "late_rewards": telemetry["late_rewards"], "backend": device.policy.backend}
+                   "reward_sum": round(reward_sum, 6), "logged": telemetry.outbox.last_seq,
+                   "drained": device.drained(), "model": telemetry.model,
+                   "late_rewards": telemetry.late_rewards, "backend": device.policy.backend}
     print(json.dumps(summary))
     return 0 if summary["drained"] else 1
 

@@ -13,6 +13,7 @@ from cogbert_cloud.data.store import open_store
 from cogbert_cloud.release.registry import Registry
 from cogbert_cloud.release.rollout import FleetView, RolloutController, RolloutSettings
 from cogbert_cloud.service.api import ControlPlane, Tokens, create_app, token_digest
+from cogbert_edge.wire.messages import OutboxTelemetry
 
 from .test_rollout import small_bundle, tel
 
@@ -25,7 +26,7 @@ def api(tmp_path):
     reg.add(1, small_bundle(1), b"m1", state="stable")
     reg.add(2, small_bundle(2), b"m2", rollback=b"r3")
     fleet = FleetView()
-    fleet.on_telemetry("dev-1", {**tel(), "model": "m1", "release": 1, "outbox": {"pending": 12}})
+    fleet.on_telemetry("dev-1", tel(model="m1", release=1, outbox=OutboxTelemetry(pending=12)))
     link = {"up": True}
     ctl = RolloutController(RolloutSettings(fleet="f"), reg, None, fleet)
     cp = ControlPlane(reg, ctl, fleet, link_up=lambda: link["up"])

@@ -104,6 +104,6 @@ def test_a_device_keeps_deciding_with_the_broker_down_and_its_settings_are_typed
             assert d.session == "u" and d.step == t
         dev.flush()
         tel = dev.telemetry()
-    assert tel["decisions"] == 200 and tel["outbox"]["last_seq"] == 200 and tel["outbox"]["acked_seq"] == 0
-    assert tel["link"] != "connected"
+    assert tel.decisions == 200 and tel.outbox.last_seq == 200 and tel.outbox.acked_seq == 0
+    assert tel.link != "connected"
     assert (tmp_path / "spool" / "outbox").is_dir()

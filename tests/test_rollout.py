@@ -9,7 +9,9 @@ import pytest
 from cogbert_cloud.data.store import open_store
 from cogbert_cloud.release.registry import AuditLog, Registry, RegistryError
 from cogbert_cloud.release.rollout import (
+    DeviceRecord,
     FleetView,
+    ReceivedStatus,
     RolloutConflict,
     RolloutController,
     RolloutSettings,
@@ -18,14 +20,20 @@ from cogbert_cloud.release.rollout import (
     welch_p_less,
 )
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
+from cogbert_edge.wire.messages import StatusReport, Telemetry
 
 S = RolloutSettings(fleet="f", stages=(50, 100), control_pct=30, stage_seconds=10, stage_timeout=100,
                     report_timeout=20, min_devices=2, min_decisions=100)
 
 
-def tel(decisions=500, errors=0, nonfinite=0, reward=250.0, lat=100.0):
-    return {"decisions": decisions, "errors": errors, "nonfinite": nonfinite, "reward_sum": reward,
-            "reward_count": decisions, "latency_p95_us": lat}
+def tel(decisions=500, errors=0, nonfinite=0, reward=250.0, lat=100.0, reward_count=None, **kw):
+    return Telemetry(device=kw.pop("device", "d"), model=kw.pop("model", "m"), time=0.0, decisions=decisions,
+                     errors=errors, nonfinite=nonfinite, reward_sum=reward,
+                     reward_count=decisions if reward_count is None else reward_count, latency_p95_us=lat, **kw)
+
+
+def committed(status="committed", counter=7, received=2.0):
+    return ReceivedStatus(StatusReport.parse(status, counter=counter), received)
 
 
 def world(canary_status="committed", canary_tel=None, control_tel=None, n_canary=3, n_control=3, now=50.0):
@@ -33,14 +41,15 @@ def world(canary_status="committed", canary_tel=None, control_tel=None, n_canary
     for i in range(n_canary):
         d = f"c{i}"
         canary[d] = 1.0
-        devices[d] = {"statuses": [{"status": canary_status, "counter": 7, "received": 2.0}] if canary_status else [],
-                      "telemetry": canary_tel(i) if callable(canary_tel) else (canary_tel or tel()), "last_seen": now}
+        devices[d] = DeviceRecord(statuses=[committed(canary_status)] if canary_status else [],
+                                  telemetry=canary_tel(i) if callable(canary_tel) else (canary_tel or tel()),
+                                  last_seen=now)
     control = []
     for i in range(n_control):
         d = f"k{i}"
         control.append(d)
-        devices[d] = {"statuses": [], "telemetry": control_tel(i) if callable(control_tel) else (control_tel or tel()),
-                      "last_seen": now}
+        devices[d] = DeviceRecord(telemetry=control_tel(i) if callable(control_tel) else (control_tel or tel()),
+                                  last_seen=now)
     return dict(canary=canary, control=control, devices=devices, baseline={}, candidate_counter=7,
                 stage_started=0.0, now=now)
 
@@ -75,14 +84,14 @@ def test_devices_that_never_report_count_as_failures_after_the_timeout():
 def test_missing_metrics_never_count_as_success():
     w = world()
     for d in w["canary"]:
-        del w["devices"][d]["telemetry"]                  # installed, but no telemetry at all
+        w["devices"][d].telemetry = None                  # installed, but no telemetry at all
     assert analyze(S, **w).verdict == "wait"
     w["now"] = 150.0                                      # and past the stage timeout: abort
     r = analyze(S, **w)
     assert r.verdict == "abort" and r.reasons[0].startswith("insufficient_data")
     stale = world()
     for d in stale["canary"]:
-        stale["devices"][d]["last_seen"] = -5.0           # reported, but only before the stage began
+        stale["devices"][d].last_seen = -5.0              # reported, but only before the stage began
     assert analyze(S, **stale).verdict == "wait"
 
 
@@ -107,14 +116,14 @@ def test_the_reward_test_uses_every_telemetry_interval_of_small_cohorts():
     for d, level in (("c0", -1.0), ("c1", -0.9), ("k0", -0.5), ("k1", -0.6)):
         total, count = 0.0, 0
         for t in range(7):
-            fleet.on_telemetry(d, {**tel(decisions=count), "reward_sum": total, "reward_count": count}, now=float(t))
+            fleet.on_telemetry(d, tel(decisions=count, reward=total, reward_count=count), now=float(t))
             total += 150 * (level + rng.normal(0, 0.15))
             count += 150
     devices = fleet.snapshot()
-    means = {d: devices[d]["telemetry"]["reward_sum"] / devices[d]["telemetry"]["reward_count"] for d in devices}
+    means = {d: devices[d].telemetry.reward_sum / devices[d].telemetry.reward_count for d in devices}
     assert welch_p_less([means["c0"], means["c1"]], [means["k0"], means["k1"]]) > 0.05
     r = analyze(S, canary={"c0": 0.0, "c1": 0.0}, control=["k0", "k1"],
-                devices={d: {**v, "statuses": [{"status": "committed", "counter": 7, "received": 1.0}]}
+                devices={d: DeviceRecord(v.telemetry, v.last_seen, [committed(received=1.0)], v.rewards)
                          for d, v in devices.items()},
                 baseline={}, candidate_counter=7, stage_started=0.0, now=6.0)
     assert r.verdict == "abort" and any(x.startswith("reward") for x in r.reasons), r
@@ -161,13 +170,13 @@ def setup(tmp_path):
 def report(fleet, clock, ctl, *, status="committed", reward=1.0, decisions=300):
     """Every device reports another ``decisions`` decisions (telemetry counters accumulate)."""
     for d, v in fleet.snapshot().items():
-        offered = d in ctl.rollout["offered"]
+        offered = d in ctl.rollout.offered
         if offered and status:
-            fleet.on_status(d, {"status": status, "counter": ctl.rollout["candidate"]}, now=clock.t)
-        t = v.get("telemetry", {})
-        n = t.get("decisions", 0) + decisions
-        r = t.get("reward_sum", 0.0) + (reward if offered else 1.0) * decisions
-        fleet.on_telemetry(d, {**tel(decisions=n), "reward_sum": r, "reward_count": n}, now=clock.t)
+            fleet.on_status(d, StatusReport.parse(status, counter=ctl.rollout.candidate), now=clock.t)
+        t = v.telemetry
+        n = (t.decisions if t else 0) + decisions
+        r = (t.reward_sum if t else 0.0) + (reward if offered else 1.0) * decisions
+        fleet.on_telemetry(d, tel(decisions=n, reward=r, reward_count=n), now=clock.t)
 
 
 def run_stages(fleet, clock, ctl, **kw):
@@ -175,7 +184,7 @@ def run_stages(fleet, clock, ctl, **kw):
         clock.t += 1
         ctl.tick()
         report(fleet, clock, ctl, **kw)
-        if ctl.rollout["state"] != "running":
+        if ctl.rollout.state != "running":
             break
 
 
@@ -183,10 +192,10 @@ def test_a_good_candidate_is_promoted_and_the_old_stable_retired(setup):
     reg, fleet, clock, ctl = setup
     ctl.start(2)
     run_stages(fleet, clock, ctl)
-    assert ctl.rollout["state"] == "promoted"
+    assert ctl.rollout.state == "promoted"
     assert reg.get(2)["state"] == "stable" and reg.get(1)["state"] == "retired"
     control = [d for d in fleet.snapshot() if bucket("f", d) >= 70]
-    assert not set(control) & set(ctl.rollout["offered"]), "the control cohort stays on the stable release"
+    assert not set(control) & set(ctl.rollout.offered), "the control cohort stays on the stable release"
     events = [e["event"] for e in reg.audit.entries()]
     assert events.index("rollout_started") < events.index("stage_analysed") < events.index("rollout_promoted")
     assert events.count("release_state") == 3   # candidate -> canary, old stable -> retired, canary -> stable
@@ -198,7 +207,7 @@ def test_a_bad_candidate_is_rolled_back_by_the_pre_signed_higher_counter_release
     ctl._publish = lambda manifest, key, device: published.append((manifest, key, device))
     ctl.start(2)
     run_stages(fleet, clock, ctl, status="rolled_back:nan_outputs")
-    assert ctl.rollout["state"] == "aborted" and reg.get(2)["state"] == "rolled_back"
+    assert ctl.rollout.state == "aborted" and reg.get(2)["state"] == "rolled_back"
     rollbacks = [p for p in published if p[0] == b"rollback-3"]
     assert rollbacks and all(k == "releases/1/model.safetensors" for _, k, _ in rollbacks)
     assert (b"rollback-3", "releases/1/model.safetensors", None) in rollbacks, "fleet-wide as well"
@@ -213,10 +222,10 @@ def test_notifications_never_exceed_their_rate_cap(setup):
     ctl.s.stages = (100,)
     ctl.start(2)
     ctl.tick()
-    assert len(ctl.rollout["offered"]) <= 4
+    assert len(ctl.rollout.offered) <= 4
     clock.t += 0.5
     ctl.tick()
-    assert len(ctl.rollout["offered"]) <= 6
+    assert len(ctl.rollout.offered) <= 6
 
 
 def test_operator_pause_resume_abort_and_illegal_transitions(setup):
@@ -225,7 +234,7 @@ def test_operator_pause_resume_abort_and_illegal_transitions(setup):
     ctl.pause(actor="alice")
     clock.t += 100
     ctl.tick()
-    assert ctl.rollout["state"] == "paused" and not ctl.rollout["timeline"]
+    assert ctl.rollout.state == "paused" and not ctl.rollout.timeline
     ctl.resume(actor="alice")
     ctl.abort("operator says no", actor="alice")
     assert reg.get(2)["state"] == "rolled_back"
@@ -250,11 +259,10 @@ def test_offers_carry_the_root_chain_the_signing_service_published(tmp_path):
     # root rotations walks them and then accepts a release signed by the newest release key.
     import datetime as dt
 
-    import msgpack
-
     from cogbert_cloud.release.signing import KeyStore
     from cogbert_cloud.service.serve import sign_requests
     from cogbert_edge.update.trust import TrustedState
+    from cogbert_edge.wire.messages import decode_release_message
 
     keys = KeyStore.init(tmp_path / "keys")
     factory_root = keys.root_bytes()
@@ -274,7 +282,7 @@ def test_offers_carry_the_root_chain_the_signing_service_published(tmp_path):
 
     class Link:
         def publish(self, topic, payload, *, qos=1, retain=False, properties=None):
-            sent.append(msgpack.unpackb(payload))
+            sent.append(decode_release_message(payload))
 
     fleet, clock = FleetView(), Clock()
     for i in range(10):
@@ -284,9 +292,9 @@ def test_offers_carry_the_root_chain_the_signing_service_published(tmp_path):
     ctl.start(2)
     clock.t += 1
     ctl.tick()
-    assert sent and all(len(m["root_chain"]) == 2 for m in sent)
+    assert sent and all(len(m.root_chain) == 2 for m in sent)
     device = TrustedState(factory_root, now=dt.datetime.now(dt.timezone.utc))
-    assert device.update_root_chain(sent[0]["root_chain"]) == 2 and device.root.version == 3
-    release = device.verify_release(sent[0]["manifest"], model="m", fleet="f", highest_counter=1,
+    assert device.update_root_chain(list(sent[0].root_chain)) == 2 and device.root.version == 3
+    release = device.verify_release(sent[0].manifest, model="m", fleet="f", highest_counter=1,
                                     sdk_format_version=1, sdk_version=(99,))
     assert release.counter == 2

@@ -23,6 +23,7 @@ from cogbert_cloud.release.signing import KeyStore, create_release
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
 from cogbert_edge.update.agent import STEPS, UpdateAgent, UpdateSettings, golden_outputs
 from cogbert_edge.update.trust import TrustedState, VerificationError, sign
+from cogbert_edge.wire.messages import StatusReport
 
 CFG = ModelConfig(obs_dim=12, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32)
 
@@ -53,7 +54,7 @@ class Harness:
         self.agent = UpdateAgent(UpdateSettings(self.tmp / "update", **self.settings), self.keys.root_bytes(),
                                  factory_bundle=self.factory, backend="numpy")
         self.policy, self.note = self.agent.boot()
-        self.statuses: list[dict] = []
+        self.statuses: list[StatusReport] = []
         self.agent.attach(swap=self._swap, report=self.statuses.append)
 
     def _swap(self, policy) -> None:
@@ -70,14 +71,14 @@ class Harness:
     def send(self, msg: dict) -> None:
         self.agent.on_message(msgpack.packb(msg), self.policy)
 
-    def wait_for(self, prefix: str, timeout: float = 10) -> dict:
+    def wait_for(self, prefix: str, timeout: float = 10) -> StatusReport:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for s in self.statuses:
-                if s["status"].startswith(prefix):
+                if s.status.startswith(prefix):
                     return s
             time.sleep(0.01)
-        raise AssertionError(f"no status {prefix!r}; got {[s['status'] for s in self.statuses]}")
+        raise AssertionError(f"no status {prefix!r}; got {[s.status for s in self.statuses]}")
 
     def decide(self, n: int) -> None:
         state = self.policy.initial_state()
@@ -118,7 +119,7 @@ def test_a_valid_release_is_installed_trialled_and_committed(dev, keys):
     assert dev.model_id == "model-1"
     dev.decide(25)
     dev.wait_for("committed")
-    assert [s["status"] for s in dev.statuses] == ["installed", "trial", "committed"]
+    assert [s.status for s in dev.statuses] == ["installed", "trial", "committed"]
     dev.boot()                                     # a reboot runs the committed model
     assert dev.model_id == "model-1" and dev.note is None
 
@@ -250,7 +251,7 @@ def test_endless_data_is_cut_off_and_leaves_no_file(dev, keys):
         new = make_bundle(1)
         dev.send({"type": "release", "manifest": release(keys, new, 1), "source": {"kind": "url", "url": srv.url}})
         s = dev.wait_for("rejected:")
-        assert s["status"] == "rejected:length_mismatch", s
+        assert s.status == "rejected:length_mismatch", s
         assert not any((dev.tmp / "update" / "staging").iterdir())
     finally:
         srv.close()
@@ -274,10 +275,10 @@ def test_a_stalled_download_times_out_and_retries_without_blocking_decisions(tmp
         dev.send({"type": "release", "manifest": release(keys, new, 1), "source": {"kind": "url", "url": srv.url}})
         # Had on_message waited for the download, both attempts would have timed out and been
         # reported by now: receiving a release must not wait for its download.
-        assert not any(s["status"].startswith("rejected") for s in dev.statuses), dev.statuses
+        assert not any(s.status.startswith("rejected") for s in dev.statuses), dev.statuses
         dev.decide(10)                                 # decisions go on meanwhile
-        assert not any(s["status"].startswith("rejected") for s in dev.statuses)
-        assert dev.wait_for("rejected:", timeout=15)["status"] == "rejected:download_failed"
+        assert not any(s.status.startswith("rejected") for s in dev.statuses)
+        assert dev.wait_for("rejected:", timeout=15).status == "rejected:download_failed"
         assert len(calls) == 2
     finally:
         srv.close()
@@ -322,7 +323,7 @@ def test_trial_failure_rolls_back_on_a_latency_regression(tmp_path, keys):
     for _ in range(dev.settings["trial_decisions"]):   # the new one takes 400 µs, every time
         fallback = fallback or dev.agent.observe(trial_policy, 400e-6, True, True)
     dev._swap(fallback)
-    assert dev.wait_for("rolled_back:")["status"].startswith("rolled_back:latency:p50")
+    assert dev.wait_for("rolled_back:").status.startswith("rolled_back:latency:p50")
     assert dev.model_id == "model-0"
 
 
@@ -369,7 +370,7 @@ def test_bundles_can_arrive_in_mqtt_chunks(dev, keys):
 def test_a_compromised_rollout_service_cannot_install_an_unsigned_artifact(dev, keys):
     new, evil = make_bundle(1), make_bundle(66)
     dev.offer(release(keys, new, 1), evil)          # a signed manifest, other bytes
-    assert dev.wait_for("rejected:")["status"] in ("rejected:hash_mismatch", "rejected:length_mismatch")
+    assert dev.wait_for("rejected:").status in ("rejected:hash_mismatch", "rejected:length_mismatch")
     dev.statuses.clear()
     signed = json.loads(release(keys, evil, 2))["signed"]
     dev.offer(json.dumps({"signed": signed, "signatures": []}).encode(), evil, wait="rejected:unknown_key")
@@ -423,7 +424,7 @@ def test_kill_9_at_every_install_step_leaves_a_loadable_verified_model(tmp_path,
             while time.monotonic() < deadline:
                 dev.decide(5)
                 time.sleep(0.01)
-            print("not killed", [s["status"] for s in dev.statuses])
+            print("not killed", [s.status for s in dev.statuses])
         """)
         proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "COGBERT_UPDATE_CRASH_AT": step},
                               capture_output=True, text=True, timeout=60)

@@ -16,12 +16,12 @@ one), and at the first state snapshot after ``max_len`` records.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from cogbert_cloud.data import keys
 from cogbert_cloud.data.store import ObjectStore
 from cogbert_edge.wire import batch as batch_codec
 from cogbert_edge.wire.records import DONE, TRUNCATED
@@ -29,7 +29,6 @@ from cogbert_edge.wire.records import DONE, TRUNCATED
 __all__ = ["ExperienceDataset", "Sequence"]
 
 # experience/FLEET/DEVICE/FIRST-LAST.cbx, or the older experience/FLEET/DAY/DEVICE/FIRST-LAST.cbx.
-_KEY_RE = re.compile(r"^experience/([^/]+)/(?:[^/]+/)?([^/]+)/(\d{16})-(\d{16})\.cbx$")
 
 
 @dataclass
@@ -59,11 +58,10 @@ class ExperienceDataset:
     def index(self) -> dict[tuple[str, str], list[tuple[int, int, str]]]:
         """(fleet, device) -> [(first, last, key)] sorted by first."""
         out: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
-        prefix = f"experience/{self.fleet}/" if self.fleet else "experience/"
-        for key in self.store.list(prefix):
-            m = _KEY_RE.match(key)
-            if m:
-                out.setdefault((m[1], m[2]), []).append((int(m[3]), int(m[4]), key))
+        for key in self.store.list(keys.experience_prefix(self.fleet or None)):
+            where = keys.parse_experience_key(key)
+            if where:
+                out.setdefault(where[:2], []).append((where[2], where[3], key))
         for v in out.values():
             v.sort()
         return out

@@ -45,16 +45,17 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from cogbert_cloud.data import keys
 from cogbert_cloud.data.store import ObjectStore, open_store
 from cogbert_cloud.errors import StoreError
 from cogbert_edge._internal.fs import atomic_write
 from cogbert_edge._internal.log import event
 from cogbert_edge.link.mqtt import LinkSettings, LinkState, Message, MqttLink
 from cogbert_edge.wire import batch as batch_codec
+from cogbert_edge.wire.messages import Ack, AckStatus
 from cogbert_edge.wire.topics import PREFIX, device_topic, parse_device_topic
 
 __all__ = ["IngestService", "IngestSettings", "batch_key"]
@@ -82,10 +83,9 @@ class IngestSettings:
 
 def batch_key(fleet: str, device: str, first: int, last: int) -> str:
     """Where the records ``first..last`` of a device are stored: from the records' identity only."""
-    return f"experience/{fleet}/{device}/{first:016d}-{last:016d}.cbx"
+    return keys.experience_batch(fleet, device, first, last)
 
 
-_KEY_RANGE = re.compile(r"/(\d{16})-(\d{16})\.cbx$")
 
 
 class StoredRanges:
@@ -136,10 +136,10 @@ class StoredRanges:
                 self._ranges.move_to_end(key)
                 return list(iv)
         loaded: list[list[int]] = []
-        for k in self.store.list(f"experience/{fleet}/{device}/"):
-            m = _KEY_RANGE.search(k)
-            if m:
-                _insert(loaded, int(m[1]), int(m[2]))
+        for k in self.store.list(keys.experience_prefix(fleet, device)):
+            where = keys.parse_experience_key(k)
+            if where:
+                _insert(loaded, where[2], where[3])
         with self._lock:
             iv = self._ranges.setdefault(key, loaded)
             while len(self._ranges) > self.max_devices:
@@ -300,9 +300,8 @@ class IngestService:
             self._ack_device(*who, *rng, "rejected", reason=reason[:200])
         msg.ack()
 
-    def _ack_device(self, fleet: str, device: str, first: int, last: int, status: str, reason: str = "") -> None:
-        payload = msgpack.packb({"batch": [first, last], "status": status, "reason": reason})
-        self.link.publish(device_topic(fleet, device, "ack"), payload, qos=1)
+    def _ack_device(self, fleet: str, device: str, first: int, last: int, status: AckStatus, reason: str = "") -> None:
+        self.link.publish(device_topic(fleet, device, "ack"), Ack(first, last, status, reason).encode(), qos=1)
 
     def _count(self, name: str, transitions: int = 0, bytes: int = 0) -> None:
         with self._lock:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 
-import msgpack
-
+from cogbert_edge.errors import ConfigError
 from cogbert_edge.link.mqtt import MqttLink, PublishHandle
+from cogbert_edge.wire.messages import Chunk, ReleaseOffer
 from cogbert_edge.wire.topics import device_topic, fleet_release
 
 __all__ = ["release_message", "chunk_messages", "publish_release"]
@@ -21,18 +21,13 @@ CHUNK_BYTES = 256 * 1024
 
 
 def release_message(manifest: bytes, *, url: str | None = None, chunks: int | None = None,
-                    root_chain: list[bytes] = ()) -> bytes:
-    if (url is None) == (chunks is None):
-        raise ValueError("give the bundle as a url or as a number of chunks")
-    source = {"kind": "url", "url": url} if url is not None else {"kind": "chunks", "count": chunks}
-    return msgpack.packb({"type": "release", "manifest": manifest, "source": source,
-                          "root_chain": list(root_chain)})
+                    root_chain: list[bytes] | tuple[bytes, ...] = ()) -> bytes:
+    return ReleaseOffer(manifest, url=url, chunks=chunks, root_chain=tuple(root_chain)).encode()
 
 
 def chunk_messages(bundle: bytes, size: int = CHUNK_BYTES) -> list[bytes]:
     sha = hashlib.sha256(bundle).hexdigest()
-    return [msgpack.packb({"type": "chunk", "sha256": sha, "index": i, "data": bundle[off:off + size]})
-            for i, off in enumerate(range(0, len(bundle), size))]
+    return [Chunk(sha, i, bundle[off:off + size]).encode() for i, off in enumerate(range(0, len(bundle), size))]
 
 
 def publish_release(link: MqttLink, fleet: str, manifest: bytes, *, url: str | None = None,
@@ -44,7 +39,7 @@ def publish_release(link: MqttLink, fleet: str, manifest: bytes, *, url: str | N
     topic = device_topic(fleet, device, "release") if device else fleet_release(fleet)
     if bundle is not None:
         if device is None:
-            raise ValueError("chunked bundles go to one device at a time")
+            raise ConfigError("chunked bundles go to one device at a time; fleet-wide releases need a url")
         parts = chunk_messages(bundle)
         handles = [link.publish(topic, release_message(manifest, chunks=len(parts), root_chain=root_chain))]
         return handles + [link.publish(topic, p) for p in parts]

@@ -29,8 +29,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from cogbert_cloud.data import keys
 from cogbert_cloud.data.store import ObjectStore
-from cogbert_cloud.errors import ConflictError, NotFoundError, StoreError
+from cogbert_cloud.errors import RegistryError, ReleaseConflict, ReleaseNotFound, StoreError
 from cogbert_edge.inference.bundle import load_bundle
 
 __all__ = ["Registry", "AuditLog", "STATES", "RegistryError"]
@@ -38,18 +39,6 @@ __all__ = ["Registry", "AuditLog", "STATES", "RegistryError"]
 STATES = ("candidate", "canary", "stable", "rolled_back", "retired")
 _TRANSITIONS = {"candidate": {"canary", "stable", "retired"}, "canary": {"stable", "rolled_back"},
                 "stable": {"retired"}, "rolled_back": set(), "retired": set()}
-
-
-class RegistryError(StoreError):
-    """A registry operation was refused (unknown release, illegal state change)."""
-
-
-class ReleaseNotFound(RegistryError, NotFoundError):
-    """No release with that counter is registered."""
-
-
-class ReleaseConflict(RegistryError, ConflictError):
-    """The release cannot be registered or change state that way."""
 
 
 class AuditLog:
@@ -64,14 +53,14 @@ class AuditLog:
                  "event": event, **fields}
         day = dt.datetime.fromtimestamp(now / 1e9, dt.timezone.utc).strftime("%Y-%m-%d")
         with self._lock:
-            key = f"audit/{day}/{now:020d}-{next(self._n):06d}.json"
+            key = keys.audit_entry(day, now, next(self._n))
         if self.store.exists(key):       # append-only: never overwrite an entry
             raise StoreError(f"audit entry {key} exists")
         self.store.put(key, json.dumps(entry, sort_keys=True).encode())
         return entry
 
     def entries(self) -> Iterator[dict]:
-        for key in sorted(self.store.list("audit/")):
+        for key in sorted(self.store.list(keys.AUDIT_PREFIX)):
             yield json.loads(self.store.get(key))
 
 
@@ -91,10 +80,10 @@ class Registry:
         with self._lock:
             if self.store.exists(self._key(counter)):
                 raise ReleaseConflict(f"release {counter} is already registered")
-            self.store.put(f"releases/{counter}/model.safetensors", bundle)
-            self.store.put(f"releases/{counter}/manifest.json", manifest)
+            self.store.put(keys.release_bundle(counter), bundle)
+            self.store.put(keys.release_manifest(counter), manifest)
             if rollback is not None:
-                self.store.put(f"releases/{counter}/rollback.json", rollback)
+                self.store.put(keys.release_rollback(counter), rollback)
             rec = {"counter": counter, "model_id": b.model_id, "parent_model": b.parent,
                    "parent_release": parent_release, "sha256": hashlib.sha256(bundle).hexdigest(),
                    "bytes": len(bundle), "quant": b.quant_label, "state": state, "train": train or {},
@@ -111,7 +100,7 @@ class Registry:
             raise ReleaseNotFound(f"no release {counter}") from None
 
     def list(self) -> list[dict]:
-        return [json.loads(self.store.get(k)) for k in sorted(self.store.list("registry/releases/"))]
+        return [json.loads(self.store.get(k)) for k in sorted(self.store.list(keys.REGISTRY_PREFIX))]
 
     def stable(self) -> dict | None:
         stable = [r for r in self.list() if r["state"] == "stable"]
@@ -125,11 +114,10 @@ class Registry:
         return top + 1
 
     def files(self, counter: int) -> tuple[bytes, bytes]:
-        return (self.store.get(f"releases/{counter}/model.safetensors"),
-                self.store.get(f"releases/{counter}/manifest.json"))
+        return self.store.get(keys.release_bundle(counter)), self.store.get(keys.release_manifest(counter))
 
     def rollback_manifest(self, counter: int) -> bytes | None:
-        key = f"releases/{counter}/rollback.json"
+        key = keys.release_rollback(counter)
         return self.store.get(key) if self.store.exists(key) else None
 
     def set_state(self, counter: int, state: str, *, reason: str = "", actor: str = "system", **fields: Any) -> dict:
@@ -159,7 +147,7 @@ class Registry:
 
     @staticmethod
     def _key(counter: int) -> str:
-        return f"registry/releases/{counter:08d}.json"
+        return keys.registry_record(counter)
 
 
 def _now() -> str:

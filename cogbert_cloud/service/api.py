@@ -30,19 +30,29 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
+from cogbert_cloud.data import keys
 from cogbert_cloud.errors import ConflictError, NotFoundError
 from cogbert_cloud.release.registry import Registry
-from cogbert_cloud.release.rollout import FleetView, RolloutController
+from cogbert_cloud.release.rollout import DeviceRecord, FleetView, RolloutController
+from cogbert_cloud.service.fleet_metrics import FleetCounters, build_info, expiry_metrics
 
 __all__ = ["ControlPlane", "Tokens", "create_app", "token_digest"]
 
@@ -80,6 +90,8 @@ class ControlPlane:
     fleet: FleetView
     link_up: Callable[[], bool] = lambda: True
     ingest_stats: Callable[[], dict] = dict
+    pki_dir: Path | None = None          # certificates and CRLs whose expiry /metrics reports
+    fleet_counters: FleetCounters = field(default_factory=FleetCounters)
 
 
 class StartRollout(BaseModel):
@@ -94,9 +106,19 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
     app = FastAPI(title="Cogbert control plane", version="1")
     requests_total: dict[tuple[str, str, int], int] = {}
     errors_total = {"internal": 0}
+    # One registry for the app's life: the histogram accumulates, the collectors read live state.
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(_Collector(cp, requests_total, errors_total))
+    ProcessCollector(registry=metrics_registry)      # process_* (CPU, memory, open files)
+    PlatformCollector(registry=metrics_registry)     # python_info
+    GCCollector(registry=metrics_registry)
+    duration = Histogram("cogbert_api_request_duration_seconds", "Time to answer an API request",
+                         ["method", "path"], registry=metrics_registry,
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
 
     @app.middleware("http")
     async def count(request: Request, call_next):
+        t0 = time.perf_counter()
         try:
             response = await call_next(request)
             code = response.status_code
@@ -108,6 +130,7 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
             method = request.method if request.method in METHODS else "other"
             key = (method, getattr(route, "path", "unmatched"), code)
             requests_total[key] = requests_total.get(key, 0) + 1
+            duration.labels(method, key[1]).observe(time.perf_counter() - t0)
         return response
 
     def need(role: Role):
@@ -157,16 +180,14 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
         if not cp.link_up():
             problems.append("broker link is down")
         try:
-            cp.registry.store.exists("registry/.probe")
+            cp.registry.store.exists(keys.PROBE)
         except Exception as e:  # noqa: BLE001 - any store failure means not ready
             problems.append(f"store: {str(e)[:120]}")
         return JSONResponse({"ready": not problems, "problems": problems}, status_code=503 if problems else 200)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        reg = CollectorRegistry()
-        reg.register(_Collector(cp, requests_total, errors_total))
-        return PlainTextResponse(generate_latest(reg).decode(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(generate_latest(metrics_registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/releases", dependencies=[need("read")])
     def releases() -> list[dict]:
@@ -204,15 +225,18 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
             raise HTTPException(404, f"no device {device!r} has reported")
         return _device_view(device, snap[device])
 
+    # The web console (GET /console) and its read endpoints (/v1/whoami, /v1/audit).
+    from cogbert_cloud.service import console
+    console.mount(app, cp, need)
     return app
 
 
-def _device_view(device: str, v: dict) -> dict:
-    t = v.get("telemetry", {})
-    statuses = v.get("statuses", [])
-    return {"device": device, "model": t.get("model"), "release": t.get("release"),
-            "last_seen": v.get("last_seen"), "outbox_pending": (t.get("outbox") or {}).get("pending"),
-            "last_status": statuses[-1]["status"] if statuses else None, "telemetry": t}
+def _device_view(device: str, v: DeviceRecord) -> dict:
+    t = v.telemetry
+    return {"device": device, "model": t.model if t else None, "release": t.release if t else None,
+            "last_seen": v.last_seen or None, "outbox_pending": t.outbox.pending if t else None,
+            "last_status": v.statuses[-1].report.status if v.statuses else None,
+            "telemetry": t.to_dict() if t else {}}
 
 
 class _Collector:
@@ -225,14 +249,15 @@ class _Collector:
         now = time.time()
         snap = self.cp.fleet.snapshot()
         yield GaugeMetricFamily("cogbert_devices", "Devices that have reported", value=len(snap))
-        recent = sum(1 for v in snap.values() if now - v.get("last_seen", 0) < 60)
+        recent = sum(1 for v in snap.values() if now - v.last_seen < 60)
         yield GaugeMetricFamily("cogbert_devices_reporting", "Devices that reported in the last 60 s", value=recent)
-        pending = sum((v.get("telemetry", {}).get("outbox") or {}).get("pending", 0) or 0 for v in snap.values())
+        pending = sum(v.telemetry.outbox.pending for v in snap.values() if v.telemetry)
         yield GaugeMetricFamily("cogbert_device_outbox_pending_records",
                                 "Experience records waiting on devices for the cloud's acknowledgement", value=pending)
-        dec = CounterMetricFamily("cogbert_device_decisions", "Decisions reported by devices")
-        dec.add_metric([], sum(v.get("telemetry", {}).get("decisions", 0) for v in snap.values()))
-        yield dec
+        # Restart-safe sums of the devices' counters, and the fleet's latency histogram.
+        self.cp.fleet_counters.update(snap)
+        yield from self.cp.fleet_counters.collect()
+        yield build_info(_version())
         states = GaugeMetricFamily("cogbert_releases", "Releases in the registry by state", labels=["state"])
         counts: dict[str, int] = {}
         for r in self.cp.registry.list():
@@ -250,6 +275,20 @@ class _Collector:
         stage = GaugeMetricFamily("cogbert_rollout_stage", "Index of the current rollout stage")
         stage.add_metric([], r.get("stage", 0) if r else 0)
         yield stage
+        if r and r.get("state") in ("running", "paused"):
+            yield GaugeMetricFamily("cogbert_rollout_stage_started_timestamp_seconds",
+                                    "When the current rollout stage began (Unix seconds)", value=r["stage_started"])
+        else:
+            yield GaugeMetricFamily("cogbert_rollout_stage_started_timestamp_seconds",
+                                    "When the current rollout stage began (Unix seconds)")
+        finished = CounterMetricFamily("cogbert_rollouts_finished", "Rollouts finished since the service started, "
+                                       "by result", labels=["result"])
+        results = [h.get("result") for h in self.cp.controller.history]
+        for result in ("promoted", "rolled_back"):
+            finished.add_metric([result], results.count(result))
+        yield finished
+        yield GaugeMetricFamily("cogbert_broker_connected", "1 while the control plane's link to the broker is up",
+                                value=int(bool(self.cp.link_up())))
         n = CounterMetricFamily("cogbert_rollout_notifications", "Release offers published to devices")
         n.add_metric([], self.cp.controller.notifications)
         yield n
@@ -259,12 +298,25 @@ class _Collector:
         yield req
         yield CounterMetricFamily("cogbert_api_errors", "Requests that failed for a bug of ours (500s, logged)",
                                   value=self.errors_total["internal"])
+        live = [r for r in self.cp.registry.list() if r.get("state") in ("stable", "canary")]
+        try:
+            roots = self.cp.controller.root_chain()
+            manifests = [(r["counter"], self.cp.registry.files(r["counter"])[1]) for r in live]
+        except Exception as e:  # noqa: BLE001 - a store hiccup must not fail the whole scrape
+            log.warning("expiry metrics unavailable: %s", str(e)[:200])
+            roots, manifests = [], []
+        yield from expiry_metrics(self.cp.pki_dir, roots, manifests)
         ing = self.cp.ingest_stats()
         for key in ("accepted", "duplicate", "rejected", "transitions"):
             if key in ing:
                 c = CounterMetricFamily(f"cogbert_ingest_{key}", f"Ingestion: {key}")
                 c.add_metric([], ing[key])
                 yield c
+
+
+def _version() -> str:
+    from cogbert_edge import __version__
+    return __version__
 
 
 def _printable(v: Any) -> Any:

@@ -222,7 +222,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             res["mean_return"] = None if broken else _mean_return(_load(bundle), env_id, s.eval_episodes)
             if res["decision"] == "rollout_started":
                 say(f"round {r}: gate {res['gate']['decision']}; canary rollout of release {res['release']}")
-                _wait(lambda: controller.rollout["state"] in ("promoted", "aborted"), 180, "the rollout")
+                _wait(lambda: controller.rollout.state in ("promoted", "aborted"), 180, "the rollout")
                 ro = controller.status()
                 res["decision"] = ro["result"]
                 res["rollout_reasons"] = ro.get("reasons")

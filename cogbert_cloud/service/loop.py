@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cogbert_cloud.data import keys
 from cogbert_cloud.data.dataset import ExperienceDataset
 from cogbert_cloud.data.store import ObjectStore
 from cogbert_cloud.errors import StoreError, TrainingError
@@ -158,14 +159,14 @@ class KubernetesJobTrainer:
 
     def train(self, round_dir: Path, init: Path, data_url: str | None, steps: int) -> Path:
         name = f"cogbert-train-{int(time.time())}"
-        key = f"loop/{name}/init.safetensors"
+        key = keys.loop_init(name)
         self.store.put(key, init.read_bytes())
         if data_url and self.s.vtrace_epochs > 0:
-            self._run(self.manifest(f"{name}-vtrace", key, f"loop/{name}/vtrace", steps, data_url=data_url))
-            key = f"loop/{name}/vtrace/model.safetensors"
-        self._run(self.manifest(f"{name}-ppo", key, f"loop/{name}/ppo", steps))
+            self._run(self.manifest(f"{name}-vtrace", key, keys.loop_prefix(name, "vtrace"), steps, data_url=data_url))
+            key = keys.loop_model(name, "vtrace")
+        self._run(self.manifest(f"{name}-ppo", key, keys.loop_prefix(name, "ppo"), steps))
         out = round_dir / "model.safetensors"
-        out.write_bytes(self.store.get(f"loop/{name}/ppo/model.safetensors"))
+        out.write_bytes(self.store.get(keys.loop_model(name)))
         return out
 
     def _run(self, job: dict) -> None:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cogbert_cloud.data import keys
 from cogbert_cloud.data.store import ObjectStore, open_store
 from cogbert_cloud.release.registry import Registry
 from cogbert_cloud.release.rollout import FleetView, RolloutController, RolloutSettings
@@ -73,34 +74,33 @@ class StoreSigner:
         self.store, self.timeout = store, timeout
 
     def sign(self, bundle: bytes, counter: int) -> bytes:
-        self.store.put(f"signing/bundles/{counter}.safetensors", bundle)
-        self.store.put(f"signing/requests/{counter}.json", json.dumps({"counter": counter}).encode())
+        self.store.put(keys.signing_bundle(counter), bundle)
+        self.store.put(keys.signing_request(counter), json.dumps({"counter": counter}).encode())
         deadline = time.time() + self.timeout
         while time.time() < deadline:
-            if self.store.exists(f"signing/done/{counter}.json"):
-                return self.store.get(f"signing/done/{counter}.json")
+            if self.store.exists(keys.signing_done(counter)):
+                return self.store.get(keys.signing_done(counter))
             time.sleep(2.0)
         raise TimeoutError(f"no signature for release {counter} within {self.timeout:.0f}s")
 
 
 def sign_requests(store: ObjectStore, keys_dir: Path, *, model: str, fleet: str, expires: str = "30d") -> int:
     """The signing service's side: sign every pending request; returns how many."""
-    from cogbert_cloud.release.rollout import ROOTS_PREFIX
     from cogbert_cloud.release.signing import KeyStore
     from cogbert_cloud.service.loop import KeySigner
     signer = KeySigner(keys_dir, model, fleet, expires)
     # The public root versions after the first, for the controller to send with its offers.
     for raw in KeyStore(keys_dir).root_chain(after=1):
-        key = f"{ROOTS_PREFIX}{json.loads(raw)['signed']['version']}.json"
+        key = keys.root(int(json.loads(raw)["signed"]["version"]))
         if not store.exists(key):
             store.put(key, raw)
     n = 0
-    for key in sorted(store.list("signing/requests/")):
+    for key in sorted(store.list(keys.SIGNING_REQUESTS_PREFIX)):
         counter = json.loads(store.get(key))["counter"]
-        if store.exists(f"signing/done/{counter}.json"):
+        if store.exists(keys.signing_done(counter)):
             continue
-        bundle = store.get(f"signing/bundles/{counter}.safetensors")
-        store.put(f"signing/done/{counter}.json", signer.sign(bundle, counter))
+        bundle = store.get(keys.signing_bundle(counter))
+        store.put(keys.signing_done(counter), signer.sign(bundle, counter))
         event(log, "signed", counter=counter)
         n += 1
     return n
@@ -159,7 +159,7 @@ def _loop(s: ServeSettings, store: ObjectStore, registry: Registry, controller: 
                else LocalTrainer(ls))
     learner = ContinuousLearner(ls, registry, controller, trainer, StoreSigner(store))
     while not stop.wait(60.0):
-        busy = controller.rollout and controller.rollout["state"] in ("running", "paused")
+        busy = controller.rollout is not None and controller.rollout.active
         if busy or registry.stable() is None or not learner.due():
             continue
         try:

@@ -1,1 +1,2 @@
-"""(package)"""
+"""Helpers shared by Cogbert's own packages (atomic files, structured logs, MLX set-up,
+tracing). Private: applications must not import them; ``cogbert_cloud`` and the benchmarks may."""

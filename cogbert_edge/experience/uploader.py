@@ -25,14 +25,13 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
-
 from cogbert_edge._internal.fs import atomic_write
 from cogbert_edge._internal.log import event
-from cogbert_edge.errors import LinkError
+from cogbert_edge.errors import BatchError, LinkError, WireError
 from cogbert_edge.experience.outbox import Outbox
 from cogbert_edge.link.mqtt import Message, MqttLink
 from cogbert_edge.wire import batch as batch_codec
+from cogbert_edge.wire.messages import Ack
 from cogbert_edge.wire.topics import device_topic
 
 __all__ = ["Uploader", "UploaderSettings", "BatchJournal"]
@@ -221,7 +220,7 @@ class Uploader:
         n = len(payloads)
         try:
             payloads, data = self._fit(first, payloads)
-        except ValueError as e:
+        except BatchError as e:
             # One record that does not encode (only a bug could write one: the outbox checks
             # every record's checksum). Sending it can never succeed; it leaves as a gap.
             event(log, "record_unencodable", level=logging.ERROR, device=self.device, seq=first, error=str(e))
@@ -250,7 +249,7 @@ class Uploader:
         while True:
             try:
                 data = self._encode(first, payloads)
-            except ValueError:       # mixed shapes (a model with another obs size): split
+            except BatchError:       # mixed shapes (a model with another obs size): split
                 if len(payloads) == 1:
                     raise
                 payloads = payloads[: len(payloads) // 2]
@@ -295,15 +294,11 @@ class Uploader:
 
     def _on_ack(self, msg: Message) -> None:
         try:
-            ack = msgpack.unpackb(msg.payload, raw=False, max_bin_len=0, max_str_len=256,
-                                  max_array_len=4, max_map_len=8)
-            first, last = ack["batch"]
-            status = ack["status"]
-            if not (isinstance(first, int) and isinstance(last, int)):
-                raise ValueError("bad range")
-        except Exception:  # noqa: BLE001 - a malformed ack is logged and ignored
-            event(log, "bad_ack", level=logging.WARNING, device=self.device, bytes=len(msg.payload))
+            ack = Ack.decode(msg.payload)
+        except WireError as e:    # a malformed ack is logged and ignored: the batch is sent again
+            event(log, "bad_ack", level=logging.WARNING, device=self.device, bytes=len(msg.payload), error=str(e))
             return
+        first, last, status = ack.first, ack.last, ack.status
         with self._lock:
             f = self._inflight.get(first)
             if f is None or f.last != last:
@@ -312,7 +307,7 @@ class Uploader:
         if status == "rejected":
             self.rejected += 1
             event(log, "batch_rejected", level=logging.ERROR, device=self.device,
-                  batch=batch_codec.batch_id(self.device, first, last), reason=str(ack.get("reason"))[:200])
+                  batch=batch_codec.batch_id(self.device, first, last), reason=ack.reason[:200])
         elif status == "duplicate":
             self.duplicates += 1
         self.acked += 1

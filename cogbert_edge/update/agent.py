@@ -1,11 +1,11 @@
 """The update agent: verified, staged, trialled model updates that roll back by themselves.
 
-A release arrives as a message on the device's (or the fleet's retained) ``release`` topic:
-msgpack ``{"type": "release", "manifest": <signed manifest bytes>, "source": {...},
-"root_chain": [<root N+1 bytes>, ...]}``, where the source is ``{"kind": "url", "url": ...}``
-(``file://`` or an HTTP(S) presigned URL) or ``{"kind": "chunks", "count": n}`` followed by
-``{"type": "chunk", "sha256", "index", "data"}`` messages. Nothing in the message but the
-signed manifest (and root chain) is trusted; the bundle is checked against the manifest.
+A release arrives on the device's (or the fleet's retained) ``release`` topic as a
+:class:`~cogbert_edge.wire.messages.ReleaseOffer`: the signed manifest, the root chain, and
+where the bundle is (a ``file://`` or HTTP(S) URL, or :class:`~cogbert_edge.wire.messages.Chunk`
+messages that follow). Nothing in the message but the signed manifest (and root chain) is
+trusted; the bundle is checked against the manifest. The agent's persistent state is in
+:mod:`~cogbert_edge.update.state`, the trial and golden check in :mod:`~cogbert_edge.update.trial`.
 
 Install, step by step (``STEPS``), each leaving the device able to boot a verified model:
 
@@ -35,9 +35,9 @@ new model's initial state at that session's next decision (``Device.state_resets
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -49,16 +49,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
 from cogbert_edge import __version__
-from cogbert_edge._internal.fs import atomic_write, fsync_path
+from cogbert_edge._internal.fs import atomic_write
 from cogbert_edge._internal.log import event
-from cogbert_edge.errors import ConfigError
-from cogbert_edge.inference.bundle import FORMAT_VERSION, Bundle, BundleError, load_bundle
+from cogbert_edge.errors import ConfigError, WireError
+from cogbert_edge.inference.bundle import FORMAT_VERSION, BundleError, load_bundle
 from cogbert_edge.inference.policy import Policy
+from cogbert_edge.update.state import AgentState, InstalledModel
+from cogbert_edge.update.trial import Trial, TrialLimits, golden_check, golden_outputs
 from cogbert_edge.update.trust import Release, TrustedState, VerificationError
+from cogbert_edge.wire.messages import Chunk, ReleaseOffer, StatusReport, decode_release_message
 
 __all__ = ["UpdateAgent", "UpdateSettings", "STEPS", "golden_outputs"]
 
@@ -81,6 +83,11 @@ class UpdateSettings:
     download_retries: int = 3
     golden_agreement: float = 0.9
 
+    @property
+    def trial_limits(self) -> TrialLimits:
+        return TrialLimits(self.trial_decisions, self.trial_seconds, self.latency_factor, self.latency_slack_us,
+                           self.max_error_rate)
+
 
 def _background(fn: Callable, *args: object) -> None:
     """Run install work on its own thread, so decisions never wait for it.
@@ -100,24 +107,9 @@ def _open_url(url: str, timeout: float):
     return urllib.request.urlopen(url, timeout=timeout)
 
 
-def golden_outputs(bundle: Bundle, seed: int = 7, steps: int = 16) -> dict:
-    """Greedy actions and values of ``bundle`` on seeded inputs, with the numpy reference.
-    The exporter stores them as the bundle's ``x-golden``; a device recomputes them on its own
-    backend before trusting a new model."""
-    policy = Policy(bundle, "numpy")
-    obs = np.random.default_rng(seed).standard_normal((steps, bundle.config.obs_dim)).astype(np.float32)
-    state, actions, values = policy.initial_state(), [], []
-    for x in obs:
-        d = policy.act(x, state, deterministic=True)
-        state = d.state
-        actions.append(d.action if isinstance(d.action, int) else [round(float(v), 6) for v in d.action])
-        values.append(round(d.value, 6))
-    return {"seed": seed, "steps": steps, "actions": actions, "values": values}
-
-
 class UpdateAgent:
     """Owns the device's model files and trust state. ``device`` must offer ``swap(policy)``,
-    ``policy``, ``backend`` and ``report(status_dict)``."""
+    ``policy``, ``backend`` and ``report(StatusReport)``."""
 
     def __init__(self, settings: UpdateSettings, trusted_root: bytes, *, factory_bundle: Path,
                  backend: str | None = None, clock: Callable[[], dt.datetime] | None = None) -> None:
@@ -132,11 +124,11 @@ class UpdateAgent:
         self._lock = threading.Lock()
         self._chunks: dict[str, dict[int, bytes]] = {}
         self._pending: dict[str, tuple[Release, int]] = {}    # sha -> (release, chunk count)
-        self.statuses: list[dict] = []
-        self._report: Callable[[dict], None] = lambda status: None
+        self.statuses: list[StatusReport] = []
+        self._report: Callable[[StatusReport], None] = lambda status: None
         self._swap: Callable[[Policy], None] = lambda policy: None
         self._busy = False
-        self.trial: dict | None = None
+        self.trial: Trial | None = None
         # The running model's recent decision latencies (µs), set by the device at a swap.
         self.baseline_latency_us: np.ndarray | None = None
         self.factory_bundle = Path(factory_bundle)
@@ -146,23 +138,21 @@ class UpdateAgent:
         self.trust = TrustedState(root, now=self.clock())
         if not root_path.exists():
             atomic_write(root_path, root)
-        self.state = self._load_state()
+        self.state = AgentState.load(self.dir / "state.json")
 
     # -- boot -------------------------------------------------------------------------------
 
     def boot(self) -> tuple[Policy, str | None]:
         """The policy to start with, and a status to report (a trial cut short by a crash)."""
         note = None
-        trial = self.state.get("trial")
-        if trial:
+        if self.state.trial is not None:
             note = "rolled_back:crash_during_trial"
-            self.state["trial"] = None
-            self._save_state()
-        current = self.state.get("current")
-        if current:
+            self._save_state(dataclasses.replace(self.state, trial=None))
+        current = self.state.current
+        if current is not None:
             try:
-                data = (self.dir / "models" / f"{current['sha256']}.safetensors").read_bytes()
-                if hashlib.sha256(data).hexdigest() != current["sha256"]:
+                data = (self.dir / "models" / f"{current.sha256}.safetensors").read_bytes()
+                if hashlib.sha256(data).hexdigest() != current.sha256:
                     raise BundleError("stored model does not match its recorded hash")
                 return Policy(load_bundle(data), self.backend), note
             except (OSError, BundleError) as e:
@@ -170,12 +160,17 @@ class UpdateAgent:
                 note = "rolled_back:stored_model_unusable"
         return Policy(load_bundle(self.factory_bundle), self.backend), note
 
-    def attach(self, *, swap: Callable[[Policy], None], report: Callable[[dict], None]) -> None:
+    def attach(self, *, swap: Callable[[Policy], None], report: Callable[[StatusReport], None]) -> None:
         self._swap, self._report = swap, report
 
     @property
     def highest_counter(self) -> int:
-        return int(self.state.get("highest_counter", 0))
+        return self.state.highest_counter
+
+    @property
+    def current_counter(self) -> int | None:
+        """The release counter of the model the device boots (None: the factory model)."""
+        return self.state.current.counter if self.state.current else None
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -183,44 +178,31 @@ class UpdateAgent:
         """Handle a release or chunk message (from the link's thread): verification is quick,
         the rest runs on a worker thread so decisions never wait."""
         try:
-            msg = msgpack.unpackb(payload, raw=False, max_bin_len=1 << 30, max_str_len=1 << 20,
-                                  max_array_len=64, max_map_len=16)
-            kind = msg.get("type") if isinstance(msg, dict) else None
-        except Exception:  # noqa: BLE001 - hostile bytes: report and ignore
-            return self._status(None, "rejected:malformed", "release message is not msgpack")
-        if kind == "chunk":
+            msg = decode_release_message(payload)
+        except WireError as e:      # hostile bytes: report and ignore
+            return self._status(None, "rejected:malformed", str(e))
+        if isinstance(msg, Chunk):
             return self._on_chunk(msg)
-        if kind != "release":
-            return self._status(None, "rejected:malformed", f"unknown message type {str(kind)[:20]}")
         try:
-            chain = msg.get("root_chain") or []
-            if not isinstance(chain, list) or not all(isinstance(r, bytes) for r in chain):
-                raise VerificationError("malformed", "root_chain must be a list of root metadata bytes")
-            if self.trust.update_root_chain(chain):
+            if self.trust.update_root_chain(list(msg.root_chain)):
                 atomic_write(self.dir / "root.json", self.trust.root_bytes)
-            manifest = msg.get("manifest")
-            if not isinstance(manifest, bytes):
-                raise VerificationError("malformed", "manifest must be bytes")
-            release = self._verify(manifest, current)
+            release = self._verify(msg.manifest, current)
         except VerificationError as e:
-            if e.reason == "rollback" and self._is_current(msg.get("manifest")):
+            if e.reason == "rollback" and self._is_current(msg.manifest):
                 return self._status(None, "already_installed", "this release is installed")
             return self._status(None, f"rejected:{e.reason}", str(e))
         event(log, "release_offered", counter=release.counter, model=release.model)
-        source = msg.get("source")
-        if not isinstance(source, dict):
-            return self._status(release, "rejected:malformed", "no bundle source")
         with self._lock:
             if self._busy or self.trial is not None:
                 return self._status(release, "rejected:busy", "another update is in progress")
             self._busy = True
-        if source.get("kind") == "chunks" and isinstance(source.get("count"), int) and 0 < source["count"] <= 4096:
+        if msg.chunks is not None:
             with self._lock:
-                self._pending[release.sha256] = (release, source["count"])
+                self._pending[release.sha256] = (release, msg.chunks)
                 self._chunks.setdefault(release.sha256, {})
             self._maybe_assemble(release.sha256, current)
             return
-        _background(self._install_from_url, release, source, current)
+        _background(self._install_from_url, release, msg, current)
 
     def _verify(self, manifest: bytes, current: Policy) -> Release:
         self.trust.now = self.clock()
@@ -236,17 +218,14 @@ class UpdateAgent:
                                                     f"{cfg.action.kind} {cfg.action.size}")
         return release
 
-    def _is_current(self, manifest: object) -> bool:
-        cur = self.state.get("current")
-        return bool(cur) and isinstance(manifest, bytes) and \
-            hashlib.sha256(manifest).hexdigest() == cur.get("manifest_sha256")
+    def _is_current(self, manifest: bytes) -> bool:
+        cur = self.state.current
+        return cur is not None and hashlib.sha256(manifest).hexdigest() == cur.manifest_sha256
 
     # -- download ---------------------------------------------------------------------------
 
-    def _on_chunk(self, msg: dict) -> None:
-        sha, index, data = msg.get("sha256"), msg.get("index"), msg.get("data")
-        if not isinstance(sha, str) or not isinstance(index, int) or not isinstance(data, bytes):
-            return
+    def _on_chunk(self, msg: Chunk) -> None:
+        sha, index, data = msg.sha256, msg.index, msg.data
         with self._lock:
             pending = self._pending.get(sha)
             if pending is None or not 0 <= index < pending[1]:
@@ -274,10 +253,10 @@ class UpdateAgent:
         data = b"".join(parts[i] for i in range(count))
         _background(self._install, release, data)
 
-    def _install_from_url(self, release: Release, source: dict, current: Policy) -> None:
+    def _install_from_url(self, release: Release, offer: ReleaseOffer, current: Policy) -> None:
         t0 = time.monotonic()
         try:
-            data = self._download(release, str(source.get("url", "")))
+            data = self._download(release, offer.url or "")
         except VerificationError as e:
             with self._lock:
                 self._busy = False
@@ -334,7 +313,7 @@ class UpdateAgent:
                     {"kind": cfg.action.kind, "size": cfg.action.size} != c["action"]:
                 raise VerificationError("incompatible", "the bundle's shape differs from its manifest's")
             policy = Policy(bundle, self.backend)
-            golden = self._golden_check(bundle, policy)
+            golden = golden_check(bundle, policy, self.s.golden_agreement)
             if golden:
                 raise VerificationError("golden", golden)
         except VerificationError as e:
@@ -345,45 +324,21 @@ class UpdateAgent:
         dest = self.dir / "models" / f"{release.sha256}.safetensors"
         self._crash_point("stage")
         atomic_write(dest, data)
-        previous = self.state.get("current")
-        self.state.update(highest_counter=release.counter,
-                          trial={"counter": release.counter, "sha256": release.sha256,
-                                 "model_id": bundle.model_id, "manifest_sha256": hashlib.sha256(release.raw).hexdigest()},
-                          last_good=previous)
+        previous = self.state.current
+        model = InstalledModel(release.counter, release.sha256, bundle.model_id,
+                               hashlib.sha256(release.raw).hexdigest())
         self._crash_point("persist")
-        self._save_state()
+        self._save_state(self.state.with_trial(model))
         event(log, "install_timing", counter=release.counter, download_ms=round(download_s * 1e3, 1),
               check_ms=round((t1 - t0) * 1e3, 1), write_ms=round((time.monotonic() - t1) * 1e3, 1))
         self._status(release, "installed", bundle.model_id)
         with self._lock:
-            self.trial = {"release": release, "policy": policy, "bundle": bundle, "previous": previous,
-                          "started": time.monotonic(), "decisions": 0, "errors": 0, "nonfinite": 0, "lat": []}
+            self.trial = Trial(release, policy, bundle, previous)
             self._busy = False
         self._crash_point("swap")
         self._swap(policy)
         self._status(release, "trial", bundle.model_id)
         self._crash_point("trial")
-
-    def _golden_check(self, bundle: Bundle, policy: Policy) -> str | None:
-        raw = bundle.extra.get("x-golden")
-        if raw is None:
-            return None
-        try:
-            g = json.loads(raw)
-            obs = np.random.default_rng(int(g["seed"])).standard_normal((int(g["steps"]), bundle.config.obs_dim))
-        except (ValueError, KeyError, TypeError):
-            return "x-golden is malformed"
-        state, agree, worst = policy.initial_state(), 0, 0.0
-        for x, a, v in zip(obs.astype(np.float32), g["actions"], g["values"]):
-            d = policy.act(x, state, deterministic=True)
-            state = d.state
-            if not np.isfinite(d.value):
-                return "non-finite value on golden inputs"
-            agree += (d.action == a) if isinstance(a, int) else bool(np.allclose(d.action, a, atol=0.05))
-            worst = max(worst, abs(d.value - v) / (1.0 + abs(v)))
-        if agree < self.s.golden_agreement * len(g["actions"]) or worst > 0.05:
-            return f"golden outputs differ ({agree}/{len(g['actions'])} actions agree, value error {worst:.3f})"
-        return None
 
     # -- trial ------------------------------------------------------------------------------
 
@@ -391,67 +346,40 @@ class UpdateAgent:
         """Called after every decision. Returns the policy to swap to when a trial ends in a
         rollback (the caller swaps), else None."""
         t = self.trial
-        if t is None or policy is not t["policy"]:
+        if t is None or policy is not t.policy:
             return None
-        t["decisions"] += 1
-        t["errors"] += not ok
-        t["nonfinite"] += not finite
-        if len(t["lat"]) < 10000:
-            t["lat"].append(latency_s)
-        if t["nonfinite"]:
-            return self._end_trial("nan_outputs")
-        if t["decisions"] < self.s.trial_decisions or time.monotonic() - t["started"] < self.s.trial_seconds:
+        verdict = t.observe(latency_s, ok, finite, self.s.trial_limits, self.baseline_latency_us)
+        if verdict is None:
             return None
-        if t["errors"] > self.s.max_error_rate * t["decisions"]:
-            return self._end_trial("error_rate")
-        # The same quantile of both models: p95 once the trial has 100 decisions, else the median.
-        # The p95 of a short trial is its maximum, and one scheduler stall (another thread holding
-        # the GIL, a busy core) would roll back a model that is not slower.
-        base_lat = self.baseline_latency_us
-        if base_lat is not None and len(base_lat):
-            q = 95 if len(t["lat"]) >= 100 else 50
-            base = float(np.percentile(base_lat, q))
-            now = float(np.percentile(t["lat"], q) * 1e6)
-            if now > base * self.s.latency_factor + self.s.latency_slack_us:
-                return self._end_trial(f"latency:p{q}_{now:.0f}us_vs_{base:.0f}us")
-        return self._end_trial(None)
+        return self._end_trial(None if verdict == "pass" else verdict)
 
     def _end_trial(self, failure: str | None) -> Policy | None:
         with self._lock:
             t, self.trial = self.trial, None
         if t is None:
             return None
-        release = t["release"]
+        release = t.release
         if failure is None:
             self._crash_point("commit")
-            self.state.update(current=self.state["trial"], last_good=self.state["trial"], trial=None)
-            self._save_state()
-            self._status(release, "committed", t["bundle"].model_id)
+            self._save_state(self.state.committed())
+            self._status(release, "committed", t.bundle.model_id)
             return None
-        self.state.update(trial=None, current=t["previous"], last_good=t["previous"])
-        self._save_state()
-        self._status(release, f"rolled_back:{failure}", t["bundle"].model_id)
+        self._save_state(self.state.rolled_back(t.previous))
+        self._status(release, f"rolled_back:{failure}", t.bundle.model_id)
         policy, _ = self.boot()
         return policy
 
     # -- persistence and reporting ----------------------------------------------------------
 
-    def _load_state(self) -> dict:
-        try:
-            return json.loads((self.dir / "state.json").read_text())
-        except FileNotFoundError:
-            return {"highest_counter": 0, "current": None, "last_good": None, "trial": None}
-
-    def _save_state(self) -> None:
-        atomic_write(self.dir / "state.json", json.dumps(self.state).encode())
-        fsync_path(self.dir)
+    def _save_state(self, state: AgentState) -> None:
+        state.save(self.dir / "state.json")
+        self.state = state
 
     def _status(self, release: Release | None, status: str, detail: str = "") -> None:
-        report = {"status": status, "counter": release.counter if release else None,
-                  "detail": detail[:300], "time": time.time()}
+        report = StatusReport.parse(status, counter=release.counter if release else None, detail=detail[:300])
         self.statuses.append(report)
-        event(log, "update_status", level=logging.WARNING if status.startswith(("rejected", "rolled")) else
-              logging.INFO, **report)
+        event(log, "update_status", level=logging.WARNING if report.failed else logging.INFO,
+              status=report.status, counter=report.counter, detail=report.detail)
         try:
             self._report(report)
         except Exception:  # noqa: BLE001 - reporting must never break an update

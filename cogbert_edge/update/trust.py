@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cogbert_edge.errors import CogbertError
+from cogbert_edge.errors import VerificationError
 
 __all__ = ["TrustedState", "Release", "VerificationError", "canonical", "key_id", "sign", "parse_time",
            "format_time", "MAX_METADATA_BYTES"]
@@ -39,16 +39,6 @@ MAX_METADATA_BYTES = 64 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-
-
-class VerificationError(CogbertError):
-    """Signed metadata or a bundle failed verification. ``reason`` is a short machine-readable
-    word (``unknown_key``, ``bad_signature``, ``expired``, ``rollback``, ``mismatch``,
-    ``incompatible``, ``hash_mismatch``, ``length_mismatch``, ``malformed``, ``version``)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 def canonical(obj: Any) -> bytes:

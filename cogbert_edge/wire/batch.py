@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
+from cogbert_edge.errors import BatchError
 from cogbert_edge.wire.records import HEAD, KNOWN_FLAGS, STATE
 
 __all__ = ["Batch", "BatchError", "encode", "encode_batch", "encode_run", "decode", "batch_id", "MAGIC",
@@ -43,10 +44,6 @@ MAX_NAME = 64
 _KEYS = {"v", "device", "fleet", "first", "last", "n", "obs_dim", "act_dim", "hidden", "sessions",
          "session_idx", "models", "model_idx", "step", "time", "action", "log_prob", "value", "reward",
          "flags", "obs", "state_rows", "state_h", "state_c"}
-
-
-class BatchError(ValueError):
-    """A batch is malformed or hostile; the message says which check failed."""
 
 
 def batch_id(device: str, first: int, last: int) -> str:
@@ -91,7 +88,7 @@ class Batch:
         """The records ``first..last`` (sequence numbers within this batch) as a batch of their
         own: what ingestion stores of a batch that overlaps records it already has."""
         if not self.first <= first <= last <= self.last:
-            raise ValueError(f"{first}..{last} is not within {self.first}..{self.last}")
+            raise BatchError(f"{first}..{last} is not within {self.first}..{self.last}")
         i, j = first - self.first, last - self.first + 1
         keep = (self.state_rows >= i) & (self.state_rows < j)
         sessions, session_idx = _retable(self.sessions, self.session_idx[i:j])
@@ -143,9 +140,9 @@ def encode(device: str, fleet: str, records: list[tuple[int, bytes]], *, compres
            min_saving: float = 0.1) -> bytes:
     """Columnar batch of consecutive ``(seq, record payload)`` pairs of one model shape."""
     if not records:
-        raise ValueError("empty batch")
+        raise BatchError("empty batch")
     if records[-1][0] - records[0][0] + 1 != len(records):
-        raise ValueError("batch records must have consecutive sequence numbers")
+        raise BatchError("batch records must have consecutive sequence numbers")
     return encode_run(device, fleet, records[0][0], [p for _, p in records], compress=compress,
                       min_saving=min_saving)
 
@@ -160,7 +157,7 @@ def encode_run(device: str, fleet: str, first: int, payloads: list[bytes], *, co
     form one 2-D byte array, whose column slices are the fields.
     """
     if not payloads:
-        raise ValueError("empty batch")
+        raise BatchError("empty batch")
     n = len(payloads)
     last = first + n - 1
     blocks = _layouts(payloads)
@@ -170,12 +167,12 @@ def encode_run(device: str, fleet: str, first: int, payloads: list[bytes], *, co
     heads = head_bytes.view(_HEAD)[:, 0]
     obs_dim, act_dim = int(heads["obs_dim"][0]), int(heads["act_dim"][0])
     if np.any(heads["obs_dim"] != obs_dim) or np.any(heads["act_dim"] != act_dim):
-        raise ValueError("all records of a batch must share obs_dim and act_dim")
+        raise BatchError("all records of a batch must share obs_dim and act_dim")
     has_state = (heads["flags"] & STATE) != 0
     state_rows = np.flatnonzero(has_state)
     hidden = int(heads["hidden"][state_rows[0]]) if state_rows.size else 0
     if np.any(heads["hidden"][state_rows] != hidden):
-        raise ValueError("all state snapshots of a batch must share the hidden size")
+        raise BatchError("all state snapshots of a batch must share the hidden size")
 
     obs = np.empty((n, 4 * obs_dim), np.uint8)
     acts = np.empty((n, 4 * act_dim), np.uint8)
@@ -188,7 +185,7 @@ def encode_run(device: str, fleet: str, first: int, payloads: list[bytes], *, co
         state = bool(has_state[rows[0]])
         if (table.shape[1] != o + 4 * (obs_dim + act_dim) + (8 * hidden if state else 0)
                 or np.any(has_state[rows] != state)):
-            raise ValueError("a record's length does not match its head")
+            raise BatchError("a record's length does not match its head")
         names.add(rows, table[:, HEAD.size:HEAD.size + slen], table[:, HEAD.size + slen:o])
         obs[rows] = table[:, o:o + 4 * obs_dim]
         o += 4 * obs_dim
@@ -224,7 +221,7 @@ def _layouts(payloads: list[bytes]) -> list[tuple[np.ndarray, np.ndarray, int, i
     n = len(payloads)
     lens = np.fromiter(map(len, payloads), np.int64, n)
     if lens.min() < HEAD.size:
-        raise ValueError("a record is shorter than its head")
+        raise BatchError("a record is shorter than its head")
     out = []
     for length in sorted(set(lens.tolist())):
         mask = lens == length

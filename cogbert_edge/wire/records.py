@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cogbert_edge.errors import RecordError
+
 __all__ = ["Record", "encode", "decode", "DONE", "TRUNCATED", "STATE", "DETERMINISTIC", "RecordError"]
 
 HEAD = struct.Struct("<BBHHHHHqdifff")
@@ -34,10 +36,6 @@ KIND_TRANSITION = 1
 DONE, TRUNCATED, STATE, DETERMINISTIC = 1, 2, 4, 8
 KNOWN_FLAGS = DONE | TRUNCATED | STATE | DETERMINISTIC
 MAX_NAME = 64
-
-
-class RecordError(ValueError):
-    """A stored record does not decode (only possible after storage corruption)."""
 
 
 @dataclass

@@ -1,11 +1,8 @@
 """The MQTT topic map, version 1, and the rules for the names that appear in it.
 
-    cogbert/v1/{fleet}/{device}/exp         up    experience batches
-    cogbert/v1/{fleet}/{device}/telemetry   up    metrics: decision latency, errors, outbox depth
-    cogbert/v1/{fleet}/{device}/status      up    update agent status reports
-    cogbert/v1/{fleet}/{device}/ack         down  end-to-end acknowledgements of stored batches
-    cogbert/v1/{fleet}/{device}/release     down  release manifests for this device
-    cogbert/v1/{fleet}/release              down  the fleet's retained release manifest
+:data:`TOPIC_MAP` is the map: each topic, its direction, the message it carries
+(``records``/``batch`` for experience, ``messages`` for the rest), its encoding and QoS.
+``docs/architecture.md`` shows :func:`render_topic_map` and a test keeps the two equal.
 
 The broker's ACLs (``cogbert broker config``) give device ``D`` write access to exactly its
 three upward topics and read access to its two downward topics and its fleet's release
@@ -15,15 +12,53 @@ topic, keyed on the certificate's common name, never on the client id.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 from cogbert_edge.errors import ConfigError
 
-__all__ = ["PREFIX", "UP", "DOWN", "check_device_id", "check_fleet", "device_topic", "fleet_release",
-           "parse_device_topic"]
+__all__ = ["PREFIX", "UP", "DOWN", "TOPIC_MAP", "Topic", "check_device_id", "check_fleet", "device_topic",
+           "fleet_release", "parse_device_topic", "render_topic_map"]
 
 PREFIX = "cogbert/v1"
-UP = ("exp", "telemetry", "status")
-DOWN = ("ack", "release")
+
+
+@dataclass(frozen=True)
+class Topic:
+    pattern: str
+    direction: Literal["up", "down"]
+    message: str            # the class that encodes and decodes it
+    encoding: str
+    qos: int
+    what: str
+
+
+TOPIC_MAP: tuple[Topic, ...] = (
+    Topic(PREFIX + "/{fleet}/{device}/exp", "up", "wire.batch (encode_run, decode)", "CBX1 columnar", 1,
+          "experience batches"),
+    Topic(PREFIX + "/{fleet}/{device}/telemetry", "up", "wire.messages.Telemetry", "JSON", 0,
+          "decision counters and latency, outbox depth"),
+    Topic(PREFIX + "/{fleet}/{device}/status", "up", "wire.messages.StatusReport", "JSON", 1,
+          "update agent status reports"),
+    Topic(PREFIX + "/{fleet}/{device}/ack", "down", "wire.messages.Ack", "msgpack", 1,
+          "end-to-end acks of stored batches"),
+    Topic(PREFIX + "/{fleet}/{device}/release", "down", "wire.messages.ReleaseOffer, Chunk", "msgpack", 1,
+          "release offers for this device"),
+    Topic(PREFIX + "/{fleet}/release", "down", "wire.messages.ReleaseOffer", "msgpack", 1,
+          "the fleet's retained release offer"),
+)
+
+UP = tuple(t.pattern.rsplit("/", 1)[1] for t in TOPIC_MAP if t.direction == "up" and "{device}" in t.pattern)
+DOWN = tuple(t.pattern.rsplit("/", 1)[1] for t in TOPIC_MAP if t.direction == "down" and "{device}" in t.pattern)
+
+
+def render_topic_map() -> str:
+    """The topic map as the fixed-width table ``docs/architecture.md`` shows."""
+    rows = [("topic", "dir", "message", "encoding", "QoS", "carries")]
+    rows += [(t.pattern, t.direction, t.message, t.encoding, str(t.qos), t.what) for t in TOPIC_MAP]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
+                     for r in rows).rstrip()
 
 # Device ids become certificate common names, MQTT usernames (via use_identity_as_username)
 # and topic levels: no '/', '+', '#', no '.' or ':' (reserved for service identities), and

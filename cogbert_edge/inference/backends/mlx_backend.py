@@ -19,6 +19,9 @@ from cogbert_edge.inference.model import step
 from cogbert_edge.inference.quant import QuantSpec
 
 
+__all__ = ["MLXMath", "MLXBackend"]
+
+
 class MLXMath:
     """``model.Math`` over MLX arrays. ``params`` maps bundle tensor names to ``mx.array``."""
 
