@@ -30,7 +30,7 @@ from cogbert_edge.site import agent as site_agent
 from cogbert_edge.site.messages import AgentMessage, Decision
 from cogbert_edge.site.topics import parse_site_topic, site_filter, site_topic
 
-PUB, SUB = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
+PUB, SUB = shutil.which("mosquitto_pub") or "", shutil.which("mosquitto_sub") or ""
 if not (PUB and SUB):   # ./run test installs them (Debian: mosquitto-clients)
     pytest.fail("mosquitto_pub and mosquitto_sub are needed (apt-get install mosquitto-clients)", pytrace=False)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cogbert_edge.device import Device
 from cogbert_edge.errors import ConfigError, WireError
 from cogbert_edge.inference.policy import Policy
 from cogbert_edge.link.mqtt import LinkSettings, Message, MqttLink
@@ -102,6 +103,7 @@ class StepResult:
     mode: str                       # "coordinated", "decentralized" or "fallback" (no decision in time)
     round_trip_ms: float | None     # publish -> decision, when a decision came
     peers_heard: int
+    logged_step: int | None = None  # the step in the device's log (with a device)
 
 
 @dataclass
@@ -118,11 +120,21 @@ class _Stats:
 class SiteAgent:
     """An agent of a site (see the module docstring); ``policy`` is its role's actor."""
 
-    def __init__(self, settings: SiteAgentSettings, policy: Policy, *, link: MqttLink | None = None) -> None:
+    def __init__(self, settings: SiteAgentSettings, policy: Policy | None = None, *, device: Device | None = None,
+                 link: MqttLink | None = None) -> None:
+        """Decide with ``policy`` (nothing logged), or through ``device`` (a started
+        :class:`~cogbert_edge.device.Device`: every decision logged for the cloud with the session
+        and step the site's experience is joined on, over the device's own link)."""
+        if (policy is None) == (device is None):
+            raise ConfigError("a site agent decides with a policy or through a device: give exactly one")
         self.s = settings
-        self.policy = policy
-        self.state = policy.initial_state()
+        self.device = device
+        self.policy = device.policy if device is not None else policy
+        assert self.policy is not None
+        self.state = self.policy.initial_state()
         self.n_agents = len(settings.members)
+        if device is not None:
+            link = device.link
         self.link = link or MqttLink(LinkSettings.for_device(settings.broker, settings.pki, settings.device_id,
                                                              backoff_min=0.05, backoff_max=1.0),
                                      name=f"site-{settings.device_id}")
@@ -132,7 +144,8 @@ class SiteAgent:
         self.stats = _Stats()
 
     def start(self, timeout: float = 10.0) -> SiteAgent:
-        self.link.start()
+        if self.device is None:
+            self.link.start()
         self.link.wait_connected(timeout)
         h1 = self.link.subscribe(site_filter(self.s.fleet, self.s.site, "msg"), self._on_msg, qos=0)
         h2 = self.link.subscribe(site_filter(self.s.fleet, self.s.site, "decision"), self._on_decision, qos=0)
@@ -141,7 +154,8 @@ class SiteAgent:
         return self
 
     def close(self) -> None:
-        self.link.close()
+        if self.device is None:
+            self.link.close()
 
     def __enter__(self) -> SiteAgent:
         return self
@@ -179,12 +193,24 @@ class SiteAgent:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def step(self, step: int, obs: Any) -> StepResult:
-        """Decide step ``step`` from the local observation ``obs``; never blocks past the deadline."""
+    def step(self, step: int, obs: Any, session: str | None = None) -> StepResult:
+        """Decide step ``step`` from the local observation ``obs``; never blocks past the deadline.
+
+        With a device, the decision is logged in ``session`` (one per site episode, the same name
+        at every agent of the site); the log holds the *proposed* action and its behaviour
+        log-probability: a claim the crew denies is, from the agent's side, what its environment
+        did, so the proposal is the action whose probability off-policy corrections need."""
         obs = np.asarray(obs, np.float32)
-        d = self.policy.act(actor_input(obs, self.s.index, self.n_agents), self.state)
-        self.state = d.state
-        proposed = int(d.action)
+        x = actor_input(obs, self.s.index, self.n_agents)
+        logged_step = None
+        if self.device is not None:
+            ld = self.device.act(session or self.s.site, x)
+            proposed, logged_step = int(ld.action), ld.step
+        else:
+            assert self.policy is not None
+            d = self.policy.act(x, self.state)
+            self.state = d.state
+            proposed = int(d.action)
         claim = proposed == MAINTAIN
         sensor = float(obs[SENSOR_INDEX])
         # Free crews as this station sees them (the observation's crew_free entry).
@@ -232,7 +258,14 @@ class SiteAgent:
             action = WORK    # produce instead of waiting for a crew that went elsewhere
         self.stats.steps += 1
         self._forget(step)
-        return StepResult(step, action, proposed, mode, rtt, len(heard) - 1)
+        return StepResult(step, action, proposed, mode, rtt, len(heard) - 1, logged_step)
+
+    def reward(self, session: str, value: float, *, step: int | None = None, done: bool = False,
+               truncated: bool = False) -> None:
+        """The team reward of a logged decision (only with a device)."""
+        if self.device is None:
+            raise ConfigError("rewards are logged only by a site agent that decides through a device")
+        self.device.reward(session, value, step=step, done=done, truncated=truncated)
 
     def _forget(self, step: int) -> None:
         with self._cv:
