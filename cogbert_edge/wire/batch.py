@@ -133,6 +133,7 @@ _HEAD = np.dtype([("kind", "u1"), ("flags", "u1"), ("obs_dim", "<u2"), ("act_dim
                   ("slen", "<u2"), ("mlen", "<u2"), ("step", "<i8"), ("time", "<f8"), ("action", "<i4"),
                   ("log_prob", "<f4"), ("value", "<f4"), ("reward", "<f4")])
 assert _HEAD.itemsize == HEAD.size
+assert _HEAD.fields is not None            # a structured dtype always has fields
 _NAME_LENS = _HEAD.fields["slen"][1]      # slen, mlen: adjacent u2 fields
 
 
@@ -201,12 +202,13 @@ def encode_run(device: str, fleet: str, first: int, payloads: list[bytes], *, co
         "sessions": sessions, "session_idx": session_idx.tobytes(),
         "models": models, "model_idx": model_idx.tobytes(),
         "step": heads["step"].tobytes(), "time": heads["time"].tobytes(),
-        "action": memoryview(acts) if act_dim else heads["action"].tobytes(),
+        "action": acts.data if act_dim else heads["action"].tobytes(),
         "log_prob": heads["log_prob"].tobytes(), "value": heads["value"].tobytes(),
         "reward": heads["reward"].tobytes(), "flags": (heads["flags"] & ~np.uint8(STATE)).tobytes(),
-        # The large columns go to msgpack as views: it copies them once, into the message.
-        "obs": memoryview(obs), "state_rows": state_rows.astype("<u4").tobytes(),
-        "state_h": memoryview(state_h), "state_c": memoryview(state_c),
+        # The large columns go to msgpack as views (ndarray.data, a memoryview of the array's
+        # buffer): it copies them once, into the message.
+        "obs": obs.data, "state_rows": state_rows.astype("<u4").tobytes(),
+        "state_h": state_h.data, "state_c": state_c.data,
     }
     raw = msgpack.packb(body, use_bin_type=True)
     if compress:
@@ -294,10 +296,10 @@ def decode(data: bytes, *, max_decompressed: int = MAX_DECOMPRESSED) -> Batch:
         raise BatchError("body has the wrong set of fields")
     if m["v"] != 1:
         raise BatchError(f"unsupported batch version: {str(m['v'])[:40]!r}")
-    for k in ("device", "fleet"):
-        if not isinstance(m[k], str) or not 0 < len(m[k]) <= MAX_NAME:
-            raise BatchError(f"{k} must be a short string")
-    first, last, n = (_int(m, k, 1, 2**62) for k in ("first", "last", "n"))
+    for key in ("device", "fleet"):
+        if not isinstance(m[key], str) or not 0 < len(m[key]) <= MAX_NAME:
+            raise BatchError(f"{key} must be a short string")
+    first, last, n = (_int(m, key, 1, 2**62) for key in ("first", "last", "n"))
     if n > MAX_RECORDS or last - first + 1 != n:
         raise BatchError(f"n={n} does not match first..last {first}..{last} (max {MAX_RECORDS} records)")
     obs_dim = _int(m, "obs_dim", 1, MAX_DIM)
