@@ -24,19 +24,38 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cogbert_edge.errors import BackendUnavailableError, ConfigError
 from cogbert_edge.inference.bundle import Bundle
+from cogbert_edge.inference.model import ModelConfig
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "available_backends", "create_backend", "resolve_backend"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "available_backends", "create_backend", "resolve_backend"]
 
 
-def _numpy(bundle: Bundle):
+class Backend(Protocol):
+    """What every backend offers the :class:`~cogbert_edge.inference.policy.Policy`. A backend
+    module imports nothing above this package: the policy depends on backends, never the
+    reverse."""
+
+    name: str
+    config: ModelConfig
+
+    def step(self, obs: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+        """``obs [B, obs_dim]``, ``h, c [B, hidden]`` (float32) -> ``(head, value, h, c)``: new arrays,
+        no state kept between calls."""
+        ...
+
+
+def _numpy(bundle: Bundle) -> Backend:
     from cogbert_edge.inference.backends.numpy_backend import NumpyBackend
     return NumpyBackend(bundle)
 
 
-def _mlx(bundle: Bundle):
+def _mlx(bundle: Bundle) -> Backend:
     from cogbert_edge.inference.backends.mlx_backend import MLXBackend
     return MLXBackend(bundle)
 
@@ -46,7 +65,7 @@ def _mlx_available() -> bool:
     return import_mlx() is not None
 
 
-def _native(bundle: Bundle):
+def _native(bundle: Bundle) -> Backend:
     from cogbert_edge.inference.backends.native_backend import NativeBackend
     return NativeBackend(bundle)
 
@@ -64,7 +83,7 @@ def _native_first() -> bool:
     return native_simd()
 
 
-BACKENDS: dict[str, tuple[Callable[[Bundle], object], Callable[[], bool]]] = {
+BACKENDS: dict[str, tuple[Callable[[Bundle], Backend], Callable[[], bool]]] = {
     "numpy": (_numpy, lambda: True),
     "mlx": (_mlx, _mlx_available),
     "native": (_native, _native_available),
@@ -91,5 +110,5 @@ def resolve_backend(name: str | None = None) -> str:
     return name
 
 
-def create_backend(bundle: Bundle, name: str | None = None):
+def create_backend(bundle: Bundle, name: str | None = None) -> Backend:
     return BACKENDS[resolve_backend(name)][0](bundle)
