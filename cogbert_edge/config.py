@@ -23,13 +23,16 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cogbert_edge.errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["add_arguments", "from_args", "load", "env_name"]
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")   # a dataclass type: its fields are the settings
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -72,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str
         if not f.init or f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        doc = (f.metadata or {}).get("help", "")
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        doc = f.metadata.get("help", "")   # dataclasses makes metadata an empty mapping when not given
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{doc} (env {env_name(f.name, env_prefix)}; default {shown})".strip()
         flag = "--" + f.name.replace("_", "-")
