@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from cogbert_cloud.fleet import broker, pki
 from cogbert_cloud.release import signing as releases
-from cogbert_cloud.service import demo
+from cogbert_cloud.service import demo, operator_cli
 from cogbert_edge import cli as edge_cli
 from cogbert_edge._internal.log import setup_logging
 from cogbert_edge.cli import CliParser, run_command, version
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     pki.register(sub)
     broker.register(sub)
     demo.register(sub)
+    operator_cli.register(sub)
     return parser
 
 
