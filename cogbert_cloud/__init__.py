@@ -15,8 +15,7 @@ rollout), ``service/`` (the long-running composition, operator API, loop, demo).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cogbert_cloud.errors import (
     BrokerError,
@@ -30,6 +29,7 @@ from cogbert_cloud.errors import (
     StoreError,
     TrainingError,
 )
+from cogbert_edge._internal.lazy import lazy_exports
 
 _LAZY = {
     "PKI": ".fleet.pki",
@@ -100,17 +100,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cogbert_cloud' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 
 if TYPE_CHECKING:
