@@ -287,14 +287,15 @@ class MARLTrainer:
     def _batch(self, buf: dict, envs: np.ndarray, adv_n: np.ndarray, ret_n: np.ndarray) -> dict:
         mx, A = self.mx, self.A
         H = self.cfg.hidden
+        N = buf["obs"].shape[1]
         out: dict[str, dict] = {}
         starts_env = buf["starts"][:, envs]
         for k, r in self._actor_keys():
             idx = self.members[r]
             n = len(idx)
             sub = buf["obs"][:, envs]
-            h0 = buf["h0"][k].reshape(self.N, n, H)[envs].reshape(-1, H)
-            c0 = buf["c0"][k].reshape(self.N, n, H)[envs].reshape(-1, H)
+            h0 = buf["h0"][k].reshape(N, n, H)[envs].reshape(-1, H)
+            c0 = buf["c0"][k].reshape(N, n, H)[envs].reshape(-1, H)
             out[k] = {"x": mx.array(self._actor_in(sub, r)), "h0": mx.array(h0), "c0": mx.array(c0),
                       "starts": mx.array(np.repeat(starts_env, n, axis=1)),
                       "actions": mx.array(buf["actions"][:, envs][:, :, idx].reshape(len(buf["actions"]), -1)),
@@ -304,14 +305,15 @@ class MARLTrainer:
         if "critic" in self.params:
             h0, c0 = buf["hc0_crit"]
             out["critic"] = {"x": mx.array(self._critic_in(buf["state"][:, envs])),
-                             "h0": mx.array(h0.reshape(self.N, A, H)[envs].reshape(-1, H)),
-                             "c0": mx.array(c0.reshape(self.N, A, H)[envs].reshape(-1, H)),
+                             "h0": mx.array(h0.reshape(N, A, H)[envs].reshape(-1, H)),
+                             "c0": mx.array(c0.reshape(N, A, H)[envs].reshape(-1, H)),
                              "starts": mx.array(np.repeat(starts_env, A, axis=1)),
                              "ret": mx.array(ret_n[:, envs].reshape(len(ret_n), -1))}
         return out
 
-    def learn(self, buf: dict, frac: float) -> dict[str, float]:
+    def learn(self, buf: dict, frac: float, *, epochs: int | None = None) -> dict[str, float]:
         mx, cfg = self.mx, self.cfg
+        N = buf["obs"].shape[1]
         import mlx.optimizers as optim
         lr = cfg.lr * (frac if cfg.anneal else 1.0)
         clip = cfg.clip * (frac if cfg.anneal else 1.0)
@@ -322,11 +324,11 @@ class MARLTrainer:
         adv = buf["adv"]
         adv_n = ((adv - adv.mean()) / (adv.std() + 1e-8)).astype(np.float32)
         norms = {k: {n: mx.array(v) for n, v in self.norms[k].as_params().items()} for k in self.params}
-        per = max(1, self.N // cfg.minibatches)
+        per = max(1, N // cfg.minibatches)
         stats = []
-        for _ in range(cfg.epochs):
-            order = self.rng.permutation(self.N)
-            for s in range(0, self.N, per):
+        for _ in range(cfg.epochs if epochs is None else epochs):
+            order = self.rng.permutation(N)
+            for s in range(0, N, per):
                 batch = self._batch(buf, order[s:s + per], adv_n, ret_n)
                 (loss, aux), grads = self._grad_fn(self.params_mx, norms, batch, clip)
                 grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -360,6 +362,79 @@ class MARLTrainer:
                 print(f"update {self.update_idx}/{n_updates} steps {self.steps} return {row['episode_return']}",
                       flush=True)
         return {"steps": self.steps, "updates": self.update_idx, "wall_s": time.monotonic() - t0}
+
+    # -- V-trace fine-tuning from joined fleet logs ---------------------------------------------
+
+    def finetune_vtrace(self, episodes: list[Any], *, epochs: int = 2, rho_bar: float = 1.0,
+                        c_bar: float = 1.0) -> dict[str, float]:
+        """Improve the actors and the critic from joined site logs (:func:`~.join.join_site`).
+
+        Each agent's importance ratio uses its *own* behaviour log-probability (the devices ran
+        independent actors); V-trace (Espeholt et al. 2018) targets, with the critic on the joined
+        global state, replace GAE; the update is then the clipped surrogate from the current policy,
+        so a step stays small however stale the logs are. Episodes of one length are batched.
+        """
+        if not episodes:
+            raise ConfigError("no joined episodes to fine-tune on")
+        T = len(episodes[0].steps)
+        eps = [e for e in episodes if len(e.steps) == T]
+        A, H, cfg = self.A, self.cfg.hidden, self.cfg
+        if eps[0].obs.shape[1:] != (A, self.env.obs_dim):
+            raise ConfigError(f"joined observations {eps[0].obs.shape[1:]} do not fit this trainer ({A}, "
+                              f"{self.env.obs_dim})")
+        obs = np.stack([e.obs for e in eps], axis=1)                     # [T, N, A, D]
+        state = np.stack([e.state for e in eps], axis=1)                 # [T, N, S]
+        actions = np.stack([e.actions for e in eps], axis=1)             # [T, N, A]
+        blogp = np.stack([e.log_prob for e in eps], axis=1)
+        rewards = np.stack([e.reward for e in eps], axis=1)
+        dones = np.stack([e.done for e in eps], axis=1).astype(np.float32)
+        N = obs.shape[1]
+        starts = np.zeros((T, N), np.float32)
+        starts[0] = 1.0
+        # The current policy's log-probabilities and values along the logged trajectories.
+        logp = np.zeros((T, N, A), np.float32)
+        values = np.zeros((T, N, A), np.float32)
+        for k, r in self._actor_keys():
+            idx = self.members[r]
+            F = NumpyMath({**self.params[k], **self.norms[k].as_params()})
+            x = self._actor_in(obs, r)
+            z = np.zeros((x.shape[1], H), np.float32)
+            heads, v, _, _ = sequence(F, self.actor_model, x, z, z.copy(), np.repeat(starts, len(idx), 1), np.stack)
+            heads = heads - heads.max(-1, keepdims=True)
+            lp_all = heads - np.log(np.exp(heads).sum(-1, keepdims=True))
+            a = actions[:, :, idx].reshape(T, -1)
+            logp[:, :, idx] = np.take_along_axis(lp_all, a[..., None], -1)[..., 0].reshape(T, N, len(idx))
+            values[:, :, idx] = v.reshape(T, N, len(idx))
+        if "critic" in self.params:
+            F = NumpyMath({**self.params["critic"], **self.norms["critic"].as_params()})
+            x = self._critic_in(state)
+            z = np.zeros((x.shape[1], H), np.float32)
+            _, v, _, _ = sequence(F, self.critic_model, x, z, z.copy(), np.repeat(starts, A, 1), np.stack)
+            values = v.reshape(T, N, A)
+        values = values * float(self.value_norm.std[0]) + float(self.value_norm.mean[0])
+        rho = np.exp(logp - blogp)
+        rho_c, c = np.minimum(rho, rho_bar), np.minimum(rho, c_bar)
+        nonterm = (1.0 - dones)[..., None]
+        next_v = np.concatenate([values[1:], np.zeros_like(values[:1])]) * nonterm
+        delta = rho_c * (rewards + cfg.gamma * next_v - values)
+        vs_minus_v = np.zeros_like(values)
+        acc = np.zeros((N, A), np.float32)
+        for t in reversed(range(T)):
+            acc = delta[t] + cfg.gamma * c[t] * nonterm[t] * acc
+            vs_minus_v[t] = acc
+        vs = vs_minus_v + values
+        next_vs = np.concatenate([vs[1:], np.zeros_like(vs[:1])]) * nonterm
+        adv = rho_c * (rewards + cfg.gamma * next_vs - values)
+        zeros = {k: np.zeros((N * len(self.members[r]), H), np.float32) for k, r in self._actor_keys()}
+        buf = {"obs": obs.astype(np.float32), "state": state, "actions": actions.astype(np.int32), "logp": logp,
+               "starts": starts, "adv": adv.astype(np.float32), "ret": vs.astype(np.float32),
+               "h0": zeros, "c0": {k: v.copy() for k, v in zeros.items()},
+               "hc0_crit": (np.zeros((N * A, H), np.float32), np.zeros((N * A, H), np.float32))}
+        info = self.learn(buf, 1.0, epochs=epochs)
+        # Clipped: beyond rho_bar by more than float32 rounding (on-policy logs give ratios of 1 +- 1e-6).
+        info.update(rho_mean=float(rho.mean()), rho_clipped_frac=float((rho > rho_bar * (1 + 1e-4)).mean()),
+                    max_abs_log_rho=float(np.abs(logp - blogp).max()), episodes=len(eps), joint_steps=T * N)
+        return info
 
     # -- export -------------------------------------------------------------------------------------
 
