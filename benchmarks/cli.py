@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from cogbert_bench import edge, ingest, link, marl, native, ope, train, updates
+from cogbert_bench import edge, ingest, link, marl, native, ope, serve, train, updates
 from cogbert_edge.cli import CliParser, run_command, version
 
 # Suite name -> the module that registers it and prints its table (a module may hold several).
 SUITES = {"edge": edge, "link": link, "native": native, "ingest": ingest, "outbox": ingest,
-          "swap": updates, "rollout": updates, "train": train, "ope": ope, "marl": marl}
+          "swap": updates, "rollout": updates, "train": train, "ope": ope, "marl": marl,
+          "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ class Session:
     h: np.ndarray
     c: np.ndarray
     step: int = 0
+    key: int = 0              # the session's sampling key (engine.session_seed)
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False        # a decision of this session is queued or running
     waiting: list = field(default_factory=list)   # decisions that arrived while busy, in order
