@@ -42,15 +42,17 @@ import re
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cogbert_cloud.data import keys
 from cogbert_cloud.data.store import ObjectStore, open_store
 from cogbert_cloud.errors import StoreError
+from cogbert_edge._internal import trace
 from cogbert_edge._internal.fs import atomic_write
 from cogbert_edge._internal.log import event
 from cogbert_edge.link.mqtt import LinkSettings, LinkState, Message, MqttLink
@@ -178,6 +180,18 @@ class IngestService:
                          for i in range(settings.workers)]
         self._stop = threading.Event()
         self._metrics_server = None
+        # Latency histograms (not registered anywhere: _Metrics yields them with the counters).
+        self.batch_seconds = Histogram("cogbert_ingest_batch_duration_seconds", "From receiving an experience "
+                                       "message to acknowledging it (validate, store, ack)", registry=None,
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.store_write_seconds = Histogram("cogbert_ingest_store_write_duration_seconds", "One object store write "
+                                             "of a batch", registry=None,
+                                             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        # Device clock to store: the oldest record of each batch stored (device clocks may be off).
+        self.experience_age_seconds = Histogram("cogbert_ingest_experience_age_seconds", "Age of a stored batch's "
+                                                "oldest record: from its decision on the device to stored",
+                                                registry=None, buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600,
+                                                                        4 * 3600, 24 * 3600))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -216,15 +230,20 @@ class IngestService:
 
     def _on_message(self, msg: Message) -> None:
         # Network thread: hand over and return; a full queue holds the link back (backpressure).
-        self._queue.put(msg)
+        self._queue.put((time.monotonic(), msg))
 
     def _work(self) -> None:
         while True:
-            msg = self._queue.get()
-            if msg is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            received, msg = item
             try:
-                self._handle(msg)
+                # The device's upload span is the parent, if its trace context came along.
+                with trace.span("ingest.batch", parent=trace.context_from_properties(msg.properties),
+                                topic=msg.topic[:200], bytes=len(msg.payload)):
+                    self._handle(msg)
+                self.batch_seconds.observe(time.monotonic() - received)
             except StoreError as e:
                 # Not stored, not acknowledged: the broker delivers it again after a reconnect,
                 # and the device resends it if that does not happen first.
@@ -255,7 +274,7 @@ class IngestService:
                 key = batch_key(fleet, device, b.first, b.last)
                 # The key alone also catches a resend that another replica stored meanwhile.
                 if not self.store.exists(key):
-                    self.store.put(key, msg.payload)
+                    self._put(key, msg.payload)
                     stored = b.n
                 self.ranges.add(fleet, device, b.first, b.last)
             elif not parts:
@@ -266,8 +285,7 @@ class IngestService:
                 # Overlaps what is stored (a misbehaving device: a legitimate one resends exactly
                 # its journaled ranges): keep only the new records, each part under its own key.
                 for first, last in parts:
-                    self.store.put(batch_key(fleet, device, first, last),
-                                   batch_codec.encode_batch(b.sliced(first, last)))
+                    self._put(batch_key(fleet, device, first, last), batch_codec.encode_batch(b.sliced(first, last)))
                     self.ranges.add(fleet, device, first, last)
                     stored += last - first + 1
                 event(log, "overlapping_batch", level=logging.WARNING, fleet=fleet, device=device, batch=b.id,
@@ -279,9 +297,17 @@ class IngestService:
         else:
             status, outcome = "duplicate", "duplicate" if exact else "overlap"
             event(log, "duplicate_batch", level=logging.DEBUG, fleet=fleet, device=device, batch=b.id)
+        if stored and b.n:
+            self.experience_age_seconds.observe(max(0.0, time.time() - float(b.time.min())))
         self._ack_device(fleet, device, b.first, b.last, status)
         msg.ack()
         self._count(outcome, transitions=stored, bytes=len(msg.payload) if stored == b.n else 0)
+
+    def _put(self, key: str, data: bytes) -> None:
+        t0 = time.monotonic()
+        with trace.span("store.put", key=key, bytes=len(data)):
+            self.store.put(key, data)
+        self.store_write_seconds.observe(time.monotonic() - t0)
 
     def _reject(self, msg: Message, who: tuple[str, str] | None, reason: str,
                 rng: tuple[int, int] | None = None) -> None:
@@ -351,6 +377,8 @@ class _Metrics:
         yield errors
         yield GaugeMetricFamily("cogbert_ingest_broker_connected", "1 while the link to the broker is up",
                                 value=int(st["connected"]))
+        for h in (self.service.batch_seconds, self.service.store_write_seconds, self.service.experience_age_seconds):
+            yield from h.collect()
 
 
 def run(settings: IngestSettings) -> int:

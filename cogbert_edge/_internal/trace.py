@@ -29,7 +29,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["span", "configure_tracing", "carrier", "context_from_carrier", "mqtt_properties",
+__all__ = ["span", "configure_tracing", "shutdown_tracing", "carrier", "context_from_carrier", "mqtt_properties",
            "context_from_properties", "current_trace_id", "enabled"]
 
 log = logging.getLogger("cogbert.trace")
@@ -41,7 +41,7 @@ try:
 except ImportError:   # the SDK without the tracing extra
     _otel_trace = None  # type: ignore[assignment]
 
-_configured = False
+_provider: Any = None       # the TracerProvider configure_tracing made (None: OpenTelemetry's global one)
 _TRACER_NAME = "cogbert"
 _HEADERS = ("traceparent", "tracestate")
 
@@ -61,7 +61,7 @@ def span(name: str, *, parent: Any = None, **attributes: object) -> Iterator[Any
         yield None
         return
     attrs = {k: v for k, v in attributes.items() if v is not None and isinstance(v, (str, bool, int, float))}
-    tracer = _otel_trace.get_tracer(_TRACER_NAME)
+    tracer = (_provider or _otel_trace).get_tracer(_TRACER_NAME)
     with tracer.start_as_current_span(name, context=parent, attributes=attrs) as s:
         yield s
 
@@ -122,14 +122,18 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-def configure_tracing(service_name: str, *, exporter: Any = None) -> bool:
+def configure_tracing(service_name: str, *, exporter: Any = None, set_global: bool = True) -> bool:
     """Set up export for this process, once: ``exporter`` (a span exporter: tests pass an
     in-memory one) or OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set. Returns whether spans are now exported.
-    Without either, or without the SDK, nothing changes and nothing is recorded."""
-    global _configured
-    if _configured:
+    Without either, or without the SDK, nothing changes and nothing is recorded. With
+    ``set_global`` (the default) the provider also becomes OpenTelemetry's global one, for other
+    libraries' instrumentation; :func:`shutdown_tracing` undoes a non-global one."""
+    global _provider
+    if _provider is not None:
         return True
+    if _otel_trace is None:
+        return False
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if exporter is None and not endpoint:
         return False
@@ -152,9 +156,19 @@ def configure_tracing(service_name: str, *, exporter: Any = None) -> bool:
             log.warning("OTLP export needs opentelemetry-exporter-otlp-proto-http: pip install 'cogbert[tracing]'")
             return False
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    _otel_trace.set_tracer_provider(provider)
-    _configured = True
+    if set_global:
+        _otel_trace.set_tracer_provider(provider)
+    _provider = provider
     return True
+
+
+def shutdown_tracing() -> None:
+    """Export what is buffered and stop recording (spans after this are no-ops again, unless
+    the provider was made global)."""
+    global _provider
+    if _provider is not None:
+        _provider.shutdown()
+        _provider = None
 
 
 def attach(ctx: Any) -> Any:

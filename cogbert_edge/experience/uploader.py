@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogbert_edge._internal import trace
 from cogbert_edge._internal.fs import atomic_write
 from cogbert_edge._internal.log import event
 from cogbert_edge.errors import BatchError, LinkError, WireError
@@ -281,7 +282,15 @@ class Uploader:
                 return False
             data = self._encode(first, payloads)
         try:
-            self.link.publish(self._topic, data, qos=1)
+            # One trace per batch: this span's context rides in MQTT 5 user properties, so that
+            # ingestion's spans for the batch are its children (nothing is added without tracing).
+            with trace.span("experience.upload", device=self.device, attempt=attempt, records=last - first + 1,
+                            batch=batch_codec.batch_id(self.device, first, last), bytes=len(data)):
+                props = trace.mqtt_properties()
+                if props is None:
+                    self.link.publish(self._topic, data, qos=1)
+                else:
+                    self.link.publish(self._topic, data, qos=1, properties=props)
         except LinkError as e:
             event(log, "batch_publish_failed", level=logging.WARNING, device=self.device, error=str(e))
         with self._lock:

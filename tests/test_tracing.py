@@ -1,0 +1,98 @@
+"""Tracing: nothing when not configured; with an exporter, an experience batch is one trace from
+the device's upload through a real Mosquitto (the context in MQTT 5 user properties) to
+ingestion and its store write, with the parents right."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cogbert_cloud.data.dataset import ExperienceDataset
+from cogbert_cloud.data.ingest import IngestService, IngestSettings
+from cogbert_cloud.data.store import open_store
+from cogbert_edge import ActionSpace, Bundle, Device, DeviceSettings, ModelConfig, UploaderSettings, init_params
+from cogbert_edge._internal import trace
+
+from .fleet import broker, pki  # noqa: F401
+
+
+@pytest.fixture
+def exporter():
+    exp = InMemorySpanExporter()
+    # Not the global provider: the rest of the test session stays untraced.
+    assert trace.configure_tracing("cogbert-test", exporter=exp, set_global=False)
+    yield exp
+    trace.shutdown_tracing()
+
+
+def test_without_configuration_nothing_is_recorded_or_sent():
+    assert trace.enabled()
+    with trace.span("nothing", device="d") as s:
+        assert not s.is_recording()
+        assert trace.carrier() == {} and trace.mqtt_properties() is None
+        assert trace.current_trace_id() is None
+    assert trace.context_from_properties(None) is None and trace.context_from_carrier({}) is None
+
+
+def test_spans_nest_and_their_context_travels_in_user_properties(exporter):
+    with trace.span("outer", counter=7):
+        props = trace.mqtt_properties()
+        outer_trace = trace.current_trace_id()
+        headers = trace.carrier()
+    (key, value), = [p for p in props.UserProperty if p[0] == "traceparent"]
+    assert value.split("-")[1] == outer_trace and headers["traceparent"] == value
+    # Another process (or thread) continues the trace from the properties alone.
+    with trace.span("inner", parent=trace.context_from_properties(props)):
+        pass
+    inner, outer = sorted(exporter.get_finished_spans(), key=lambda s: s.name)
+    assert inner.parent.span_id == outer.context.span_id and inner.context.trace_id == outer.context.trace_id
+    assert outer.attributes["counter"] == 7
+
+
+def test_hostile_user_properties_start_a_new_trace_and_break_nothing(exporter):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    p = Properties(PacketTypes.PUBLISH)
+    p.UserProperty = [("traceparent", "00-zzzz-not-hex-01"), ("x", "y" * 10000)]
+    with trace.span("received", parent=trace.context_from_properties(p)):
+        pass
+    (s,) = exporter.get_finished_spans()
+    assert s.parent is None
+
+
+def test_an_experience_batch_is_one_trace_from_device_to_store(exporter, pki, broker, tmp_path):
+    store_url = f"file://{tmp_path / 'store'}"
+    ingest = IngestService(IngestSettings(broker=broker.service_url, pki=pki.root, store=store_url,
+                                          client_id="ingest-trace")).start()
+    cfg = ModelConfig(obs_dim=8, action=ActionSpace.of_discrete(3), encoder=(16,), hidden=16)
+    Bundle.create(cfg, init_params(cfg, 0)).save(tmp_path / "m.safetensors")
+    s = DeviceSettings(device_id="A", fleet="f", spool=tmp_path / "spool", bundle=tmp_path / "m.safetensors",
+                       broker=broker.url, pki=pki.root, uploader=UploaderSettings(batch_bytes=2048, linger=0.05))
+    try:
+        with Device(s) as dev:
+            for i in range(120):
+                dev.act("line", np.full(8, i % 5, np.float32))
+            deadline = time.monotonic() + 30
+            while ExperienceDataset(open_store(store_url), "f").stats()["transitions"] < 100:
+                assert time.monotonic() < deadline, "the batches were not stored"
+                time.sleep(0.2)
+    finally:
+        ingest.stop()
+    spans = exporter.get_finished_spans()
+    uploads = {sp.context.span_id: sp for sp in spans if sp.name == "experience.upload"}
+    ingested = [sp for sp in spans if sp.name == "ingest.batch"]
+    writes = [sp for sp in spans if sp.name == "store.put"]
+    assert uploads and ingested and writes
+    assert all(u.attributes["device"] == "A" for u in uploads.values())
+    # Ingestion ran on its own threads, its message from the broker: its spans' parents are the
+    # devices' upload spans only because the context came in the MQTT 5 user properties.
+    for sp in ingested:
+        assert sp.parent is not None and sp.parent.span_id in uploads, sp
+        assert sp.context.trace_id == uploads[sp.parent.span_id].context.trace_id
+    by_id = {sp.context.span_id: sp for sp in ingested}
+    for w in writes:
+        assert w.parent.span_id in by_id and w.attributes["key"].startswith("experience/f/A/")
+    assert len({sp.context.trace_id for sp in ingested}) == len(ingested), "one trace per batch"
