@@ -123,11 +123,12 @@ class Device:
                                  reward_delay=s.reward_delay)
         if s.pki is not None:
             base = LinkSettings.for_device(s.broker, s.pki, s.device_id)
-            files = {"ca_file": base.ca_file, "cert_file": base.cert_file, "key_file": base.key_file}
+            ca_file, cert_file, key_file = base.ca_file, base.cert_file, base.key_file
         else:
-            files = {"ca_file": s.ca_file, "cert_file": s.cert_file, "key_file": s.key_file}
-        _check_identity(files["cert_file"], s.device_id, s.fleet)
-        self.link = MqttLink(dataclasses.replace(s.link, broker=s.broker, client_id=s.device_id, **files),
+            ca_file, cert_file, key_file = s.ca_file, s.cert_file, s.key_file
+        _check_identity(cert_file, s.device_id, s.fleet)
+        self.link = MqttLink(dataclasses.replace(s.link, broker=s.broker, client_id=s.device_id, ca_file=ca_file,
+                                                 cert_file=cert_file, key_file=key_file),
                              name=s.device_id)
         self.uploader = Uploader(self.outbox, self.link, fleet=s.fleet, device=s.device_id, settings=s.uploader)
         self._lat: list[float] = []

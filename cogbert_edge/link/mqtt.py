@@ -406,7 +406,7 @@ class MqttLink:
 
     def _send_subscribe(self, subs: list[_Subscription]) -> None:
         rc, mid = self._client.subscribe([(s.topic_filter, s.qos) for s in subs])
-        if rc != mqtt.MQTT_ERR_SUCCESS:
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:   # paho gives a message id exactly on success
             return   # not connected: on_connect subscribes again
         with self._lock:
             early = self._early_subacks.pop(mid, None)
@@ -424,7 +424,9 @@ class MqttLink:
         self._finish_subscribe(subs, reason_codes)
 
     def _finish_subscribe(self, subs: list[_Subscription], reason_codes: list) -> None:
-        for sub, rc in zip(subs, reason_codes):
+        # A SUBACK has one reason code per filter. Should a broker send fewer, the filters left over
+        # are not answered (their handles wait) rather than an exception raised in paho's network thread.
+        for sub, rc in zip(subs, reason_codes, strict=False):
             if rc.is_failure:
                 event(log, "subscribe_denied", level=logging.WARNING, link=self.name,
                       topic_filter=sub.topic_filter, reason=str(rc))
