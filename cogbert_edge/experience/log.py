@@ -79,7 +79,7 @@ class ExperienceLog:
             target = None
             if s is not None and s.open:
                 target = s.open[-1] if step is None else next((r for r in s.open if r.step == step), None)
-            if target is None:
+            if s is None or target is None:   # (target is None whenever s is)
                 self.late_rewards += 1
                 return
             target.reward += float(value)

@@ -335,16 +335,17 @@ class Outbox:
         try:
             while i < len(frames):
                 seq = self.written_seq + 1
-                if self._fd is None or self._segments[-1].size >= self.s.segment_bytes:
-                    self._roll(seq)
+                fd = self._fd
+                if fd is None or self._segments[-1].size >= self.s.segment_bytes:
+                    fd = self._roll(seq)
                 seg = self._segments[-1]
                 # As many frames as fit in this segment (at least one), in one write.
                 starts = list(itertools.accumulate(map(len, frames[i:]), initial=seg.size))
                 count = max(1, bisect.bisect_right(starts, self.s.segment_bytes) - 1)
                 j, size = i + count, starts[count] - seg.size
-                n = _writev(self._fd, frames[i:j])
+                n = _writev(fd, frames[i:j])
                 if n != size:          # a short write is a full disk: undo the partial bytes
-                    os.ftruncate(self._fd, seg.size)
+                    os.ftruncate(fd, seg.size)
                     raise OSError(errno.ENOSPC, "short write")
                 with self._lock:
                     seg.index.extend(starts[(seg.first - seq) % _STRIDE:count:_STRIDE])
@@ -362,14 +363,16 @@ class Outbox:
                 event(log, "outbox_write_failed", level=logging.ERROR, error=str(e),
                       buffered_bytes=self._buffered_bytes, dropped_unwritten=self.dropped_unwritten)
 
-    def _roll(self, seq: int) -> None:
+    def _roll(self, seq: int) -> int:
+        """Start the segment whose first record is ``seq``; returns its file descriptor (now ``_fd``)."""
         if self._fd is not None:
             self._to_sync.append(self._fd)
         path = self.dir / f"{seq:016d}.seg"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._dir_dirty = True          # the new file's name is durable only after a directory fsync
         with self._lock:
             self._segments.append(_Segment(seq, path, seq - 1, 0))
+        return fd
 
     def _sync(self) -> None:
         seq = self.written_seq
