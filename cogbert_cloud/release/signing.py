@@ -44,7 +44,7 @@ from cogbert_edge.update.trust import (
     sign,
 )
 
-__all__ = ["KeyStore", "create_release", "parse_duration"]
+__all__ = ["KeyStore", "create_release", "create_site_release", "parse_duration"]
 
 
 class KeyStore:
@@ -138,6 +138,34 @@ def create_release(bundle_bytes: bytes, keys: KeyStore, *, counter: int, model: 
                          "obs_dim": b.config.obs_dim, "hidden": b.config.hidden,
                          "action": {"kind": b.config.action.kind, "size": b.config.action.size},
                          "min_sdk": min_sdk},
+              "created": format_time(created), "expires": format_time(created + expires)}
+    return json.dumps(sign(signed, [keys.key("release-key.pem")]), indent=1).encode()
+
+
+def create_site_release(role_bundles: dict[str, bytes], keys: KeyStore, *, counter: int, model: str, fleet: str,
+                        expires: dt.timedelta = dt.timedelta(days=30), min_sdk: str = __version__,
+                        created: dt.datetime | None = None) -> bytes:
+    """One signed manifest for the bundles of every role of a multi-agent site (``docs/multi-agent.md``).
+
+    A site's agents verify it with ``TrustedState.verify_site_release`` and each installs its own
+    role's bundle, so no site ever runs bundles that were not released together; a rollback is
+    another site release (a higher counter, the previous bundles)."""
+    if counter < 1:
+        raise CogbertError("the release counter must be a positive integer")
+    if not role_bundles:
+        raise CogbertError("a site release needs at least one role bundle")
+    created = created or _now()
+    roles = {}
+    for role, data in sorted(role_bundles.items()):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", role):
+            raise CogbertError(f"invalid role name {role!r}")
+        b = load_bundle(data)
+        roles[role] = {"bundle": {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)},
+                       "compat": {"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
+                                  "obs_dim": b.config.obs_dim, "hidden": b.config.hidden,
+                                  "action": {"kind": b.config.action.kind, "size": b.config.action.size},
+                                  "min_sdk": min_sdk}}
+    signed = {"_type": "site-release", "model": model, "fleet": fleet, "counter": counter, "roles": roles,
               "created": format_time(created), "expires": format_time(created + expires)}
     return json.dumps(sign(signed, [keys.key("release-key.pem")]), indent=1).encode()
 

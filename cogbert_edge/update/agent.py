@@ -82,6 +82,7 @@ class UpdateSettings:
     download_timeout: float = 30.0
     download_retries: int = 3
     golden_agreement: float = 0.9
+    role: str | None = None              # a multi-agent site's role: install site releases' bundle for it
 
     @property
     def trial_limits(self) -> TrialLimits:
@@ -206,9 +207,14 @@ class UpdateAgent:
 
     def _verify(self, manifest: bytes, current: Policy) -> Release:
         self.trust.now = self.clock()
-        release = self.trust.verify_release(manifest, model=self.s.model, fleet=self.s.fleet,
-                                            highest_counter=self.highest_counter,
-                                            sdk_format_version=FORMAT_VERSION, sdk_version=SDK_VERSION)
+        if self.s.role is not None:   # an agent of a site: only site releases, for its role
+            release = self.trust.verify_site_release(manifest, role=self.s.role, model=self.s.model,
+                                                     fleet=self.s.fleet, highest_counter=self.highest_counter,
+                                                     sdk_format_version=FORMAT_VERSION, sdk_version=SDK_VERSION)
+        else:
+            release = self.trust.verify_release(manifest, model=self.s.model, fleet=self.s.fleet,
+                                                highest_counter=self.highest_counter,
+                                                sdk_format_version=FORMAT_VERSION, sdk_version=SDK_VERSION)
         self._crash_point("verify")
         c, cfg = release.compat, current.config
         if (c["architecture"] != "lstm-ac" or c["obs_dim"] != cfg.obs_dim

@@ -235,6 +235,37 @@ class TrustedState:
         keys = {"_type", "model", "fleet", "counter", "bundle", "compat", "created", "expires"}
         if set(signed) != keys or signed["_type"] != "release":
             raise VerificationError("malformed", f"a release manifest has exactly {sorted(keys)}")
+        self._check_release_signatures(signed, sigs)
+        return self._release_fields(signed, manifest, model=model, fleet=fleet, highest_counter=highest_counter,
+                                    sdk_format_version=sdk_format_version, sdk_version=sdk_version)
+
+    def verify_site_release(self, manifest: bytes, *, role: str, model: str, fleet: str, highest_counter: int,
+                            sdk_format_version: int, sdk_version: tuple[int, ...]) -> Release:
+        """A multi-agent site release: the bundles of every role of a site, signed together in one
+        manifest (``{"_type": "site-release", ..., "roles": {ROLE: {"bundle", "compat"}}}``), so the
+        agents of a site can only install bundles released together. Checked exactly as
+        :meth:`verify_release`; returns the release of ``role``'s bundle (its ``manifest`` is the
+        whole site manifest)."""
+        signed, sigs = _load(manifest, "manifest")
+        keys = {"_type", "model", "fleet", "counter", "roles", "created", "expires"}
+        if set(signed) != keys or signed["_type"] != "site-release":
+            raise VerificationError("malformed", f"a site release manifest has exactly {sorted(keys)}")
+        self._check_release_signatures(signed, sigs)
+        roles = signed["roles"]
+        if not isinstance(roles, dict) or not roles or not all(isinstance(r, str) and _NAME.match(r) for r in roles):
+            raise VerificationError("malformed", "roles must map role names to {bundle, compat}")
+        entry = roles.get(role)
+        if entry is None:
+            raise VerificationError("mismatch", f"the site release has no bundle for role {role!r} "
+                                                f"(it has {sorted(roles)})")
+        if not isinstance(entry, dict) or set(entry) != {"bundle", "compat"}:
+            raise VerificationError("malformed", "a role's entry has exactly bundle and compat")
+        view = {k: v for k, v in signed.items() if k != "roles"}
+        view.update(_type="release", bundle=entry["bundle"], compat=entry["compat"])
+        return self._release_fields(view, manifest, model=model, fleet=fleet, highest_counter=highest_counter,
+                                    sdk_format_version=sdk_format_version, sdk_version=sdk_version)
+
+    def _check_release_signatures(self, signed: dict, sigs: list) -> None:
         ids, threshold = self.root.roles["release"]
         listed = [s.get("keyid") for s in sigs if isinstance(s, dict)]
         if not any(k in ids for k in listed):
@@ -244,6 +275,9 @@ class TrustedState:
             raise VerificationError("bad_signature", "the release signatures do not verify")
         if self.now >= self.root.expires:
             raise VerificationError("expired", f"the trusted root (version {self.root.version}) has expired")
+
+    def _release_fields(self, signed: dict, manifest: bytes, *, model: str, fleet: str, highest_counter: int,
+                        sdk_format_version: int, sdk_version: tuple[int, ...]) -> Release:
         counter = signed["counter"]
         if isinstance(counter, bool) or not isinstance(counter, int) or counter < 1:
             raise VerificationError("malformed", "counter must be a positive integer")
