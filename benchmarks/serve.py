@@ -405,7 +405,7 @@ def _load(host: str, kind: str, transport: str, a: argparse.Namespace, token: st
                                                   "tokens": a.tokens}, q)) for i in range(clients)]
     for p in procs:
         p.start()
-    parts = []
+    parts: list[dict] = []
     deadline = time.monotonic() + a.seconds + 120
     while len(parts) < len(procs):
         try:

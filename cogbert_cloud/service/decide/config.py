@@ -36,6 +36,8 @@ class DecideSettings:
     reward_delay: int = field(default=0, metadata=_h("decisions a reward may still reach after the next one"))
     snapshot_every: int = 64
     telemetry_interval: float = 10.0
+    trial_decisions: int = field(default=200, metadata=_h("decisions a new release's trial lasts at least"))
+    trial_seconds: float = field(default=5.0, metadata=_h("seconds a new release's trial lasts at least"))
     # Clients and state tokens.
     clients: Path | None = field(default=None, metadata=_h("the clients file (`cogbert cloud decide token`)"))
     state_keys: str = field(default="", metadata=_h("state-token key ring ID:HEX,... (signing key first); "

@@ -119,7 +119,8 @@ class Engine:
         ls = LaneSettings(fleet=s.fleet, spool=Path(s.spool), factory_bundle=Path(s.bundle), trust_root=root,
                           model_name=s.model_name, backend=s.backend, broker=s.broker, pki=s.pki,
                           snapshot_every=s.snapshot_every, reward_delay=s.reward_delay,
-                          telemetry_interval=s.telemetry_interval)
+                          telemetry_interval=s.telemetry_interval, trial_decisions=s.trial_decisions,
+                          trial_seconds=s.trial_seconds)
         self.lanes = [Lane(name, ls) for name in s.lanes]
         if not s.state_keys:
             raise ConfigError("no state-token keys: set COGBERT_DECIDE_STATE_KEYS (or --state-keys) to "
