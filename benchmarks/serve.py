@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ws-inflight", type=int, default=4, help="messages in flight per WebSocket")
     p.add_argument("--max-wait-us", type=int, default=0, help="the service's batching wait")
     p.add_argument("--tokens", action="store_true", help="clients echo state tokens (default: server cache)")
+    p.add_argument("--frameworks", action="store_true",
+                   help="instead: the per-request cost of candidate servers and frameworks on a trivial endpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 
@@ -199,7 +201,6 @@ def _fastapi_onnx_server(port: int, bundle: Path) -> None:
     def health() -> dict:
         return {"ok": True}
 
-    @app.post("/v1/act")
     def act(req: Act) -> dict:
         h, c = states.get(req.session, (zero, zero))
         head, value, h2, c2 = sess.run(["head", "value", "h_out", "c_out"],
@@ -210,7 +211,111 @@ def _fastapi_onnx_server(port: int, bundle: Path) -> None:
         a = int(rng.choice(len(p), p=p))
         return {"action": a, "log_prob": float(np.log(p[a])), "value": float(value[0, 0]), "batch": 1}
 
+    act.__annotations__.update(req=Act, **{"return": dict})   # resolved here, not in module globals (PEP 563)
+    app.post("/v1/act")(act)
+
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# -- server and framework candidates, on a trivial endpoint -------------------------------------
+
+FRAMEWORKS = ("asgi-uvicorn", "asgi-granian", "starlette-uvicorn", "fastapi-uvicorn")
+_REPLY = msgpack.packb({"session": "s", "action": 1, "log_prob": -1.0, "value": 0.0, "model": "m", "step": 0,
+                        "compute_us": 0.0, "latency_us": 0.0, "state": None})
+
+
+async def bare_app(scope: dict, receive: Any, send: Any) -> None:
+    """The candidates' endpoint as a bare ASGI callable: read the body, parse it, answer."""
+    if scope["type"] != "http":
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        m = await receive()
+        body += m.get("body", b"")
+        if not m.get("more_body"):
+            break
+    if body:
+        msgpack.unpackb(body)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/msgpack"), (b"content-length", str(len(_REPLY)).encode())]})
+    await send({"type": "http.response.body", "body": _REPLY})
+
+
+def _framework_app(kind: str) -> Any:
+    if kind.startswith("asgi"):
+        return bare_app
+    from starlette.requests import Request
+    from starlette.responses import Response
+    if kind.startswith("starlette"):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        async def act(request: Request) -> Response:
+            msgpack.unpackb(await request.body())
+            return Response(_REPLY, media_type="application/msgpack")
+
+        async def health(request: Request) -> Response:
+            return Response(b"{}", media_type="application/json")
+
+        return Starlette(routes=[Route("/v1/act", act, methods=["POST"]), Route("/v1/sessions", act, methods=["POST"]),
+                                 Route("/health", health)])
+    from fastapi import FastAPI
+    app = FastAPI()
+
+    async def act_(request: Request) -> Response:
+        msgpack.unpackb(await request.body())
+        return Response(_REPLY, media_type="application/msgpack")
+
+    # This module's annotations are strings (PEP 563) that FastAPI resolves in module globals,
+    # where Request is not: give it the class itself.
+    act_.__annotations__.update(request=Request, response=Response)
+    app.post("/v1/act")(act_)
+    app.post("/v1/sessions")(act_)
+
+    @app.get("/health")
+    async def health_() -> dict:
+        return {}
+
+    return app
+
+
+def _framework_server(kind: str, port: int) -> None:
+    import uvicorn
+    uvicorn.run(_framework_app(kind), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False)
+
+
+def _frameworks(a: argparse.Namespace) -> dict:
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in FRAMEWORKS:
+            port = _free_port()
+            log = Path(tmp) / f"{kind}.log"
+            if kind == "asgi-granian":
+                cmd = [str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--port", str(port),
+                       "--host", "127.0.0.1", "--loop", "uvloop", "--http", "1", "--workers", "1",
+                       "--runtime-threads", "1", "--no-ws", "cogbert_bench.serve:bare_app"]
+            else:
+                cmd = [sys.executable, "-m", "cogbert_bench.serve", "--peer", kind, "--port", str(port),
+                       "--bundle", "-"]
+            proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}/health", proc, log, timeout=60)
+                sat = _load(f"127.0.0.1:{port}", "cogbert", "http", a, "x", rate=None, name="fw")
+                light = _load(f"127.0.0.1:{port}", "cogbert", "http", a, "x", rate=None, name="fw1", connections=1,
+                              clients=1)
+                rows[kind] = {"requests_per_s": sat["decisions_per_s"], "p99_ms": sat["p99_ms"],
+                              "light_p50_us": round(light["p50_ms"] * 1e3, 1) if light["p50_ms"] else None,
+                              "errors": sat["errors"]}
+            except RuntimeError as e:
+                rows[kind] = {"error": str(e)[-300:]}
+            finally:
+                _stop(proc)
+    return {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg()}, "frameworks": rows}
 
 
 # -- the load generator --------------------------------------------------------------------------
@@ -462,6 +567,8 @@ def _measure(host: str, kind: str, transport: str, a: argparse.Namespace, token:
 
 
 def main(a: argparse.Namespace) -> dict:
+    if a.frameworks:
+        return _frameworks(a)
     transports = [t for t in a.transport.split(",") if t]
     peers = [p for p in a.peers.split(",") if p]
     for t in transports:
@@ -501,6 +608,12 @@ def main(a: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
+    if "frameworks" in result:
+        lines = ["| candidate | requests/s | p99 ms | light p50 µs |", "|---|---|---|---|"]
+        for k, r in result["frameworks"].items():
+            lines.append(f"| {k} | {r.get('requests_per_s', r.get('error'))} | {r.get('p99_ms')} | "
+                         f"{r.get('light_p50_us')} |")
+        return "\n".join(lines + [f"load average: {result['machine']['load']}"])
     cols = ["decisions_per_s", "p50_ms", "p99_ms", "server_overhead_us_p50", "mean_batch", "errors",
             "saturating_decisions_per_s"]
     lines = ["| server | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -514,11 +627,14 @@ def table(result: dict) -> str:
 
 def _peer_main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--peer", required=True, choices=("ray", "fastapi-onnx"))
+    p.add_argument("--peer", required=True, choices=("ray", "fastapi-onnx", *FRAMEWORKS))
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--bundle", type=Path, required=True)
     a = p.parse_args()
-    (_ray_server if a.peer == "ray" else _fastapi_onnx_server)(a.port, a.bundle)
+    if a.peer in FRAMEWORKS:
+        _framework_server(a.peer, a.port)
+    else:
+        (_ray_server if a.peer == "ray" else _fastapi_onnx_server)(a.port, a.bundle)
 
 
 if __name__ == "__main__":
