@@ -15,7 +15,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "vnni": 4}
+from cogbert_edge.inference.backends.native_backend import KERNELS
+
 NATIVE = Path(__file__).resolve().parent.parent / "native"
 
 

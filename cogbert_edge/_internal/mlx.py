@@ -64,6 +64,7 @@ def import_mlx() -> Any:
         elif path and already:
             log.warning('{"event": "mlx_imported_before_cogbert", "hint": "import cogbert_edge before '
                         'mlx, or set LD_PRELOAD=%s, for a fast BLAS"}', path)
+    mx: Any
     try:
         import mlx.core as mx
     except ImportError:

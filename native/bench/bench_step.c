@@ -1,11 +1,14 @@
 /* C-level benchmark: the step alone (no Python), for the reference model in fp32, int8 and int4
  * at batch 1 and 64, with the kernel the CPU gets (or COGBERT_KERNEL=1 for scalar). Prints one
- * JSON object; p50/p99 are per call, in microseconds. One thread.
+ * JSON object; min/p50/p99 are per call, in microseconds. One thread. Each row also carries the
+ * peak multiply-add rate of the kernel's instruction, measured just before it (bench/peak.c),
+ * and the fraction of it the step reached (at its p50).
  *
  *     native/build/bench_step [steps]   or a bundle: native/build/bench_step steps file.safetensors
  */
 #define _POSIX_C_SOURCE 199309L
 #include "cogbert.h"
+#include "peak.h"
 #include "testutil.h"
 
 #include <stdio.h>
@@ -25,6 +28,7 @@ static int cmp(const void *a, const void *b) {
 }
 
 static int row(const char *quant, cogbert_policy *p, size_t batch, int steps, int first) {
+    double peak, gmacs;
     cogbert_state *s = NULL;
     cogbert_info info;
     float *obs, *head, *value;
@@ -52,10 +56,14 @@ static int row(const char *quant, cogbert_policy *p, size_t batch, int steps, in
         total += t[i];
     }
     qsort(t, (size_t)steps, sizeof *t, cmp);
-    printf("%s{\"quant\":\"%s\",\"batch\":%lu,\"kernel\":%d,\"p50_us\":%.2f,\"p99_us\":%.2f,\"mean_us\":%.2f,"
-           "\"decisions_per_s\":%.0f,\"gmacs\":%.2f,\"policy_bytes\":%lu}",
-           first ? "" : ",", quant, (unsigned long)batch, info.kernel, t[steps / 2], t[(size_t)(steps * 0.99)], total / steps,
-           batch * steps / (total / 1e6), (double)info.macs_per_step * batch * steps / (total * 1e3),
+    /* GMAC/s at the median call: on a shared machine the mean carries other processes' time. */
+    gmacs = (double)info.macs_per_step * batch / (t[steps / 2] * 1e3);
+    peak = cb_peak_gmacs(info.kernel, info.weight_bits != 32);
+    printf("%s{\"quant\":\"%s\",\"batch\":%lu,\"kernel\":%d,\"min_us\":%.2f,\"p50_us\":%.2f,\"p99_us\":%.2f,"
+           "\"mean_us\":%.2f,\"decisions_per_s\":%.0f,\"gmacs\":%.2f,\"peak_gmacs\":%.2f,\"fraction_of_peak\":%.3f,"
+           "\"policy_bytes\":%lu}",
+           first ? "" : ",", quant, (unsigned long)batch, info.kernel, t[0], t[steps / 2], t[(size_t)(steps * 0.99)],
+           total / steps, batch * steps / (total / 1e6), gmacs, peak, peak > 0 ? gmacs / peak : 0.0,
            (unsigned long)info.policy_bytes);
     free(obs); free(head); free(value); free(t);
     cogbert_state_destroy(s);

@@ -59,17 +59,21 @@ enum {
     COGBERT_ERR_NONFINITE = 8     /* an observation holds NaN or +/-Inf; nothing was computed or changed */
 };
 
-/* Kernels. AUTO picks the fastest the CPU supports at open time: AVX512-VNNI, then AVX2+FMA on
- * x86-64, NEON on arm64, else SCALAR. Forcing one is for tests and benchmarks.
- * SCALAR, AVX2 and NEON quantize activations of int8/int4 layers to int16 (near-exact); VNNI
- * to int8 (faster, within a looser stated bound; it runs fp32 layers like AVX2). */
+/* Kernels. AUTO picks the fastest the CPU supports at open time: on x86-64 VNNI512, then AVX512,
+ * VNNI, AVX2+FMA; NEON on arm64; else SCALAR. Forcing one is for tests and benchmarks.
+ * SCALAR, AVX2, AVX512 and NEON quantize activations of int8/int4 layers to int16 (near-exact);
+ * VNNI and VNNI512 to int8 (faster, within a looser stated bound). VNNI runs fp32 layers like
+ * AVX2; AVX512 and VNNI512 use 512-bit registers for every layer, and give the same results as
+ * AVX2 (fp32, int16 activations) and VNNI (int8 activations) bit for bit. */
 enum {
     COGBERT_KERNEL_AUTO = 0,
     COGBERT_KERNEL_SCALAR = 1,
     COGBERT_KERNEL_AVX2 = 2,
     COGBERT_KERNEL_NEON = 3,
     COGBERT_KERNEL_VNNI = 4,
-    COGBERT_KERNEL_SCALAR_INT8 = 5  /* portable C with VNNI's arithmetic (int8 activations): a test reference */
+    COGBERT_KERNEL_SCALAR_INT8 = 5, /* portable C with VNNI's arithmetic (int8 activations): a test reference */
+    COGBERT_KERNEL_AVX512 = 6,      /* AVX-512 F+BW: 512-bit fp32 FMAs and int16-activation products */
+    COGBERT_KERNEL_VNNI512 = 7      /* AVX-512 VNNI: 512-bit fp32 FMAs and vpdpbusd on int8 activations */
 };
 
 enum { COGBERT_ACTION_DISCRETE = 0, COGBERT_ACTION_CONTINUOUS = 1 };

@@ -24,6 +24,17 @@ int cb_cpu_has_avx512_vnni(void) {
 #endif
 }
 
+int cb_cpu_has_avx512(void) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && defined(COGBERT_HAVE_AVX512)
+    /* __builtin_cpu_supports reports AVX-512 only when the OS also saves the zmm state. */
+    __builtin_cpu_init();
+    return cb_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
 static int cpu_has_neon(void) {
 #if defined(__aarch64__) && (defined(__ARM_NEON) || defined(__ARM_NEON__))
     return 1; /* NEON (AdvSIMD) is mandatory on arm64. */
@@ -39,12 +50,18 @@ const char *cb_kernel_name(int id) {
     case COGBERT_KERNEL_NEON: return "NEON";
     case COGBERT_KERNEL_VNNI: return "AVX512-VNNI";
     case COGBERT_KERNEL_SCALAR_INT8: return "scalar-int8";
+    case COGBERT_KERNEL_AVX512: return "AVX-512";
+    case COGBERT_KERNEL_VNNI512: return "AVX512-VNNI (512-bit)";
     default: return "unknown";
     }
 }
 
 /* AUTO: the fastest kernels this build has and this CPU runs. */
 static const cb_kernels *best(void) {
+    if (cb_vnni512_kernels.id && cb_cpu_has_avx512() && cb_cpu_has_avx512_vnni())
+        return &cb_vnni512_kernels;
+    if (cb_avx512_kernels.id && cb_cpu_has_avx512())
+        return &cb_avx512_kernels;
     if (cb_vnni_kernels.id && cb_cpu_has_avx512_vnni())
         return &cb_vnni_kernels;
     if (cb_avx2_kernels.id && cb_cpu_has_avx2_fma())
@@ -70,6 +87,11 @@ int cb_choose_kernels(int want, cb_kernels *out, cogbert_error *err) {
     case COGBERT_KERNEL_SCALAR_INT8: t = &cb_scalar8_kernels; cpu_ok = 1; break;
     case COGBERT_KERNEL_AVX2: t = &cb_avx2_kernels; cpu_ok = cb_cpu_has_avx2_fma(); break;
     case COGBERT_KERNEL_VNNI: t = &cb_vnni_kernels; cpu_ok = cb_cpu_has_avx512_vnni(); break;
+    case COGBERT_KERNEL_AVX512: t = &cb_avx512_kernels; cpu_ok = cb_cpu_has_avx512(); break;
+    case COGBERT_KERNEL_VNNI512:
+        t = &cb_vnni512_kernels;
+        cpu_ok = cb_cpu_has_avx512() && cb_cpu_has_avx512_vnni();
+        break;
     case COGBERT_KERNEL_NEON: t = &cb_neon_kernels; cpu_ok = 1; break; /* 32-bit ARM: the caller vouches */
     default:
         cb_set_error(err, COGBERT_ERR_ARGUMENT, "unknown kernel %d", want);

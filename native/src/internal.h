@@ -7,8 +7,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Output rows are processed in panels of 8: one AVX2 register of fp32 lanes, two NEON ones. */
+/* Output rows are processed in panels: 8 rows (one AVX2 register of fp32 lanes, two NEON ones)
+ * for the AVX2, VNNI-256, NEON and scalar kernels, 16 (one AVX-512 register) for the AVX-512
+ * ones. The kernel table says which; the weights are repacked for it when the policy opens. */
 #define CB_PANEL 8
+#define CB_PANEL_MAX 16
 #define CB_MAX_ENCODER 8
 #define CB_MAX_LAYERS (CB_MAX_ENCODER + 4)
 #define CB_MAX_DIM 65536u
@@ -114,13 +117,14 @@ uint32_t cb_le_u32(const uint8_t *p);
 
 typedef struct {
     int kind;                   /* CB_L_F32 or CB_L_Q */
+    size_t panel;               /* rows per panel: 8 or 16 (the kernel table's), written W below */
     size_t rows, cols, panels;
     size_t group, groups;       /* CB_L_Q */
-    const float *w;             /* F32: [panels][cols][8] (row r of panel p is output p*8+r) */
-    const uint8_t *q;           /* Q: [panels][cols/4][8][4] unsigned codes, 4 adjacent inputs per row */
-    const float *scale;         /* Q: [panels][groups][8] */
-    const float *qbias;         /* Q: [panels][groups][8] */
-    const float *bias;          /* [panels*8], zero padded, or NULL */
+    const float *w;             /* F32: [panels][cols][W] (row r of panel p is output p*W+r) */
+    const uint8_t *q;           /* Q: [panels][cols/4][W][4] unsigned codes, 4 adjacent inputs per row */
+    const float *scale;         /* Q: [panels][groups][W] */
+    const float *qbias;         /* Q: [panels][groups][W] */
+    const float *bias;          /* [panels*W], zero padded, or NULL */
 } cb_layer;
 
 /* y[b][0..rows) (+)= layer(x[b]) for b < B. acc: add to y instead of overwriting.
@@ -142,6 +146,7 @@ typedef void (*cb_cell_fn)(size_t B, size_t H, const float *gates, size_t ldg, c
 
 typedef struct {
     int id;
+    size_t panel;               /* the weight layout these kernels read: CB_PANEL or 16 */
     cb_linear_f32_fn linear_f32;
     cb_linear_q_fn linear_q;
     cb_quantize_fn quantize;
@@ -150,15 +155,23 @@ typedef struct {
 
 /* Kernel tables are data, not code: reading one runs no instruction of its ISA, so the library
  * can look at a table on any CPU and call into it only after the CPU check. id 0: not built. */
-extern const cb_kernels cb_scalar_kernels, cb_scalar8_kernels, cb_avx2_kernels, cb_vnni_kernels, cb_neon_kernels;
-/* The AVX2 fp32 product and LSTM cell, shared by the VNNI table. */
+extern const cb_kernels cb_scalar_kernels, cb_scalar8_kernels, cb_avx2_kernels, cb_vnni_kernels, cb_neon_kernels,
+    cb_avx512_kernels, cb_vnni512_kernels;
+/* The AVX2 fp32 product, LSTM cell and int16 activation quantizer, shared by the VNNI and
+ * AVX-512 tables; the VNNI int8 quantizer, shared by the VNNI-512 table. Activations are laid
+ * out per batch row, whatever the panel width, so the quantizers serve both layouts. */
 void cb_avx2_linear_f32(const cb_layer *L, size_t B, const float *x, size_t ldx, float *y, size_t ldy, int acc);
 void cb_avx2_cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out);
+void cb_avx2_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                      float *xs, float *xsum, size_t ldg);
+void cb_vnni_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+                      float *xs, float *xsum, size_t ldg);
 
 /* ---- CPU dispatch (dispatch.c) -------------------------------------------------------- */
 
 int cb_cpu_has_avx2_fma(void);
 int cb_cpu_has_avx512_vnni(void);
+int cb_cpu_has_avx512(void);
 /* The table for a COGBERT_KERNEL_* (AUTO: the best this build and CPU have) into *out, or
  * ARGUMENT / UNSUPPORTED with err filled. */
 int cb_choose_kernels(int want, cb_kernels *out, cogbert_error *err);

@@ -311,7 +311,7 @@ static float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
+void cb_avx2_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,
                      float *xs, float *xsum, size_t ldg) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 hi = _mm256_set1_ps(CB_ACT_LEVELS), lo = _mm256_set1_ps(-CB_ACT_LEVELS);
@@ -415,8 +415,8 @@ void cb_avx2_cell(size_t B, size_t H, const float *gates, size_t ldg, const floa
     }
 }
 
-const cb_kernels cb_avx2_kernels = {COGBERT_KERNEL_AVX2, cb_avx2_linear_f32, linear_q, quantize, cb_avx2_cell};
+const cb_kernels cb_avx2_kernels = {COGBERT_KERNEL_AVX2, CB_PANEL, cb_avx2_linear_f32, linear_q, cb_avx2_quantize, cb_avx2_cell};
 
 #else
-const cb_kernels cb_avx2_kernels = {0, NULL, NULL, NULL, NULL};
+const cb_kernels cb_avx2_kernels = {0, CB_PANEL, NULL, NULL, NULL, NULL};
 #endif

@@ -121,8 +121,8 @@ void cb_scalar_quantize(size_t B, size_t cols, size_t group, const float *x, siz
                         float *xs, float *xsum, size_t ldg);
 void cb_scalar_cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out);
 
-const cb_kernels cb_neon_kernels = {COGBERT_KERNEL_NEON, linear_f32, linear_q, cb_scalar_quantize, cb_scalar_cell};
+const cb_kernels cb_neon_kernels = {COGBERT_KERNEL_NEON, CB_PANEL, linear_f32, linear_q, cb_scalar_quantize, cb_scalar_cell};
 
 #else
-const cb_kernels cb_neon_kernels = {0, NULL, NULL, NULL, NULL};
+const cb_kernels cb_neon_kernels = {0, CB_PANEL, NULL, NULL, NULL, NULL};
 #endif

@@ -12,12 +12,13 @@ static void linear_f32(const cb_layer *L, size_t B, const float *x, size_t ldx, 
         const float *xb = x + b * ldx;
         float *yb = y + b * ldy;
         for (r = 0; r < L->rows; r++) {
-            const float *w = L->w + (r / CB_PANEL) * L->cols * CB_PANEL + r % CB_PANEL;
+            const size_t W = L->panel;
+            const float *w = L->w + (r / W) * L->cols * W + r % W;
             float s = acc ? yb[r] : 0.0f;
             if (L->bias)
                 s += L->bias[r];
             for (j = 0; j < L->cols; j++)
-                s += w[j * CB_PANEL] * xb[j];
+                s += w[j * W] * xb[j];
             yb[r] = s;
         }
     }
@@ -30,17 +31,17 @@ static void linear_q(const cb_layer *L, size_t B, const int16_t *xq, size_t ldq,
         const int16_t *qb = xq + b * ldq;
         float *yb = y + b * ldy;
         for (r = 0; r < L->rows; r++) {
-            size_t p = r / CB_PANEL, lane = r % CB_PANEL;
-            const uint8_t *w = L->q + p * L->cols * CB_PANEL + lane * 4;
+            const size_t W = L->panel, p = r / W, lane = r % W;
+            const uint8_t *w = L->q + p * L->cols * W + lane * 4;
             float s = acc ? yb[r] : 0.0f;
             if (L->bias)
                 s += L->bias[r];
             for (g = 0; g < L->groups; g++) {
                 int32_t dot = 0;
-                float sc = L->scale[(p * L->groups + g) * CB_PANEL + lane];
-                float qb0 = L->qbias[(p * L->groups + g) * CB_PANEL + lane];
+                float sc = L->scale[(p * L->groups + g) * W + lane];
+                float qb0 = L->qbias[(p * L->groups + g) * W + lane];
                 for (j = g * L->group; j < (g + 1) * L->group; j++)
-                    dot += (int32_t)w[(j / 4) * 4 * CB_PANEL + (j & 3)] * qb[CB_QPOS(j)];
+                    dot += (int32_t)w[(j / 4) * 4 * W + (j & 3)] * qb[CB_QPOS(j)];
                 s += (sc * xs[b * ldg + g]) * (float)dot;
                 s += qb0 * xsum[b * ldg + g];
             }
@@ -101,8 +102,8 @@ static void cell(size_t B, size_t H, const float *gates, size_t ldg, const float
     }
 }
 
-const cb_kernels cb_scalar_kernels = {COGBERT_KERNEL_SCALAR, linear_f32, linear_q, quantize, cell};
-const cb_kernels cb_scalar8_kernels = {COGBERT_KERNEL_SCALAR_INT8, linear_f32, linear_q, quantize8, cell};
+const cb_kernels cb_scalar_kernels = {COGBERT_KERNEL_SCALAR, CB_PANEL, linear_f32, linear_q, quantize, cell};
+const cb_kernels cb_scalar8_kernels = {COGBERT_KERNEL_SCALAR_INT8, CB_PANEL, linear_f32, linear_q, quantize8, cell};
 
 /* The NEON table borrows these; see kernels_neon.c. */
 void cb_scalar_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq, size_t ldq,

@@ -206,7 +206,7 @@ static float hsum8(__m256 v) {
 }
 
 /* int8 activations in natural order; xs = max|x| / 127. */
-static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq16, size_t ldq,
+void cb_vnni_quantize(size_t B, size_t cols, size_t group, const float *x, size_t ldx, int16_t *xq16, size_t ldq,
                      float *xs, float *xsum, size_t ldg) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 hi = _mm256_set1_ps(ACT8), lo = _mm256_set1_ps(-ACT8);
@@ -246,8 +246,8 @@ static void quantize(size_t B, size_t cols, size_t group, const float *x, size_t
     }
 }
 
-const cb_kernels cb_vnni_kernels = {COGBERT_KERNEL_VNNI, cb_avx2_linear_f32, linear_q, quantize, cb_avx2_cell};
+const cb_kernels cb_vnni_kernels = {COGBERT_KERNEL_VNNI, CB_PANEL, cb_avx2_linear_f32, linear_q, cb_vnni_quantize, cb_avx2_cell};
 
 #else
-const cb_kernels cb_vnni_kernels = {0, NULL, NULL, NULL, NULL};
+const cb_kernels cb_vnni_kernels = {0, CB_PANEL, NULL, NULL, NULL, NULL};
 #endif

@@ -30,15 +30,17 @@ static uint8_t code_at(const cb_src_layer *s, size_t r, size_t j) {
  * the panel layout of internal.h. */
 static int build_layer(cogbert_policy *P, cb_layer *L, const cb_src_layer *a, const cb_src_layer *b) {
     const size_t rows = a->out, cols = a->in + (b ? b->in : 0);
+    const size_t W = P->k.panel;
     int of = 0;
     size_t r, j, g, part;
     memset(L, 0, sizeof *L);
+    L->panel = W;
     L->kind = a->bits ? CB_L_Q : CB_L_F32;
     L->rows = rows;
     L->cols = cols;
-    L->panels = (rows + CB_PANEL - 1) / CB_PANEL;
+    L->panels = (rows + W - 1) / W;
     if (a->has_bias) {
-        float *bias = (float *)palloc(P, L->panels * CB_PANEL, sizeof(float), &of);
+        float *bias = (float *)palloc(P, L->panels * W, sizeof(float), &of);
         if (!bias)
             return of ? COGBERT_ERR_BUNDLE : COGBERT_ERR_NO_MEMORY;
         for (r = 0; r < rows; r++)
@@ -46,7 +48,7 @@ static int build_layer(cogbert_policy *P, cb_layer *L, const cb_src_layer *a, co
         L->bias = bias;
     }
     if (L->kind == CB_L_F32) {
-        float *w = (float *)palloc(P, cb_mul(L->panels * CB_PANEL, cols, &of), sizeof(float), &of);
+        float *w = (float *)palloc(P, cb_mul(L->panels * W, cols, &of), sizeof(float), &of);
         if (!w)
             return of ? COGBERT_ERR_BUNDLE : COGBERT_ERR_NO_MEMORY;
         for (part = 0; part < (b ? 2u : 1u); part++) {
@@ -54,7 +56,7 @@ static int build_layer(cogbert_policy *P, cb_layer *L, const cb_src_layer *a, co
             const size_t off = part ? a->in : 0;
             for (r = 0; r < rows; r++)
                 for (j = 0; j < s->in; j++)
-                    w[((r / CB_PANEL) * cols + off + j) * CB_PANEL + r % CB_PANEL] = cb_le_f32(s->weight + 4 * (r * s->in + j));
+                    w[((r / W) * cols + off + j) * W + r % W] = cb_le_f32(s->weight + 4 * (r * s->in + j));
         }
         L->w = w;
     } else {
@@ -62,23 +64,23 @@ static int build_layer(cogbert_policy *P, cb_layer *L, const cb_src_layer *a, co
         float *sc, *qb;
         L->group = a->group;
         L->groups = cols / a->group;
-        q = (uint8_t *)palloc(P, cb_mul(L->panels * CB_PANEL, cols, &of), 1, &of);
-        sc = (float *)palloc(P, cb_mul(L->panels * CB_PANEL, L->groups, &of), sizeof(float), &of);
-        qb = (float *)palloc(P, cb_mul(L->panels * CB_PANEL, L->groups, &of), sizeof(float), &of);
+        q = (uint8_t *)palloc(P, cb_mul(L->panels * W, cols, &of), 1, &of);
+        sc = (float *)palloc(P, cb_mul(L->panels * W, L->groups, &of), sizeof(float), &of);
+        qb = (float *)palloc(P, cb_mul(L->panels * W, L->groups, &of), sizeof(float), &of);
         if (!q || !sc || !qb)
             return of ? COGBERT_ERR_BUNDLE : COGBERT_ERR_NO_MEMORY;
         for (part = 0; part < (b ? 2u : 1u); part++) {
             const cb_src_layer *s = part ? b : a;
             const size_t off = part ? a->in : 0, goff = off / a->group, sg = s->in / s->group;
             for (r = 0; r < rows; r++) {
-                const size_t p = r / CB_PANEL, lane = r % CB_PANEL;
+                const size_t p = r / W, lane = r % W;
                 for (j = 0; j < s->in; j++) {
                     const size_t col = off + j;
-                    q[p * cols * CB_PANEL + (col / 4) * 4 * CB_PANEL + lane * 4 + (col & 3)] = code_at(s, r, j);
+                    q[p * cols * W + (col / 4) * 4 * W + lane * 4 + (col & 3)] = code_at(s, r, j);
                 }
                 for (g = 0; g < sg; g++) {
-                    sc[(p * L->groups + goff + g) * CB_PANEL + lane] = cb_le_f32(s->scales + 4 * (r * sg + g));
-                    qb[(p * L->groups + goff + g) * CB_PANEL + lane] = cb_le_f32(s->biases + 4 * (r * sg + g));
+                    sc[(p * L->groups + goff + g) * W + lane] = cb_le_f32(s->scales + 4 * (r * sg + g));
+                    qb[(p * L->groups + goff + g) * W + lane] = cb_le_f32(s->biases + 4 * (r * sg + g));
                 }
             }
         }

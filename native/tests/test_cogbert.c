@@ -70,7 +70,8 @@ static double maxrel(const float *a, const float *b, size_t n) {
  * (teacher forcing), which measures one step's error without the recurrence amplifying it.
  * Returns 0 if the kernel is not available here. */
 static int kernels_agree(const char *what, const tu_config *c, int kern, int forced, double tol) {
-    cogbert_policy *ps = open_cfg(c, kern == COGBERT_KERNEL_VNNI ? COGBERT_KERNEL_SCALAR_INT8 : COGBERT_KERNEL_SCALAR), *pa;
+    const int int8_act = kern == COGBERT_KERNEL_VNNI || kern == COGBERT_KERNEL_VNNI512;
+    cogbert_policy *ps = open_cfg(c, int8_act ? COGBERT_KERNEL_SCALAR_INT8 : COGBERT_KERNEL_SCALAR), *pa;
     cogbert_state *ss = NULL, *sa = NULL;
     cogbert_info info;
     cogbert_options o;
@@ -121,6 +122,62 @@ static int kernels_agree(const char *what, const tu_config *c, int kern, int for
     return 1;
 }
 
+/* Kernels ka and kb give identical bits over a 50-step rollout at batch 1 and batch 9 (tiles of
+ * 4 rows and a remainder). Skipped (returns) when this CPU lacks either. */
+static void same_as(const char *what, const tu_config *c, int ka, int kb) {
+    enum { B = 9, T = 50 };
+    cogbert_policy *p[2] = {NULL, NULL};
+    cogbert_state *s[2][2];
+    cogbert_info info;
+    cogbert_options o;
+    float *obs, *head[2], val[2][B], *h[2];
+    uint32_t seed = 17;
+    size_t n, t, k, batch, i;
+    int same = 1;
+    unsigned char *data = tu_build(c, &n);
+    for (i = 0; i < 2; i++) {
+        cogbert_options_init(&o);
+        o.kernel = i ? kb : ka;
+        if (cogbert_open_buffer(data, n, &o, &p[i], NULL) != COGBERT_OK) {
+            free(data);
+            cogbert_close(p[0]);
+            return;
+        }
+    }
+    free(data);
+    cogbert_get_info(p[0], &info);
+    obs = (float *)malloc(B * info.obs_dim * sizeof(float));
+    for (i = 0; i < 2; i++) {
+        head[i] = (float *)malloc(B * info.action_size * sizeof(float));
+        h[i] = (float *)malloc(B * info.hidden * sizeof(float));
+        CHECK(cogbert_state_create(p[i], 1, &s[i][0]) == COGBERT_OK, "%s", what);
+        CHECK(cogbert_state_create(p[i], B, &s[i][1]) == COGBERT_OK, "%s", what);
+    }
+    for (t = 0; t < T; t++) {
+        for (k = 0; k < B * info.obs_dim; k++)
+            obs[k] = 3.0f * frand(&seed);
+        for (batch = 1; batch <= B; batch += B - 1) {
+            for (i = 0; i < 2; i++) {
+                CHECK(cogbert_step_batch(p[i], s[i][batch > 1], batch, obs, head[i], val[i]) == COGBERT_OK, "%s", what);
+                cogbert_state_get(s[i][batch > 1], batch, h[i], NULL);
+            }
+            same &= memcmp(head[0], head[1], batch * info.action_size * sizeof(float)) == 0;
+            same &= memcmp(val[0], val[1], batch * sizeof(float)) == 0;
+            same &= memcmp(h[0], h[1], batch * info.hidden * sizeof(float)) == 0;
+        }
+    }
+    CHECK(same, "%s: kernels %d and %d differ", what, ka, kb);
+    printf("  %-32s kernel %d = kernel %d, bit for bit (batch 1 and %d, %d steps)\n", what, ka, kb, (int)B, (int)T);
+    for (i = 0; i < 2; i++) {
+        cogbert_state_destroy(s[i][0]);
+        cogbert_state_destroy(s[i][1]);
+        cogbert_close(p[i]);
+        free(head[i]);
+        free(h[i]);
+    }
+    free(obs);
+}
+
 /* Every SIMD kernel this machine runs, against the scalar one. */
 static void all_kernels_agree(const char *what, const tu_config *c, int quantized) {
     kernels_agree(what, c, COGBERT_KERNEL_AVX2, 0, quantized ? 5e-4 : 2e-5);
@@ -131,15 +188,21 @@ static void all_kernels_agree(const char *what, const tu_config *c, int quantize
      * which moves the outputs by up to ~2e-2 on these test models; a free-running recurrence
      * would amplify that. A layout or indexing bug gives errors of order 1. */
     kernels_agree(what, c, COGBERT_KERNEL_VNNI, !!quantized, quantized ? 5e-2 : 2e-5);
+    kernels_agree(what, c, COGBERT_KERNEL_AVX512, 0, quantized ? 5e-4 : 2e-5);
+    kernels_agree(what, c, COGBERT_KERNEL_VNNI512, !!quantized, quantized ? 5e-2 : 2e-5);
+    /* The 512-bit kernels read another weight layout (panels of 16) but do the same arithmetic
+     * per element as their 256-bit counterparts: their results must be identical. */
+    same_as("AVX-512 = AVX2", c, COGBERT_KERNEL_AVX512, COGBERT_KERNEL_AVX2);
+    same_as("VNNI-512 = VNNI", c, COGBERT_KERNEL_VNNI512, COGBERT_KERNEL_VNNI);
 }
 
 /* Row i of a batch step equals a single step of row i, bit for bit. */
-static void batch_equals_singles(const char *what, const tu_config *c, int kernel) {
-    enum { B = 7, T = 5 };
+static void batch_equals_singles_at(const char *what, const tu_config *c, int kernel, size_t B) {
+    enum { T = 5 };
     cogbert_policy *p = open_cfg(c, kernel);
-    cogbert_state *sb = NULL, *s1[B];
+    cogbert_state *sb = NULL, *s1[64];
     cogbert_info info;
-    float *obs, *head_b, *head_1, vb[B], v1, *hb, *h1;
+    float *obs, *head_b, *head_1, vb[64], v1, *hb, *h1;
     uint32_t seed = 5;
     size_t i, t, k;
     int same = 1;
@@ -173,6 +236,13 @@ static void batch_equals_singles(const char *what, const tu_config *c, int kerne
     cogbert_state_destroy(sb);
     cogbert_close(p);
     free(obs); free(head_b); free(head_1); free(hb); free(h1);
+}
+
+/* Batches of 7 (one 4-row tile and 3 rows), 13 (three tiles and 1) and 64. */
+static void batch_equals_singles(const char *what, const tu_config *c, int kernel) {
+    batch_equals_singles_at(what, c, kernel, 7);
+    batch_equals_singles_at(what, c, kernel, 13);
+    batch_equals_singles_at(what, c, kernel, 64);
 }
 
 typedef struct {
@@ -438,7 +508,7 @@ int main(void) {
     for (k = 0; k < 3; k++) {
         c = tu_reference(bits[k]);
         all_kernels_agree(names[k], &c, bits[k]);
-        for (kern = COGBERT_KERNEL_SCALAR; kern <= COGBERT_KERNEL_VNNI; kern++) {
+        for (kern = COGBERT_KERNEL_SCALAR; kern <= COGBERT_KERNEL_VNNI512; kern++) {
             cogbert_options o;
             cogbert_policy *probe = NULL;
             size_t n;

@@ -6,10 +6,12 @@ next to this package in ``cogbert_edge/_native/`` (where ``make -C native`` inst
 reader (the same rules as :mod:`cogbert_edge.inference.bundle`), repacks the weights for its kernels once,
 and then steps without allocating. Arrays go in and out without copies (buffer protocol).
 
-Kernels: ``$COGBERT_NATIVE_KERNEL`` = ``auto`` (default), ``scalar``, ``avx2``, ``vnni`` or
-``neon``. ``vnni`` (AVX512-VNNI) quantizes activations of int8/int4 layers to int8 and is the
-fastest; ``avx2``, ``neon`` and ``scalar`` quantize them to int16, which is near-exact. See
-``native/README.md`` for the measured speed and error of each.
+Kernels: ``$COGBERT_NATIVE_KERNEL`` = ``auto`` (default), ``scalar``, ``avx2``, ``vnni``,
+``avx512``, ``vnni512`` or ``neon``. ``vnni512`` and ``vnni`` (AVX512-VNNI, 512- and 256-bit)
+quantize activations of int8/int4 layers to int8 and are the fastest; ``avx512``, ``avx2``,
+``neon`` and ``scalar`` quantize them to int16, which is near-exact. The 512-bit kernels give
+the same results as their 256-bit counterparts bit for bit. See ``native/README.md`` for the
+measured speed and error of each.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from cogbert_edge.inference.bundle import Bundle
 
 __all__ = ["NativeBackend", "native_available", "native_module", "KERNELS"]
 
-KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "vnni": 4}
+KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "vnni": 4, "avx512": 6, "vnni512": 7}
+# The kernels that quantize activations to int8 (looser error bound, docs in native/README.md).
+INT8_ACTIVATION_KERNELS = ("vnni", "vnni512")
 _F32 = np.dtype(np.float32)
 _cache: dict[str, Any] = {}
 
@@ -81,14 +85,16 @@ def native_available() -> bool:
 
 
 def native_simd() -> bool:
-    """True when the native runtime has SIMD kernels for this CPU (AVX2, VNNI or NEON)."""
+    """True when the native runtime has SIMD kernels for this CPU (AVX2, VNNI, AVX-512 or NEON)."""
     mod = native_module()
-    return mod is not None and mod.best_kernel() in (KERNELS["avx2"], KERNELS["vnni"], KERNELS["neon"])
+    return mod is not None and mod.best_kernel() not in (KERNELS["auto"], KERNELS["scalar"])
 
 
 def _raise(err: Exception, what: str) -> None:
     status, message = err.args if len(err.args) == 2 else (-1, str(err))
     mod = native_module()
+    if mod is None:  # only reachable from a call into the loaded module; kept for the type checker
+        raise CogbertError(f"native runtime: {message} (status {status})") from None
     if status in (mod.ERR_FORMAT, mod.ERR_VERSION, mod.ERR_BUNDLE, mod.ERR_IO):
         raise BundleError(f"native runtime: {message}") from None
     if status == mod.ERR_NONFINITE:
@@ -149,7 +155,7 @@ class NativeBackend:
         import dataclasses
 
         from cogbert_edge.inference.policy import Decision, State
-        plain = all(dataclasses.is_dataclass(t) and t.__dataclass_params__.frozen
+        plain = all(dataclasses.is_dataclass(t) and t.__dataclass_params__.frozen  # type: ignore[union-attr]
                     and not hasattr(t, "__post_init__") and "__slots__" not in t.__dict__
                     for t in (State, Decision))
         if (self._decide_native is None or not plain
