@@ -45,6 +45,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -59,6 +60,9 @@ from cogbert_edge.link.mqtt import LinkSettings, LinkState, Message, MqttLink
 from cogbert_edge.wire import batch as batch_codec
 from cogbert_edge.wire.messages import Ack, AckStatus
 from cogbert_edge.wire.topics import PREFIX, device_topic, parse_device_topic
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 __all__ = ["IngestService", "IngestSettings", "batch_key"]
 
@@ -171,15 +175,15 @@ class IngestService:
         self.link = MqttLink(LinkSettings.for_service(settings.broker, settings.pki, settings.identity,
                                                       client_id=client_id, manual_ack=True,
                                                       session_expiry=settings.session_expiry), name=client_id)
-        self.counters = collections.Counter()
-        self.rejected = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.rejected: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self.ranges = StoredRanges(self.store)
         self._queue: queue.Queue = queue.Queue(maxsize=settings.workers * 4)
         self._workers = [threading.Thread(target=self._work, name=f"cogbert-ingest-{i}", daemon=True)
                          for i in range(settings.workers)]
         self._stop = threading.Event()
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
         # Latency histograms (not registered anywhere: _Metrics yields them with the counters).
         self.batch_seconds = Histogram("cogbert_ingest_batch_duration_seconds", "From receiving an experience "
                                        "message to acknowledging it (validate, store, ack)", registry=None,
@@ -290,6 +294,7 @@ class IngestService:
                     stored += last - first + 1
                 event(log, "overlapping_batch", level=logging.WARNING, fleet=fleet, device=device, batch=b.id,
                       stored_parts=[list(p) for p in parts])
+        status: AckStatus
         if stored == b.n:
             status, outcome = "stored", "accepted"
         elif stored:

@@ -186,6 +186,7 @@ def open_store(url: str) -> ObjectStore:
         if not u.netloc:
             raise StoreError(f"{url!r}: s3 URLs need a bucket: s3://BUCKET/PREFIX")
         q = parse_qs(u.query)
-        return S3Store(u.netloc, u.path, endpoint=(q.get("endpoint") or [None])[0],
-                       region=(q.get("region") or [None])[0])
+        endpoint, region = (q.get("endpoint") or [""])[0], (q.get("region") or [""])[0]
+        # parse_qs leaves out empty values, so "" here means the URL did not give one.
+        return S3Store(u.netloc, u.path, endpoint=endpoint or None, region=region or None)
     raise StoreError(f"unsupported store URL {url!r}: use file://DIR or s3://BUCKET/PREFIX")
