@@ -28,6 +28,7 @@ Nothing secret is ever logged.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import json
@@ -114,7 +115,9 @@ class PKI:
         if self.services_ca_path.exists():
             raise PKIError(f"{self.root} already has a services CA")
         ca = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
-        name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        # A common name is a string (cryptography types attribute values str | bytes for the few
+        # binary attribute types).
+        name = str(ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
         self._ca()   # needs the fleet CA's key: this is the CA's machine
         _make_ca(self.services_ca_path, self._services_key_path, f"{name} (services)", days)
         self.refresh_crl()
@@ -381,8 +384,6 @@ def _now() -> dt.datetime:
 
 def register(sub) -> None:
     """``cogbert pki ...``"""
-    import argparse
-
     pki = sub.add_parser("pki", help="the fleet's certificate authority")
     psub = pki.add_subparsers(dest="pki_cmd", required=True)
 
@@ -421,8 +422,7 @@ def register(sub) -> None:
                    help="only this certificate of the name (e.g. the old one after a rotation)")
     p = cmd("init-services", "add the services CA to a PKI made before services had their own",
             lambda a: _say(PKI.open(a.dir).init_services()))
-    p = cmd("crl", "re-sign the CRLs (run well before they expire)",
-            lambda a: _say(PKI.open(a.dir).refresh_crl(days=a.days) or PKI.open(a.dir).crl_path))
+    p = cmd("crl", "re-sign the CRLs (run well before they expire)", _refresh_crl)
     p.add_argument("--days", type=int, default=CRL_DAYS)
     p = cmd("list", "list issued certificates", lambda a: _say(json.dumps(PKI.open(a.dir).certificates(), indent=1)))
 
@@ -432,6 +432,12 @@ def _read(path: Path) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise PKIError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _refresh_crl(a: argparse.Namespace) -> int:
+    pki = PKI.open(a.dir)
+    pki.refresh_crl(days=a.days)
+    return _say(pki.crl_path)
 
 
 def _say(what: object) -> int:

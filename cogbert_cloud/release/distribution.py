@@ -32,7 +32,7 @@ def chunk_messages(bundle: bytes, size: int = CHUNK_BYTES) -> list[bytes]:
 
 def publish_release(link: MqttLink, fleet: str, manifest: bytes, *, url: str | None = None,
                     bundle: bytes | None = None, device: str | None = None,
-                    root_chain: list[bytes] = ()) -> list[PublishHandle]:
+                    root_chain: list[bytes] | tuple[bytes, ...] = ()) -> list[PublishHandle]:
     """Offer a release to one device, or to the whole fleet (a retained message on the fleet's
     release topic, so devices that connect later get it too). Small bundles may travel as
     chunks to one device (``bundle=``); fleet-wide releases need a ``url``."""

@@ -186,7 +186,8 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     p.add_argument("dir", type=Path)
     p.add_argument("--root", action="store_true", help="also replace the root key")
     p.add_argument("--expires-days", type=int, default=365)
-    p.set_defaults(func=lambda a: _say(f"root version {KeyStore(a.dir).rotate(root=a.root, expires_days=a.expires_days)}"))
+    p.set_defaults(func=lambda a: _say(
+        f"root version {KeyStore(a.dir).rotate(root=a.root, expires_days=a.expires_days)}"))
 
     rel = sub.add_parser("release", help="signed release manifests")
     rsub = rel.add_subparsers(dest="release_cmd", required=True)

@@ -113,7 +113,8 @@ def serve(s: ServeSettings) -> int:
 
     store = open_store(s.store)
     registry = Registry(store)
-    link = MqttLink(LinkSettings.for_service(s.broker, s.pki, s.identity, client_id=s.client_id or f"{s.identity}-serve"))
+    link = MqttLink(LinkSettings.for_service(s.broker, s.pki, s.identity,
+                                             client_id=s.client_id or f"{s.identity}-serve"))
     link.start()
     fleet = FleetView()
     fleet.attach(link, s.fleet)
@@ -136,8 +137,13 @@ def serve(s: ServeSettings) -> int:
     app = create_app(ControlPlane(registry, controller, fleet, link_up=lambda: link.state.value == "connected"),
                      Tokens(read=s.read_tokens, operate=s.operate_tokens))
     server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning"))
+
+    def shut_down(signum: int, frame: object) -> None:
+        stop.set()
+        server.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (stop.set(), setattr(server, "should_exit", True)))
+        signal.signal(sig, shut_down)
     event(log, "serving", port=s.port, fleet=s.fleet, loop=s.loop)
     server.run()
     stop.set()

@@ -255,7 +255,7 @@ class RolloutController:
         r = self.rollout
         fields = {"candidate": r.candidate, "stable": r.stable, **fields} if r else fields
         self.registry.audit.record(name, **fields)
-        event(log, name, **fields)
+        event(log, name, level=logging.INFO, **fields)   # (level named: no field can take its place)
 
 
 def _default_url(store: ObjectStore, key: str) -> str:
