@@ -1,8 +1,10 @@
 """``cogbert demo``: the whole loop on one machine, the README's main job.
 
 It generates a PKI and release keys, starts Mosquitto, ingestion, the rollout controller with
-the operator API, and N simulated devices (16) that run a first release (trained briefly in
-the simulator) on ProductionChain-v0 over mutual-TLS MQTT. Then R rounds (3) of collect ->
+the operator API, and N simulated devices (8) that run a first release on ProductionChain-v0
+over mutual-TLS MQTT: by default the plant's documented heuristic distilled into a bundle by
+behaviour cloning (``--imitate heuristic``; ``--imitate none`` trains a first release from
+scratch in the simulator instead), so the fleet starts from what it already runs. Then R rounds (3) of collect ->
 retrain (V-trace on the fleet's logs, then PPO in the simulator) -> gate -> sign -> canary ->
 promote; in one round (the second) it injects a broken candidate (a model collapsed to the
 no-op action), which the canary analysis must roll back by itself. It ends by stopping the
@@ -41,15 +43,18 @@ def _h(text: str) -> dict:
 
 @dataclass
 class DemoSettings:
-    devices: int = field(default=16, metadata=_h("simulated devices in the fleet"))
+    devices: int = field(default=8, metadata=_h("simulated devices in the fleet"))
     rounds: int = field(default=3, metadata=_h("learning rounds: collect, retrain, gate, sign, canary"))
     broken_round: int = field(default=2, metadata=_h("the round whose candidate is replaced by a broken "
                                                      "model, for the canary to roll back (0: none)"))
-    initial_steps: int = field(default=60_000, metadata=_h("simulator steps of the initial release's training"))
+    imitate: str = field(default="heuristic", metadata=_h("the initial release: 'heuristic' (behaviour cloning of "
+                                                            "the documented rule) or 'none' (PPO from scratch)"))
+    initial_steps: int = field(default=32_768, metadata=_h("decisions the initial release learns from (heuristic "
+                                                            "demonstrations, or simulator steps with --imitate none)"))
     train_steps: int = field(default=40_000, metadata=_h("simulator steps of each round's retraining"))
     lr: float | None = field(default=None, metadata=_h("learning rate (default: the environment's preset)"))
     rate: float = field(default=150.0, metadata=_h("decisions per second per device"))
-    collect_seconds: float = field(default=25.0, metadata=_h("seconds of fleet experience collected per round"))
+    collect_seconds: float = field(default=15.0, metadata=_h("seconds of fleet experience collected per round"))
     stage_seconds: float = field(default=6.0, metadata=_h("minimum seconds per canary stage"))
     eval_episodes: int = field(default=64, metadata=_h("seeded episodes each release is scored on"))
     seed: int = field(default=0, metadata=_h("seed of training and the simulated devices"))
@@ -145,10 +150,21 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         signer = KeySigner(work / "keys", model="chain", fleet=fleet_name)
 
         # -- the initial release: a short training run in the simulator ----------------------
-        say(f"training the initial release in the simulator ({s.initial_steps} steps)")
-        LocalTrainer(LoopSettings(env=env_id, extra_train_args=["--eval-episodes", "4", "--seed", str(s.seed)])).train(
-            work / "initial", None, None, s.initial_steps)
-        initial = _load((work / "initial" / "ppo" / "model.safetensors").read_bytes())
+        if s.imitate == "heuristic":
+            say(f"distilling the plant's heuristic into the initial release ({s.initial_steps} decisions)")
+            LocalTrainer._run([sys.executable, "-m", "cogbert_cloud.cli", "--log-level", "WARNING", "cloud", "train",
+                               "--env", env_id, "--imitate", "heuristic", "--steps", str(s.initial_steps),
+                               "--out", str(work / "initial" / "imitate"), "--eval-episodes", "4", "--seed",
+                               str(s.seed), "--no-progress"])
+            initial = _load((work / "initial" / "imitate" / "model.safetensors").read_bytes())
+        elif s.imitate == "none":
+            say(f"training the initial release in the simulator ({s.initial_steps} steps)")
+            LocalTrainer(LoopSettings(env=env_id, extra_train_args=["--eval-episodes", "4", "--seed", str(s.seed)])
+                         ).train(work / "initial", None, None, s.initial_steps)
+            initial = _load((work / "initial" / "ppo" / "model.safetensors").read_bytes())
+        else:
+            from cogbert_edge.errors import ConfigError
+            raise ConfigError(f"--imitate must be 'heuristic' or 'none', got {s.imitate!r}")
         store_url = f"file://{work / 'store'}"
         store = open_store(store_url)
         registry = Registry(store)
@@ -203,8 +219,8 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
 
         rounds = []
         for r in range(1, s.rounds + 1):
-            stats = ExperienceDataset(store, fleet_name).stats()
-            _wait(lambda: ExperienceDataset(store, fleet_name).stats()["transitions"] >= stats["transitions"] + 1,
+            before = ExperienceDataset(store, fleet_name).stats()["transitions"]
+            _wait(lambda b=before: ExperienceDataset(store, fleet_name).stats()["transitions"] >= b + 1,
                   30, "experience")
             time.sleep(s.collect_seconds)
             stored = ExperienceDataset(store, fleet_name).stats()["transitions"]
@@ -250,6 +266,8 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             "initial": {"release": 1, "mean_return": initial_return},
             "final": {"release": final["counter"], "mean_return": final_return},
             "improvement_pct": round(100.0 * (final_return - initial_return) / max(abs(initial_return), 1e-9), 1),
+            "gain_vs_heuristic_pct": round(100.0 * (final_return - heuristic) / max(abs(heuristic), 1e-9), 1),
+            "initial_gain_vs_heuristic_pct": round(100.0 * (initial_return - heuristic) / max(abs(heuristic), 1e-9), 1),
             "rounds": [{k: v for k, v in r.items() if k != "timeline"} | {"stages": r.get("timeline", [])}
                        for r in rounds],
             "rolled_back": [r["release"] for r in rounds if r["decision"] == "rolled_back"],
@@ -261,7 +279,8 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         }
         from cogbert_cloud.service.report import write_report
         files = write_report(Path(s.report), summary, latencies_us=latencies, audit=list(registry.audit.entries()))
-        say(f"improvement {summary['improvement_pct']:+.1f} %; rolled back {summary['rolled_back']}; "
+        say(f"improvement {summary['improvement_pct']:+.1f} %, {summary['gain_vs_heuristic_pct']:+.1f} % against the "
+            f"heuristic; rolled back {summary['rolled_back']}; "
             f"lost records {summary['lost_records']}; report in {files[-1]}")
         return summary
     finally:

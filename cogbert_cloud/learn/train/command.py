@@ -5,6 +5,8 @@
     cogbert cloud train --data file:///var/lib/cogbert --from model.safetensors --out runs/b
     cogbert cloud train --env Pendulum-v1 --out runs/c --hp lr=1e-3 --hp encoder=[128]
     cogbert cloud train --env MyEnv-v0 --env-package mypkg --env-kwargs size=5 --out runs/d
+    cogbert cloud train --env ProductionChain-v0 --imitate heuristic --steps 32768 --out runs/bc
+    cogbert cloud train --env ProductionChain-v0 --imitate file:///var/lib/cogbert --fleet plant --out runs/bc2
 
 Writes ``OUT/model-fp32.safetensors``, ``OUT/model.safetensors`` (int8 unless ``--bits``),
 ``OUT/train.json`` (what was done and measured), ``OUT/config.yml`` (the resolved
@@ -62,12 +64,61 @@ def register(csub: argparse._SubParsersAction) -> None:
                    help="Gymnasium envs: auto (the env's same-step vector_entry_point, else sync), sync, async")
     p.add_argument("--config", type=Path, default=None,
                    help="hyperparameter file (YAML: per-environment entries as in configs/ppo.yml, or flat fields)")
+    p.add_argument("--imitate", default=None, metavar="TEACHER",
+                   help="behaviour cloning instead of PPO (with --env): 'heuristic' (ProductionChain's documented "
+                        "rule, run for --steps decisions) or a store URL of logged fleet decisions; --hp sets "
+                        "imitate.* fields (imitate.epochs=20, imitate.temperature=0.5, ...)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="override one hyperparameter (any field of the config; value read as YAML); repeatable")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=lambda a: _print(run_train(a)))
     from cogbert_cloud.learn.train.plot import register as register_plot
     register_plot(csub)
+
+
+def _run_imitate(a: argparse.Namespace, store, metrics: Metrics, hp: dict, imitate_hp: dict) -> dict:
+    """Behaviour cloning of ``--imitate``'s teacher into the environment's PPO architecture."""
+    from cogbert_cloud.learn.envs import make_vec_env
+    from cogbert_cloud.learn.envs.gym_adapter import action_bounds
+    from cogbert_cloud.learn.train.export import export_bundle
+    from cogbert_cloud.learn.train.imitate import ImitateConfig, clone, heuristic_demonstrations, logged_demonstrations
+    from cogbert_cloud.learn.train.ppo import PPOConfig, evaluate
+    from cogbert_edge.inference.bounds import ActionBounds
+    from cogbert_edge.inference.model import ActionSpace
+    env = resolve_env_id(a.env) if not is_own_env(a.env) else a.env
+    env_kwargs = parse_kv(a.env_kwargs, "--env-kwargs")
+    cfg, sources = resolve(PPOConfig, "ppo", env, config_file=a.config, hp=hp,
+                           flags=dict(env=env, seed=a.seed, env_kwargs=env_kwargs or None))
+    icfg, _ = resolve(ImitateConfig, "imitate", env, hp=imitate_hp,
+                      flags=dict(seed=a.seed, epochs=a.epochs, lr=a.lr))
+    probe = make_vec_env(env, 1, seed=0, **cfg.env_kwargs)
+    kind, size, low, high = action_bounds(probe.single_action_space, env)
+    action = ActionSpace.of_discrete(size) if kind == "discrete" else ActionSpace.of_continuous(size)
+    bounds = ActionBounds(low, high) if low is not None and high is not None else None
+    if a.imitate == "heuristic":
+        demos = heuristic_demonstrations(env, a.steps, seed=a.seed, gamma=cfg.gamma, env_kwargs=cfg.env_kwargs)
+    else:
+        demos = logged_demonstrations(a.imitate, a.fleet, gamma=cfg.gamma)
+    record = {"algorithm": "imitate", "teacher": a.imitate, "config": to_plain(cfg), "imitate": to_plain(icfg),
+              "sources": sources, "steps": a.steps, "parent": ""}
+    _save_config(a.out, record)
+    fp32, info = clone(demos, cfg, icfg, action=action, bounds=bounds, metrics=metrics, progress=a.progress)
+    fp32 = type(fp32).create(fp32.config, dict(fp32.tensors), extra={**dict(fp32.extra),
+                                                                       "x-train-config": json.dumps(record)})
+    returns = evaluate(fp32, env, a.eval_episodes, env_kwargs=cfg.env_kwargs)
+    sampled = evaluate(fp32, env, a.eval_episodes, deterministic=False, env_kwargs=cfg.env_kwargs)
+    summary = {"mode": "imitate", "env": env, **info, "eval_mean_return": float(np.mean(returns)),
+               "eval_sampled_mean_return": float(np.mean(sampled)), "eval_episodes": len(returns)}
+    fp32.save(a.out / "model-fp32.safetensors")
+    exported, report = export_bundle(fp32, env, bits=a.bits, extra={"x-train": json.dumps(summary)},
+                                     env_kwargs=cfg.env_kwargs or None)
+    exported.save(a.out / "model.safetensors")
+    if a.store:
+        store.put(f"{a.prefix}/model.safetensors", (a.out / "model.safetensors").read_bytes())
+    summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id)
+    atomic_write(a.out / "train.json", json.dumps(summary, indent=1).encode())
+    metrics.close()
+    return summary
 
 
 def _save_config(out: Path, record: dict) -> None:
@@ -91,6 +142,11 @@ def run_train(a: argparse.Namespace) -> dict:
         init = load_bundle(store.get(a.init[6:]) if a.init.startswith("store:") else Path(a.init))
     import_env_packages(a.env_package)
     hp = parse_hp(a.hp)
+    imitate_hp = {k[len("imitate."):]: hp.pop(k) for k in list(hp) if k.startswith("imitate.")}
+    if getattr(a, "imitate", None):
+        if not a.env:
+            raise ConfigError("--imitate needs --env: the environment the student will act in")
+        return _run_imitate(a, store, metrics, hp, imitate_hp)
     env_kwargs = parse_kv(a.env_kwargs, "--env-kwargs")
     if a.env:
         from cogbert_cloud.learn.train.ppo import PPOConfig, PPOTrainer, evaluate

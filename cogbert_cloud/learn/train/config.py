@@ -1,6 +1,6 @@
 """Hyperparameter files: one per algorithm, per-environment entries, overrides, the resolved result.
 
-The files shipped with the package (``cogbert_cloud/learn/configs/ppo.yml``, ``vtrace.yml``)
+The files shipped with the package (``cogbert_cloud/learn/configs/ppo.yml``, ``vtrace.yml``, ``imitate.yml``)
 follow rl-baselines3-zoo's ``hyperparams/*.yml``: a mapping from environment id to the fields
 that differ from the defaults, with a ``default`` entry for any other environment. A run's
 configuration is resolved in this order, later winning:
@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 def shipped_file(algo: str) -> str:
     """The text of the package's hyperparameter file for ``algo`` (``ppo`` or ``vtrace``)."""
-    return resources.files("cogbert_cloud.learn").joinpath("configs", f"{algo}.yml").read_text()
+    return resources.files("cogbert_cloud.learn").joinpath("configs").joinpath(f"{algo}.yml").read_text()
 
 
 def _read(text: str, where: str) -> dict[str, Any]:

@@ -88,8 +88,8 @@ def pad_sequences(seqs: list[Sequence], bounds: ActionBounds | None = None) -> d
 
 class VTraceTrainer:
     def __init__(self, init: Bundle, cfg: VTraceConfig | None = None) -> None:
+        self.mx = import_mlx()     # first: it puts OpenBLAS under MLX before MLX loads
         import mlx.optimizers as optim
-        self.mx = import_mlx()
         self.cfg = cfg or VTraceConfig()
         self.model = init.config
         self.params, norm = split_params(init.fp32_params())
