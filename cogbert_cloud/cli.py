@@ -18,6 +18,7 @@ from cogbert_cloud.release import signing as releases
 from cogbert_cloud.service import demo, operator_cli
 from cogbert_edge import cli as edge_cli
 from cogbert_edge._internal.log import setup_logging
+from cogbert_edge._internal.trace import configure_tracing
 from cogbert_edge.cli import CliParser, run_command, version
 
 
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         # Inside run_command: a bad COGBERT_LOG_LEVEL or COGBERT_LOG_FORMAT is a one-line error.
         setup_logging(args.log_level, args.log_format)
         args.log_level = logging.getLevelName(logging.getLogger("cogbert").level)   # what handlers read
+        # OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise this does nothing.
+        configure_tracing("cogbert-" + "-".join(str(x) for x in (args.cmd, getattr(args, "cloud_cmd", None)) if x))
         return int(args.func(args) or 0)
 
     return run_command("cogbert", command)

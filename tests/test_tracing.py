@@ -96,3 +96,47 @@ def test_an_experience_batch_is_one_trace_from_device_to_store(exporter, pki, br
     for w in writes:
         assert w.parent.span_id in by_id and w.attributes["key"].startswith("experience/f/A/")
     assert len({sp.context.trace_id for sp in ingested}) == len(ingested), "one trace per batch"
+
+
+def test_otlp_export_when_the_endpoint_is_configured(tmp_path):
+    """A process with OTEL_EXPORTER_OTLP_ENDPOINT set sends its spans over OTLP/HTTP (here to a
+    local HTTP server standing in for the collector); the same process without it sends nothing."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    got: list[tuple[str, str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = ("from cogbert_edge._internal import trace\n"
+              "print(trace.configure_tracing('cogbert-otlp-test'))\n"
+              "with trace.span('release.train', counter=5):\n"
+              "    pass\n"
+              "trace.shutdown_tracing()\n")
+    try:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+        p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.strip() == "True", p.stderr
+        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT")
+        q = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert q.returncode == 0 and q.stdout.strip() == "False", q.stderr
+    finally:
+        server.shutdown()
+    assert len(got) == 1, got
+    path, ctype, body = got[0]
+    assert path == "/v1/traces" and ctype == "application/x-protobuf"
+    assert b"release.train" in body and b"cogbert-otlp-test" in body
