@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +48,7 @@ _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.
 _REQUIRED_META = {"format", "format_version", "model_id", "architecture", "config",
                   "normalization", "quantization", "created_at", "parent"}
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+Source = str | os.PathLike | bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,8 @@ def _validate(b: Bundle) -> None:
         if layer is None:
             raise BundleError(f"quantization names {name!r}, which is not a layer of this model")
         if layer.in_dim % spec.group_size:
-            raise BundleError(f"layer {name!r}: input width {layer.in_dim} is not a multiple of group size {spec.group_size}")
+            raise BundleError(f"layer {name!r}: input width {layer.in_dim} is not a multiple of group size "
+                              f"{spec.group_size}")
 
     expected = expected_tensors(b.config, b.quant)
     missing = sorted(set(expected) - set(b.tensors))

@@ -76,7 +76,7 @@ class UpdateSettings:
     fleet: str = "default"
     trial_decisions: int = 200
     trial_seconds: float = 5.0
-    latency_factor: float = 3.0          # the trial's latency quantile may be at most this times the previous model's ...
+    latency_factor: float = 3.0          # the trial's latency quantile may be at most this times the old model's ...
     latency_slack_us: float = 500.0      # ... plus this much
     max_error_rate: float = 0.01
     download_timeout: float = 30.0

@@ -319,6 +319,7 @@ class TrustedState:
     def verify_bundle(release: Release, data: bytes) -> None:
         """The bundle bytes are exactly the ones the release names."""
         if len(data) != release.length:
-            raise VerificationError("length_mismatch", f"bundle is {len(data)} bytes; the release says {release.length}")
+            raise VerificationError("length_mismatch",
+                                    f"bundle is {len(data)} bytes; the release says {release.length}")
         if hashlib.sha256(data).hexdigest() != release.sha256:
             raise VerificationError("hash_mismatch", "bundle sha256 differs from the release's")
