@@ -40,8 +40,9 @@ def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         with local_fleet(Path(tmp), services=["ingest"], devices=["bench-dev"]) as (pki, broker):
             handshake = _handshakes(broker, pki, args.connects)
+            # One row per (size, count) pair; extra entries of the longer list are ignored.
             rows = [_throughput(broker, pki, int(size), int(n))
-                    for size, n in zip(args.payloads.split(","), args.messages.split(","))]
+                    for size, n in zip(args.payloads.split(","), args.messages.split(","), strict=False)]
     return {"suite": "link", "tls": "TLS 1.2+ mutual, ECDSA P-256", "broker": "mosquitto 2.0 (loopback)",
             "handshake_ms": handshake, "qos1": rows}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +59,9 @@ def ground_truth(bundle: Bundle, gamma: float, episodes: int, seed: int,
     return (eps.reward * gamma ** np.arange(eps.reward.shape[1])).sum(1)
 
 
-BEHAVIOUR = dict(inv_temp=1.0)
-CANDIDATES = {   # name -> soft_heuristic arguments; the behaviour (and gate baseline) is BEHAVIOUR
+# name -> soft_heuristic arguments; the behaviour (and gate baseline) is BEHAVIOUR
+BEHAVIOUR: dict[str, Any] = dict(inv_temp=1.0)
+CANDIDATES: dict[str, dict[str, Any]] = {
     "hotter_0.8": dict(inv_temp=0.8),
     "hotter_0.85": dict(inv_temp=0.85),
     "colder_1.15": dict(inv_temp=1.15),
@@ -77,13 +79,16 @@ def main(args: argparse.Namespace) -> dict:
     truth = {k: float(r.mean()) for k, r in returns.items()}
     settings = GateSettings(gamma=args.gate_gamma, resamples=args.resamples, level=args.level,
                             horizon=args.horizon)
-    est = {k: {e: [] for e in ESTIMATORS} for k in pols}        # per trial: (estimate, lo, hi)
-    diff = {k: {e: [] for e in ESTIMATORS} for k in CANDIDATES}
+    # per trial: (estimate, lo, hi)
+    est: dict[str, dict[str, list[tuple[float, ...]]]] = {k: {e: [] for e in ESTIMATORS} for k in pols}
+    diff: dict[str, dict[str, list[tuple[float, ...]]]] = {k: {e: [] for e in ESTIMATORS} for k in CANDIDATES}
     ess_dr: dict[str, list] = {k: [] for k in pols}
     decisions: dict[str, list] = {k: [] for k in CANDIDATES}
+    logged0 = None   # the first trial's log: the simulator check below runs on it
     for trial in range(args.trials):
         logged = collect_episodes(pols["behaviour"], ENV, args.steps, args.seed + trial)
-        logged0 = logged if trial == 0 else logged0
+        if logged0 is None:
+            logged0 = logged
         for k, b in pols.items():
             r = evaluate_target(target_terms(b, logged), g, resamples=args.resamples, seed=trial)
             for e in ESTIMATORS:
@@ -114,22 +119,23 @@ def main(args: argparse.Namespace) -> dict:
             if k in diff:
                 y = np.asarray(diff[k][e])
                 td = rows[k]["true_difference"]
+                covered = (y[:, 1] <= td) & (td <= y[:, 2])
                 rows[k][e]["difference"] = {"rmse": round(float(np.sqrt(np.mean((y[:, 0] - td) ** 2))), 3),
-                                            "ci_coverage": round(float(np.mean((y[:, 1] <= td) & (td <= y[:, 2]))), 3),
+                                            "ci_coverage": round(float(np.mean(covered)), 3),
                                             "lower_above_truth": round(float(np.mean(y[:, 1] > td)), 3)}
         if k in decisions:
             rows[k]["gate"] = {"promote": decisions[k].count("promote"), "reject": decisions[k].count("reject"),
                                "reject_rate": round(decisions[k].count("reject") / len(decisions[k]), 3)}
     n_logged = args.steps // 256
     sim = {}
-    for k in ("hotter_0.8", "colder_1.3") if args.sim_episodes and args.trials else ():
+    for k in ("hotter_0.8", "colder_1.3") if args.sim_episodes and logged0 is not None else ():   # (trials > 0)
         s = replace(settings, sim_episodes=args.sim_episodes)
         d = evaluate_candidate(pols[k], pols["behaviour"], logged0, ENV, settings=s)
         sim[k] = {"decision": d["decision"], "sim": d["sim"], "reasons": d["reasons"]}
     return {"env": ENV, "gamma": g, "logged_steps_per_trial": args.steps, "trials": args.trials,
             "truth_episodes": len(returns["behaviour"]),
-            "gate": {k: getattr(settings, k) for k in ("estimator", "level", "margin", "min_ess", "min_episodes", "horizon",
-                                                 "gamma")},
+            "gate": {k: getattr(settings, k)
+                     for k in ("estimator", "level", "margin", "min_ess", "min_episodes", "horizon", "gamma")},
             # What an on-policy Monte-Carlo mean of as many episodes would get wrong, on average.
             "on_policy_mean_rel_error_floor": round(float(np.sqrt(2 / np.pi) * returns["behaviour"].std()
                                                            / np.sqrt(n_logged) / abs(truth["behaviour"])), 3),
@@ -144,5 +150,6 @@ def table(result: dict) -> str:
     for name, r in result["candidates"].items():
         cells = " ".join(f"{r[k]['mean_rel_error'] * 100:7.1f}% | {r[k]['ci_coverage']:.2f}" for k in ESTIMATORS)
         gate = f"{r['gate']['reject_rate']:.2f}" if "gate" in r else "-"
-        lines.append(f"{name:>14} {r['truth']:7.2f} {r['true_difference']:6.2f} {cells} {r['ess_dr_mean']:6.1f} {gate:>11}")
+        lines.append(f"{name:>14} {r['truth']:7.2f} {r['true_difference']:6.2f} {cells} {r['ess_dr_mean']:6.1f} "
+                     f"{gate:>11}")
     return "\n".join(lines)

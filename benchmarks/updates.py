@@ -79,6 +79,8 @@ def swap_main(args: argparse.Namespace) -> dict:
         bundles = [_bundle(i, config) for i in range(args.swaps + 1)]
         (root / "factory.safetensors").write_bytes(bundles[0])
         dev = _offline_device(root, keys)
+        updater = dev.updater
+        assert updater is not None   # a device given a trust root runs an update agent
         rng = np.random.default_rng(0)
         obs = rng.standard_normal((256, config.obs_dim)).astype(np.float32)
         state = dev.policy.initial_state()
@@ -105,14 +107,14 @@ def swap_main(args: argparse.Namespace) -> dict:
             path.write_bytes(bundles[k])
             start = len(lat)
             swaps_before = dev.swaps
-            dev.updater.on_message(release_message(manifest, url=path.as_uri()), dev.policy)
+            updater.on_message(release_message(manifest, url=path.as_uri()), dev.policy)
             while dev.swaps == swaps_before:
                 decide(1)
             decide(20)
             marks.append((start, len(lat)))
-            while dev.updater.trial is not None:     # let the trial commit before the next release
+            while updater.trial is not None:     # let the trial commit before the next release
                 decide(50)
-        statuses = [s.status for s in dev.updater.statuses]
+        statuses = [s.status for s in updater.statuses]
         dev.close(flush=False)
     around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
     return {"suite": "swap", "model": "reference (obs 64, LSTM 256, 8 actions), fp32", "backend": dev.policy.backend,
@@ -128,7 +130,8 @@ def _offline_device(root: Path, keys: KeyStore) -> Device:
     pki.issue_device("bench", fleet="default")
     return Device(DeviceSettings(device_id="bench", spool=root / "spool", bundle=root / "factory.safetensors",
                                  broker="mqtts://localhost:9", pki=pki.root, trust_root=keys.root / "root.json",
-                                 model_name="bench", update=UpdateSettings(trial_decisions=200, trial_seconds=0.2))).start()
+                                 model_name="bench",
+                                 update=UpdateSettings(trial_decisions=200, trial_seconds=0.2))).start()
 
 
 def rollout_main(args: argparse.Namespace) -> dict:
@@ -158,13 +161,14 @@ def rollout_main(args: argparse.Namespace) -> dict:
             ctl.start()
             ctl.subscribe("cogbert/v1/bench/+/status", on_status).wait(10)
             per = -(-args.devices // args.procs)
-            procs, logs = [], []
-            for p in range(args.procs):
-                first = p * per
+            procs: list[subprocess.Popen] = []
+            logs = []
+            for i in range(args.procs):
+                first = i * per
                 n = min(per, args.devices - first)
                 if n <= 0:
                     break
-                logs.append(open(f"{args.sim_log}.{p}" if args.sim_log else os.devnull, "w"))
+                logs.append(open(f"{args.sim_log}.{i}" if args.sim_log else os.devnull, "w"))
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "cogbert_cloud.cli", "--log-level", args.sim_log_level, "device", "simulate",
                      "--devices", str(n), "--first-index", str(first), "--prefix", "fleet", "--fleet", "bench",
