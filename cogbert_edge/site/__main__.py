@@ -26,6 +26,7 @@ from cogbert_edge.device import Device, DeviceSettings
 from cogbert_edge.errors import CogbertError
 from cogbert_edge.inference.policy import Policy
 from cogbert_edge.site.agent import SiteAgent, SiteAgentSettings
+from cogbert_edge.update.agent import UpdateSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spool", type=Path, help="run as a logging device with its outbox here")
     p.add_argument("--trust-root", type=Path, help="root.json of the release keys: install signed releases")
     p.add_argument("--drain-timeout", type=float, default=60.0)
+    p.add_argument("--role", help="the agent's role: with --trust-root, install site releases' bundle for it")
+    p.add_argument("--trial-decisions", type=int, default=200, help="decisions a new release runs on trial")
     a = p.parse_args(argv)
     try:
         settings = SiteAgentSettings(a.device, a.fleet, a.site, a.members.split(","), a.coordinator, a.broker,
@@ -52,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.spool is not None:
             device = Device(DeviceSettings(device_id=a.device, spool=a.spool, bundle=a.bundle, fleet=a.fleet,
                                            broker=a.broker, pki=a.pki, backend="numpy", seed=a.seed,
-                                           trust_root=a.trust_root, reward_delay=1,
-                                           telemetry_interval=2.0)).start()
+                                           trust_root=a.trust_root, reward_delay=1, telemetry_interval=2.0,
+                                           update=UpdateSettings(role=a.role, trial_decisions=a.trial_decisions,
+                                                                 trial_seconds=60.0))).start()
             agent = SiteAgent(settings, device=device).start()
         else:
             agent = SiteAgent(settings, Policy.load(a.bundle, "numpy", seed=a.seed)).start()
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(json.dumps({"step": r.step, "action": r.action, "proposed": r.proposed, "mode": r.mode,
                               "round_trip_ms": r.round_trip_ms, "peers_heard": r.peers_heard,
-                              "logged_step": r.logged_step}), file=out, flush=True)
+                              "logged_step": r.logged_step, "model": agent.policy_model_id}), file=out, flush=True)
         metrics = agent.metrics()
         if device is not None:
             device.flush()

@@ -260,6 +260,12 @@ class SiteAgent:
         self._forget(step)
         return StepResult(step, action, proposed, mode, rtt, len(heard) - 1, logged_step)
 
+    @property
+    def policy_model_id(self) -> str:
+        """The model deciding now (a device's changes when it installs a release)."""
+        policy = self.device.policy if self.device is not None else self.policy
+        return policy.model_id if policy is not None else ""
+
     def reward(self, session: str, value: float, *, step: int | None = None, done: bool = False,
                truncated: bool = False) -> None:
         """The team reward of a logged decision (only with a device)."""
