@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,7 +52,8 @@ def test_a_site_release_is_one_manifest_and_each_role_gets_its_own_bundle(tmp_pa
     m = create_site_release({"head": head, "body": body}, keys, counter=2, model="cogbert", fleet=FLEET)
     import datetime as dt
     trust = TrustedState(keys.root_bytes(), now=dt.datetime.now(dt.timezone.utc))
-    kw = dict(model="cogbert", fleet=FLEET, highest_counter=1, sdk_format_version=1, sdk_version=(9, 9, 9))
+    kw: dict[str, Any] = dict(model="cogbert", fleet=FLEET, highest_counter=1, sdk_format_version=1,
+                              sdk_version=(9, 9, 9))
     r_head = trust.verify_site_release(m, role="head", **kw)
     r_body = trust.verify_site_release(m, role="body", **kw)
     TrustedState.verify_bundle(r_head, head)
