@@ -195,7 +195,8 @@ function renderRollout() {
   $("abort").disabled = !(operate && active);
   for (const id of ["pause", "resume", "abort"]) $(id).title = operate ? "" : "needs an operate token";
 
-  $("timeline").replaceChildren(...((cur && cur.timeline) || []).map((s) =>
+  const stages = (cur && cur.timeline) || [];
+  $("timeline").replaceChildren(...(stages.length ? [] : [el("li", { class: "muted" }, "no stage analysed yet")]), ...stages.map((s) =>
     el("li", { "data-stage": s.stage }, badge(s.verdict), ` stage ${s.stage} (${s.pct} %) at ${when(s.time)}`,
       s.reasons && s.reasons.length ? el("div", { class: "error" }, s.reasons.join("; ")) : null,
       el("div", { class: "metrics" }, fmt(s.metrics)))));
@@ -262,5 +263,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("device-filter").addEventListener("input", renderFleet);
   $("only-silent").addEventListener("change", renderFleet);
   for (const a of ["pause", "resume", "abort"]) $(a).addEventListener("click", () => act(a));
+  // "#tab=rollout&token=..." signs in without typing (the demo's screenshot uses it): the token
+  // is moved into sessionStorage and out of the URL at once. Fragments never reach the server.
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("token")) {
+    sessionStorage.setItem(TOKEN_KEY, params.get("token"));
+    history.replaceState(null, "", `#${params.get("tab") || "fleet"}`);
+  }
   if (sessionStorage.getItem(TOKEN_KEY)) signIn(sessionStorage.getItem(TOKEN_KEY));
 });
