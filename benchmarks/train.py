@@ -9,6 +9,11 @@ normalized observations and rewards), on the same numpy environment through Gymn
 
 On ProductionChain it also compares the trained policy, sampling its actions as devices do,
 with the documented heuristic on the same 1,000 seeds (``gain_vs_heuristic_pct``).
+
+``--suite classic`` trains each task of :data:`SUITES` at its fixed budget, one after the other
+in this process, and reports each return beside the published figure it is compared with
+(rl-baselines3-zoo's ``benchmark.md``, one trained agent each, evaluated deterministically;
+some at a larger budget than ours, which the row says). ``docs/training.md`` has the table.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from cogbert_cloud.learn.train import PPOTrainer, evaluate, preset
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="learning speed and eval return of the MLX trainer (and SB3)")
     p.add_argument("--env", default="CartPoleNoVel-v1")
+    p.add_argument("--suite", dest="task_suite", choices=sorted(SUITES), default=None,
+                   help="train every task of the suite at its fixed budget (ignores --env/--steps)")
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=20)
@@ -38,7 +45,46 @@ def _env_id(name: str) -> str:
     return {"CartPoleNoVel": "CartPoleNoVel-v1", "ProductionChain": "ProductionChain-v0"}.get(name, name)
 
 
+# (env, our budget, reference return, reference budget, reference). Discrete and continuous
+# actions; CartPole-v1 fully observed beside CartPoleNoVel-v1, its partially observed variant.
+# Box2D tasks (LunarLander) need box2d, whose PyPI build needs swig: not in this suite.
+SUITES: dict[str, list[tuple[str, int, float, str, str]]] = {
+    "classic": [
+        ("CartPole-v1", 100_000, 500.0, "100k", "rl-zoo3 ppo"),
+        ("CartPoleNoVel-v1", 100_000, 500.0, "100k", "rl-zoo3 ppo_lstm"),
+        ("Acrobot-v1", 100_000, -73.5, "1M", "rl-zoo3 ppo"),
+        ("Pendulum-v1", 100_000, -172.2, "100k", "rl-zoo3 ppo (gSDE)"),
+        ("MountainCarContinuous-v0", 50_000, 88.3, "20k", "rl-zoo3 ppo (gSDE)"),
+        ("ProductionChain-v0", 100_000, 32.8, "-", "the documented heuristic (docs/production-chain.md)"),
+    ],
+}
+
+
+def _one(env: str, steps: int, seed: int, episodes: int) -> dict:
+    trainer = PPOTrainer(preset(env, seed=seed))
+    t0 = time.perf_counter()
+    run = trainer.train(steps, progress=False)
+    wall = time.perf_counter() - t0
+    returns = evaluate(trainer.bundle(), env, episodes, seed=10_000 + seed)
+    return {"env": env, "steps": run["steps"], "wall_s": round(wall, 1), "steps_per_s": round(run["steps"] / wall, 1),
+            "eval_mean_return": float(np.mean(returns)), "eval_std_return": float(np.std(returns)),
+            "eval_episodes": len(returns), "action": "discrete" if trainer.discrete else "continuous"}
+
+
+def suite(name: str, seed: int, episodes: int) -> dict:
+    import os
+    rows = []
+    for env, steps, ref, ref_budget, ref_what in SUITES[name]:
+        row = _one(env, steps, seed, episodes)
+        row.update(reference_return=ref, reference_budget=ref_budget, reference=ref_what)
+        rows.append(row)
+    return {"suite": f"train-{name}", "seed": seed, "load_1m": round(os.getloadavg()[0], 2), "tasks": rows,
+            "trainer": "cogbert MLX recurrent PPO"}
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.task_suite:
+        return suite(args.task_suite, args.seed, args.episodes)
     env = _env_id(args.env)
     trainer = PPOTrainer(preset(env, seed=args.seed))
     t0 = time.perf_counter()
@@ -112,8 +158,15 @@ def _sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict:
 
 
 def table(result: dict) -> str:
+    if "tasks" in result:
+        lines = ["| task | actions | budget | return (20 ep.) | wall s | reference |", "|---|---|---|---|---|---|"]
+        for r in result["tasks"]:
+            lines.append(f"| {r['env']} | {r['action']} | {r['steps']} | {r['eval_mean_return']:.1f} | {r['wall_s']} | "
+                         f"{r['reference_return']} at {r['reference_budget']} ({r['reference']}) |")
+        return "\n".join(lines)
     lines = [f"{result['trainer']}: {result['env']} {result['steps']} steps in {result['wall_s']} s "
-             f"({result['steps_per_s']}/s), eval return {result['eval_mean_return']:.1f} over {result['eval_episodes']}"]
+             f"({result['steps_per_s']}/s), eval return {result['eval_mean_return']:.1f} "
+             f"over {result['eval_episodes']}"]
     if "gain_vs_heuristic_pct" in result:
         lines.append(f"sampled {result['sampled_mean_return']:.1f} vs heuristic {result['heuristic_mean_return']:.1f} "
                      f"over {result['heuristic_episodes']} episodes: {result['gain_vs_heuristic_pct']:+.1f} %")

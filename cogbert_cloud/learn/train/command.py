@@ -115,7 +115,8 @@ def _run_imitate(a: argparse.Namespace, store, metrics: Metrics, hp: dict, imita
     exported.save(a.out / "model.safetensors")
     if a.store:
         store.put(f"{a.prefix}/model.safetensors", (a.out / "model.safetensors").read_bytes())
-    summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id)
+    summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id,
+                   tensorboard=metrics.tensorboard)
     atomic_write(a.out / "train.json", json.dumps(summary, indent=1).encode())
     metrics.close()
     return summary
@@ -200,7 +201,8 @@ def run_train(a: argparse.Namespace) -> dict:
     exported.save(a.out / "model.safetensors")
     if a.store:   # a remote run (a Kubernetes Job) hands its result back through the store
         store.put(f"{a.prefix}/model.safetensors", (a.out / "model.safetensors").read_bytes())
-    summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id)
+    summary.update(export=report, model=str(a.out / "model.safetensors"), model_id=exported.model_id,
+                   tensorboard=metrics.tensorboard)
     atomic_write(a.out / "train.json", json.dumps(summary, indent=1).encode())
     metrics.close()
     return summary
