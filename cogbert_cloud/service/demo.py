@@ -75,6 +75,11 @@ _DESCRIPTION = ("The whole loop on this machine: a fleet PKI, Mosquitto with mut
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p, DemoSettings, env_prefix="DEMO_")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--multi-agent", action="store_true",
+                   help="run the multi-agent sites demo instead (docs/multi-agent.md): MAPPO, gate, site release, "
+                        "site-level canary, promote or roll back")
+    p.add_argument("--marl-steps", type=int, default=100_000, help="--multi-agent: MAPPO training steps")
+    p.add_argument("--sites", type=int, default=2, help="--multi-agent: sites of three agents and a coordinator")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +101,13 @@ def main(a: argparse.Namespace) -> int:
         # The demo narrates its steps itself; the components' JSON logs go to its workdir's
         # *.log files. --log-level DEBUG (or WARNING) on the command line still applies.
         logging.getLogger("cogbert").setLevel(logging.WARNING)
+    if a.multi_agent:
+        from cogbert_cloud.service.demo_marl import run_multi_agent
+        s = from_args(DemoSettings, a, env_prefix="DEMO_")
+        res = run_multi_agent(Path(s.workdir) / "multi-agent", marl_steps=a.marl_steps, sites=a.sites, quiet=a.json)
+        if a.json:
+            print(json.dumps(res, default=str))
+        return 0 if res.get("outcome") in ("promoted", "rolled back", "rejected at the gate") else 1
     summary = run(from_args(DemoSettings, a, env_prefix="DEMO_"), quiet=a.json)
     if a.json:
         print(json.dumps(summary, default=str))
