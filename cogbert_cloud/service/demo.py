@@ -261,6 +261,9 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
                 say(f"round {r}: the gate rejected release {res['release']}: {'; '.join(res['gate']['reasons'])[:160]}")
             rounds.append(res)
 
+        # -- the console, while the fleet still runs (the operations hook; see below) ------------
+        console_png = _console_screenshot(api_url, work, Path(s.report), say)
+
         # -- wind down and account for every record -----------------------------------------
         say("stopping the devices; they deliver everything they logged")
         sim.send_signal(signal.SIGTERM)
@@ -288,6 +291,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
                            "gaps": exp["gaps"], "all_drained": devices_summary["all_drained"]},
             "backend": backend, "decision_latency_p50_us": float(np.percentile(latencies, 50)),
             "decision_latency_p99_us": float(np.percentile(latencies, 99)),
+            "console_screenshot": console_png,
         }
         from cogbert_cloud.service.report import write_report
         files = write_report(Path(s.report), summary, latencies_us=latencies, audit=list(registry.audit.entries()))
@@ -362,6 +366,21 @@ def _wait(cond, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+# -- operations hook (console): owned with cogbert_cloud/service/console/ ----------------------
+
+
+def _console_screenshot(api_url: str, work: Path, report: Path, say: _Say) -> str | None:
+    """A picture of the web console (the Rollout tab: the last rollout and the earlier ones,
+    the rolled-back one among them) at ``report/console.png``, taken by headless Chromium
+    with the demo's read token. None, and a line saying why, without Chromium."""
+    from cogbert_cloud.service.console.screenshot import screenshot
+    token = json.loads((work / "api-tokens.json").read_text())["read"]
+    report.mkdir(parents=True, exist_ok=True)
+    out = screenshot(api_url, token, report / "console.png", tab="rollout")
+    say(f"console screenshot: {out}" if out else "no console screenshot: Chromium is not installed (or failed)")
+    return str(out) if out else None
 
 
 def _start_api(registry, controller, fleet, link, work: Path, port: int) -> str:
