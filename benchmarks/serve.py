@@ -555,7 +555,14 @@ def _measure(host: str, kind: str, transport: str, a: argparse.Namespace, token:
             r["mean_batch"] = round((s - before[0]) / max(c - before[1], 1), 2)
         return r
 
-    light = phase(rate=None, name="light", connections=1, clients=1) if kind == "cogbert" else None
+    # Light load: one connection, one decision at a time (on a WebSocket: one session a message).
+    one = argparse.Namespace(**{**vars(a), "ws_group": 1, "ws_inflight": 1})
+    light = None
+    if kind == "cogbert":
+        before = _batch_hist(host)
+        light = _load(host, kind, transport, one, token, rate=None, name="light", connections=1, clients=1)
+        s, c = _batch_hist(host)
+        light["mean_batch"] = round((s - before[0]) / max(c - before[1], 1), 2)
     sat = phase(rate=None, name="sat")
     at = phase(rate=sat["decisions_per_s"] * a.load, name="load") if sat["decisions_per_s"] else sat
     out = {**at, "saturating_decisions_per_s": sat["decisions_per_s"], "saturating_p99_ms": sat["p99_ms"],
@@ -563,6 +570,7 @@ def _measure(host: str, kind: str, transport: str, a: argparse.Namespace, token:
     if light is not None:
         out["server_overhead_us_p50"] = light["server_overhead_us_p50"]
         out["light_p50_ms"] = light["p50_ms"]
+        out["light_p99_ms"] = light["p99_ms"]
     return out
 
 

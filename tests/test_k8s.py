@@ -219,7 +219,7 @@ def test_ingestion_serves_metrics_where_its_annotations_and_pod_monitor_look():
 # -- images: one place for their names and tags ---------------------------------------------
 
 # Every kustomization that renders our pods: the base (the overlays build on it) and the Jobs.
-POD_KUSTOMIZATIONS = (BASE, *JOBS)
+POD_KUSTOMIZATIONS = (BASE, *JOBS, BASE / "decide")   # the decision service has its own
 
 
 def _rendered_workloads(root: Path = BASE) -> list[dict]:
