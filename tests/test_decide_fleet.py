@@ -26,7 +26,8 @@ FLEET = "plant"
 
 def _lanes(n_canary: int, n_control: int, control_pct: int) -> tuple[list[str], list[str]]:
     """Lane ids that the controller's buckets put in the canary share and in the control cohort."""
-    canary, control = [], []
+    canary: list[str] = []
+    control: list[str] = []
     for i in range(200):
         name = f"decide-c{i}"
         side = control if bucket(FLEET, name) >= 100 - control_pct else canary
