@@ -115,7 +115,8 @@ def main(args: argparse.Namespace) -> dict:
                                                                                                       args.env)
     line = env_id == "ProductionLine-v0"
     out: dict[str, Any] = {"suite": "marl", "env": env_id, "steps": args.steps, "seed": args.seed,
-                           "eval_episodes": args.episodes, "eval_seeds": f"{EVAL_SEED}..{EVAL_SEED + args.episodes - 1}"}
+                           "eval_episodes": args.episodes,
+                           "eval_seeds": f"{EVAL_SEED}..{EVAL_SEED + args.episodes - 1}"}
     t0 = time.perf_counter()
     if line:
         heur, tuned = _line_heuristic(args.episodes)
@@ -181,3 +182,37 @@ def table(result: dict) -> str:
         lines.append(f"  published  {p['return']:9.2f} ({p['algorithm']}, {p['steps']:,} steps, "
                      f"{p['num_envs']} envs; ours used {result['steps']:,})")
     return "\n".join(lines)
+
+
+def plot(curve_files: list[Path], out: Path) -> None:
+    """Training curves (episode return against steps, smoothed over 5 updates) of ``--curves`` files,
+    with the heuristic's and random play's evaluation means as lines: ``python -m cogbert_bench.marl
+    OUT.png CURVES.json ...``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    base = None
+    for f in curve_files:
+        d = json.loads(Path(f).read_text())
+        base = base or d
+        for algo, rows in d["curves"].items():
+            x = np.array([r["steps"] for r in rows if r["episode_return"] is not None])
+            y = np.array([r["episode_return"] for r in rows if r["episode_return"] is not None])
+            k = min(5, len(y))
+            ys = np.convolve(y, np.ones(k) / k, mode="valid")
+            ax.plot(x[k - 1:], ys, label=f"{algo.upper()} ({x[-1]:,} steps)")
+    if base is not None:
+        ax.axhline(base["heuristic"], color="k", ls="--", label="heuristic (eval)")
+        ax.axhline(base["random"], color="gray", ls=":", label="random (eval)")
+        ax.set_title(f"{base['env']}: training team return")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("team return per episode")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    import sys
+    plot([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))
