@@ -251,7 +251,8 @@ class AsyncDecideClient:
         try:
             from websockets.asyncio.client import connect
         except ImportError as e:   # pragma: no cover - depends on the installation
-            raise DecideUnavailable("AsyncDecideClient needs the websockets package: pip install websockets") from e
+            raise DecideUnavailable("AsyncDecideClient needs the websockets package: "
+                                    "pip install 'cogbert[decide-client]'") from e
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
