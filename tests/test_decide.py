@@ -361,3 +361,28 @@ def test_client_settings_are_checked():
         DecideClient("ftp://x", "t")
     with pytest.raises(ValueError):
         AsyncDecideClient("nope", "t")
+
+
+def test_websocket_refuses_bad_tokens_and_answers_bad_messages_without_closing(site, replicas):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    a, _ = replicas
+    url = f"ws://127.0.0.1:{a.port}/v1/stream"
+
+    async def run() -> None:
+        with pytest.raises(InvalidStatus):
+            await connect(url, additional_headers={"Authorization": "Bearer cbd_forged"})
+        async with connect(url + f"?access_token={site['token']}") as ws:   # the browser's way
+            for raw in ("{nope", "[1, 2]", json.dumps({"op": "fly", "id": 1}),
+                        json.dumps({"op": "act", "id": 2, "session": "nobody", "obs": [0.0] * CFG.obs_dim}),
+                        json.dumps({"op": "act", "id": 3, "session": "x", "obs": [float("nan")] * CFG.obs_dim}),
+                        "[" * 50_000 + "]" * 50_000):
+                await ws.send(raw)
+                r = json.loads(await ws.recv())
+                assert 400 <= r["status"] < 500 and r["message"], (raw[:40], r)
+            await ws.send(msgpack.packb({"op": "start", "id": 9, "session": "ws-after-garbage"}))
+            r = msgpack.unpackb(await ws.recv())
+            assert r["status"] == 200 and r["id"] == 9, "the connection still serves"
+
+    asyncio.run(run())
