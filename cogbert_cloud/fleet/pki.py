@@ -150,8 +150,9 @@ class PKI:
 
     def issue_device(self, device_id: str, *, fleet: str = "default", days: int = 365,
                      not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-                     site: str | None = None, site_role: str = "agent") -> Identity:
+                     site: str | None = None, site_role: str = "agent", tags: list[str] | None = None) -> Identity:
         """Device ``device_id`` of ``fleet``: the certificate's CN is the id, its OU the fleet.
+        ``tags`` go into the index only (not the certificate: they change; ``fleet/tags.py``).
 
         A member of a multi-agent site also carries its site (subject L) and its site role
         (subject title: ``agent`` or ``coordinator``), which the broker's site ACLs read."""
@@ -162,9 +163,21 @@ class PKI:
             if site_role not in SITE_ROLES:
                 raise PKIError(f"site_role must be one of {SITE_ROLES}, got {site_role!r}")
             site_entries = (check_site(site), site_role)
-        return self._issue("device", device_id, self.root / "devices" / device_id,
-                           ExtendedKeyUsageOID.CLIENT_AUTH, days=days, not_before=not_before,
-                           not_after=not_after, fleet=check_fleet(fleet), site=site_entries)
+        from cogbert_cloud.fleet.tags import check_tags
+        try:
+            clean = check_tags(tags or [])
+        except ConfigError as e:
+            raise PKIError(str(e)) from None
+        ident = self._issue("device", device_id, self.root / "devices" / device_id,
+                            ExtendedKeyUsageOID.CLIENT_AUTH, days=days, not_before=not_before,
+                            not_after=not_after, fleet=check_fleet(fleet), site=site_entries)
+        if clean:
+            index = self._load_index()
+            for entry in index:
+                if entry["serial"] == ident.serial:
+                    entry["tags"] = clean
+            self._save_index(index)
+        return ident
 
     def issue_service(self, name: str, *, days: int = 365) -> Identity:
         return self._issue("service", service_username(name), self.root / "services" / name,
@@ -401,8 +414,11 @@ def register(sub) -> None:
     p.add_argument("--host", action="append", required=True, help="DNS name or IP the broker is reached at")
     p.add_argument("--days", type=int, default=825)
     p = cmd("issue-device", "issue a device identity (CN = device id, OU = its fleet)",
-            lambda a: _say(PKI.open(a.dir).issue_device(a.device_id, fleet=a.fleet, days=a.days).cert))
+            lambda a: _say(PKI.open(a.dir).issue_device(a.device_id, fleet=a.fleet, days=a.days,
+                                                        tags=a.tag).cert))
     p.add_argument("device_id")
+    p.add_argument("--tag", action="append", default=[], help="a tag for the device (repeat for more); cloud "
+                                                               "serve reads them from index.json")
     p.add_argument("--fleet", default="default", help="the only fleet whose topics the device may use")
     p.add_argument("--days", type=int, default=365)
     p = cmd("sign-csr", "issue a certificate for a device that made its own key",

@@ -50,9 +50,12 @@ from pydantic import BaseModel, Field
 
 from cogbert_cloud.data import keys
 from cogbert_cloud.errors import ConflictError, NotFoundError
+from cogbert_cloud.fleet.tags import DeviceTags
 from cogbert_cloud.release.registry import Registry
 from cogbert_cloud.release.rollout import DeviceRecord, FleetView, RolloutController
 from cogbert_cloud.service.fleet_metrics import FleetCounters, build_info, expiry_metrics
+from cogbert_edge.errors import ConfigError
+from cogbert_edge.wire.topics import check_device_id
 
 __all__ = ["ControlPlane", "Tokens", "create_app", "token_digest"]
 
@@ -92,10 +95,34 @@ class ControlPlane:
     ingest_stats: Callable[[], dict] = dict
     pki_dir: Path | None = None          # certificates and CRLs whose expiry /metrics reports
     fleet_counters: FleetCounters = field(default_factory=FleetCounters)
+    tags: DeviceTags | None = None       # device tags (fleet/tags.py); None: no tags here
+
+    def __post_init__(self) -> None:
+        if self.tags is not None:
+            self.controller.device_tags = self.tags.get
 
 
 class StartRollout(BaseModel):
     candidate: int = Field(ge=1, le=2**53, allow_inf_nan=False)
+    # Optional per-rollout overrides of the service's abort thresholds and stage times, and
+    # the tag whose devices form the cohorts. Bounded: a threshold outside them is a 422.
+    tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    max_install_failure_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    max_nan_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    latency_factor: float | None = Field(default=None, ge=1, le=100, allow_inf_nan=False)
+    latency_slack_us: float | None = Field(default=None, ge=0, le=1e7, allow_inf_nan=False)
+    reward_alpha: float | None = Field(default=None, gt=0, lt=1, allow_inf_nan=False)
+    stage_seconds: float | None = Field(default=None, ge=0, le=7 * 86400, allow_inf_nan=False)
+    stage_timeout: float | None = Field(default=None, gt=0, le=30 * 86400, allow_inf_nan=False)
+    report_timeout: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
+
+    def overrides(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if k not in ("candidate", "tag") and v is not None}
+
+
+class SetTags(BaseModel):
+    tags: list[str] = Field(max_length=32)
 
 
 class Reason(BaseModel):
@@ -203,7 +230,7 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
 
     @app.post("/v1/rollouts", status_code=201)
     def start(body: StartRollout, role: str = need("operate")) -> dict:
-        return cp.controller.start(body.candidate, actor="api")
+        return cp.controller.start(body.candidate, actor="api", overrides=body.overrides(), tag=body.tag)
 
     @app.post("/v1/rollouts/current/{action}")
     def act(action: Literal["pause", "resume", "abort"], body: Reason | None = None,
@@ -215,15 +242,31 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
         return cp.controller.abort((body or Reason()).reason, actor="api")
 
     @app.get("/v1/devices", dependencies=[need("read")])
-    def devices() -> list[dict]:
-        return [_device_view(d, v) for d, v in sorted(cp.fleet.snapshot().items())]
+    def devices(tag: str | None = None) -> list[dict]:
+        views = [_device_view(d, v, _tags(d)) for d, v in sorted(cp.fleet.snapshot().items())]
+        return [v for v in views if tag is None or tag in v["tags"]]
+
+    def _tags(device: str) -> list[str]:
+        return sorted(cp.tags.get(device)) if cp.tags is not None else []
+
+    @app.put("/v1/devices/{device}/tags")
+    def set_tags(device: str, body: SetTags, role: str = need("operate")) -> dict:
+        if cp.tags is None:
+            raise HTTPException(409, "this service keeps no device tags")
+        try:
+            check_device_id(device)
+            tags = cp.tags.set(device, body.tags)
+        except ConfigError as e:
+            raise HTTPException(422, str(e)) from None
+        cp.registry.audit.record("device_tags", device=device, tags=tags, actor="api")
+        return {"device": device, "tags": tags}
 
     @app.get("/v1/devices/{device}", dependencies=[need("read")])
     def device(device: str) -> dict:
         snap = cp.fleet.snapshot()
         if device not in snap:
             raise HTTPException(404, f"no device {device!r} has reported")
-        return _device_view(device, snap[device])
+        return _device_view(device, snap[device], _tags(device))
 
     # The web console (GET /console) and its read endpoints (/v1/whoami, /v1/audit).
     from cogbert_cloud.service import console
@@ -231,9 +274,9 @@ def create_app(cp: ControlPlane, tokens: Tokens) -> FastAPI:
     return app
 
 
-def _device_view(device: str, v: DeviceRecord) -> dict:
+def _device_view(device: str, v: DeviceRecord, tags: list[str] | None = None) -> dict:
     t = v.telemetry
-    return {"device": device, "model": t.model if t else None, "release": t.release if t else None,
+    return {"device": device, "tags": tags or [], "model": t.model if t else None, "release": t.release if t else None,
             "last_seen": v.last_seen or None, "outbox_pending": t.outbox.pending if t else None,
             "last_status": v.statuses[-1].report.status if v.statuses else None,
             "telemetry": t.to_dict() if t else {}}

@@ -54,6 +54,19 @@ class ServeSettings:
     min_devices: int = 5
     min_decisions: int = 5000
     notify_rate: float = 20.0
+    # The canary analysis's abort thresholds (RolloutSettings); a rollout request may override
+    # each for its rollout (POST /v1/rollouts, cogbert fleet rollout start --max-error-rate ...).
+    stage_timeout: float = field(default=300.0, metadata={"help": "a stage still short of data after this many "
+                                                                   "seconds aborts"})
+    report_timeout: float = field(default=60.0, metadata={"help": "an offered device silent this long counts as "
+                                                                    "an install failure"})
+    max_install_failure_rate: float = 0.2
+    max_error_rate: float = 0.01
+    max_nan_rate: float = 0.001
+    latency_factor: float = field(default=2.0, metadata={"help": "canary p95 may be this many times the control's "
+                                                                 "(plus --latency-slack-us)"})
+    latency_slack_us: float = 200.0
+    reward_alpha: float = field(default=0.05, metadata={"help": "level of the one-sided reward test"})
     loop: bool = False
     trainer: str = field(default="local", metadata={"help": "local or kubernetes"})
     env: str = "ProductionChain-v0"
@@ -118,10 +131,16 @@ def serve(s: ServeSettings) -> int:
     link.start()
     fleet = FleetView()
     fleet.attach(link, s.fleet)
-    controller = RolloutController(RolloutSettings(fleet=s.fleet, stages=s.stages, control_pct=s.control_pct,
-                                                   stage_seconds=s.stage_seconds, min_devices=s.min_devices,
-                                                   min_decisions=s.min_decisions, notify_rate=s.notify_rate),
-                                   registry, link, fleet)
+    controller = RolloutController(RolloutSettings(
+        fleet=s.fleet, stages=s.stages, control_pct=s.control_pct, stage_seconds=s.stage_seconds,
+        min_devices=s.min_devices, min_decisions=s.min_decisions, notify_rate=s.notify_rate,
+        stage_timeout=s.stage_timeout, report_timeout=s.report_timeout,
+        max_install_failure_rate=s.max_install_failure_rate, max_error_rate=s.max_error_rate,
+        max_nan_rate=s.max_nan_rate, latency_factor=s.latency_factor, latency_slack_us=s.latency_slack_us,
+        reward_alpha=s.reward_alpha), registry, link, fleet)
+    from cogbert_cloud.fleet.tags import DeviceTags
+    tags = DeviceTags(store)
+    tags.import_pki(s.pki)          # provisioning tags (pki/index.json) for devices untagged so far
     stop = threading.Event()
 
     def ticker() -> None:
@@ -134,7 +153,8 @@ def serve(s: ServeSettings) -> int:
     threading.Thread(target=ticker, daemon=True, name="controller").start()
     if s.loop:
         threading.Thread(target=_loop, args=(s, store, registry, controller, stop), daemon=True, name="loop").start()
-    app = create_app(ControlPlane(registry, controller, fleet, link_up=lambda: link.state.value == "connected"),
+    app = create_app(ControlPlane(registry, controller, fleet, link_up=lambda: link.state.value == "connected",
+                                  pki_dir=s.pki, tags=tags),
                      Tokens(read=s.read_tokens, operate=s.operate_tokens))
     server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning"))
 

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from cogbert_cloud.data import keys
@@ -69,6 +69,10 @@ class Rollout:
     timeline: list[StageRecord] = field(default_factory=list)
     result: str | None = None
     reasons: list[str] = field(default_factory=list)
+    # This rollout's stages and abort thresholds (the service's, with the request's overrides),
+    # and the tag its canary and control devices must carry (None: the whole fleet).
+    settings: RolloutSettings | None = None
+    tag: str | None = None
 
     @property
     def active(self) -> bool:
@@ -77,9 +81,11 @@ class Rollout:
     def to_dict(self) -> dict[str, Any]:
         """What the operator API shows (the baseline telemetry is internal)."""
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                             if f.name not in ("baseline", "timeline", "offered", "reasons")}
+                             if f.name not in ("baseline", "timeline", "offered", "reasons", "settings")}
         d["offered"] = dict(self.offered)
         d["timeline"] = [asdict(t) for t in self.timeline]
+        if self.settings is not None:
+            d["settings"] = {k: v for k, v in asdict(self.settings).items() if k != "fleet"}
         if self.reasons:
             d["reasons"] = list(self.reasons)
         return d
@@ -104,10 +110,20 @@ class RolloutController:
         self._tokens = settings.notify_rate
         self._last_refill = clock()
         self.notifications = 0
+        # A device's tags (the service wires this to its tag store; untagged by default).
+        self.device_tags: Callable[[str], frozenset[str]] = lambda device: frozenset()
 
     # -- operator actions -----------------------------------------------------------------
 
-    def start(self, candidate: int, *, actor: str = "system") -> dict[str, Any]:
+    def start(self, candidate: int, *, actor: str = "system", overrides: dict[str, Any] | None = None,
+              tag: str | None = None) -> dict[str, Any]:
+        """Start a rollout of ``candidate``. ``overrides`` replace the service's stage and abort
+        settings for this rollout only (names of :class:`RolloutSettings` fields); ``tag`` takes
+        its canary and control cohorts from the devices with that tag."""
+        unknown = set(overrides or {}) - {f.name for f in fields(RolloutSettings)} | ({"fleet"} & set(overrides or {}))
+        if unknown:
+            raise RolloutConflict(f"not a rollout setting: {', '.join(sorted(unknown))}")
+        settings = replace(self.s, **(overrides or {}))
         with self._lock:
             if self.rollout and self.rollout.active:
                 raise RolloutConflict(f"rollout of release {self.rollout.candidate} is {self.rollout.state}")
@@ -117,10 +133,12 @@ class RolloutController:
             stable = self.registry.stable()
             now = self.clock()
             self._roots = None        # a rotation since the last rollout shows up in this one
+            if tag is not None and not any(tag in self.device_tags(d) for d in self.fleet.snapshot()):
+                raise RolloutConflict(f"no device that has reported carries the tag {tag!r}")
             self.rollout = Rollout(candidate, stable["counter"] if stable else None, started=now, stage_started=now,
-                                   baseline=self._telemetry_now())
+                                   baseline=self._telemetry_now(), settings=settings, tag=tag)
             self.registry.set_state(candidate, "canary", actor=actor)
-            self._log("rollout_started", actor=actor)
+            self._log("rollout_started", actor=actor, tag=tag, overrides=dict(overrides or {}))
             return self.status()
 
     def pause(self, *, actor: str = "operator") -> dict[str, Any]:
@@ -151,30 +169,44 @@ class RolloutController:
             if r is None or r.state != "running":
                 return
             now = self.clock()
+            s = self._settings(r)
             self._offer_stage(r, now)
-            if now - r.stage_started < self.s.stage_seconds:
+            if now - r.stage_started < s.stage_seconds:
                 return
-            res = analyze(self.s, canary=r.offered, control=self._control(), devices=self.fleet.snapshot(),
+            res = analyze(s, canary=r.offered, control=self._control(), devices=self.fleet.snapshot(),
                           baseline=r.baseline, candidate_counter=r.candidate, stage_started=r.stage_started, now=now)
             if res.verdict == "wait":
                 return
-            r.timeline.append(StageRecord(now, r.stage, self.s.stages[r.stage], res.verdict, res.reasons, res.metrics))
+            r.timeline.append(StageRecord(now, r.stage, s.stages[r.stage], res.verdict, res.reasons, res.metrics))
             self._log("stage_analysed", stage=r.stage, verdict=res.verdict, reasons=res.reasons, metrics=res.metrics)
             if res.verdict == "abort":
                 self._abort(res.reasons, "controller")
-            elif r.stage + 1 < len(self.s.stages):
+            elif r.stage + 1 < len(s.stages):
                 r.stage += 1
                 r.stage_started = now
                 r.baseline = self._telemetry_now()
             else:
                 self._promote()
 
+    def _settings(self, r: Rollout | None) -> RolloutSettings:
+        return r.settings if r is not None and r.settings is not None else self.s
+
+    def _population(self) -> list[str]:
+        """The devices a rollout draws its cohorts from: every device, or those with its tag."""
+        r = self.rollout
+        devices = list(self.fleet.snapshot())
+        if r is not None and r.tag is not None:
+            devices = [d for d in devices if r.tag in self.device_tags(d)]
+        return devices
+
     def _offer_stage(self, r: Rollout, now: float) -> None:
-        pct = self.s.stages[r.stage]
-        eligible = sorted((bucket(self.s.fleet, d), d) for d in self.fleet.snapshot() if d not in self._control())
-        share = [d for b, d in eligible if b < pct * (100 - self.s.control_pct) / 100]
-        if len(share) < self.s.min_devices:
-            share = [d for _, d in eligible[:self.s.min_devices]]
+        s = self._settings(r)
+        pct = s.stages[r.stage]
+        control = set(self._control())
+        eligible = sorted((bucket(s.fleet, d), d) for d in self._population() if d not in control)
+        share = [d for b, d in eligible if b < pct * (100 - s.control_pct) / 100]
+        if len(share) < s.min_devices:
+            share = [d for _, d in eligible[:s.min_devices]]
         _, manifest = self.registry.files(r.candidate)
         for dev in share:
             if dev in r.offered or not self._take_token(now):
@@ -212,9 +244,10 @@ class RolloutController:
 
     def _control(self) -> list[str]:
         """The top ``control_pct`` of buckets, and never fewer than ``min_devices`` devices."""
-        ranked = sorted(((bucket(self.s.fleet, d), d) for d in self.fleet.snapshot()), reverse=True)
-        chosen = [d for b, d in ranked if b >= 100 - self.s.control_pct]
-        return chosen if len(chosen) >= self.s.min_devices else [d for _, d in ranked[:self.s.min_devices]]
+        s = self._settings(self.rollout)
+        ranked = sorted(((bucket(s.fleet, d), d) for d in self._population()), reverse=True)
+        chosen = [d for b, d in ranked if b >= 100 - s.control_pct]
+        return chosen if len(chosen) >= s.min_devices else [d for _, d in ranked[:s.min_devices]]
 
     def _telemetry_now(self) -> dict[str, Telemetry]:
         return {d: v.telemetry for d, v in self.fleet.snapshot().items() if v.telemetry is not None}
