@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from cogbert_edge.link.mqtt import LinkSettings, Message, MqttLink
 from cogbert_edge.site.agent import resolve_claims
 from cogbert_edge.site.messages import AgentMessage, Decision
 from cogbert_edge.site.topics import check_site, site_filter, site_topic
+from cogbert_edge.wire.messages import Telemetry
 from cogbert_edge.wire.topics import check_device_id, check_fleet, device_topic
 
 __all__ = ["CoordinatorSettings", "Coordinator", "main"]
@@ -92,6 +94,7 @@ class Coordinator:
         self.bad_messages = 0
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
+        self._boot = secrets.token_hex(8)
 
     def start(self, timeout: float = 10.0) -> Coordinator:
         self.link.start()
@@ -213,7 +216,10 @@ class Coordinator:
         topic = device_topic(self.s.fleet, self.s.device_id, "telemetry")
         while not self._stop.wait(self.s.telemetry_s):
             try:
-                self.link.publish(topic, json.dumps({"site_coordination": self.metrics()}).encode(), qos=0)
+                # A valid Telemetry message (readers ignore unknown fields) carrying the site's metrics.
+                t = Telemetry(device=self.s.device_id, model="site-coordinator", time=time.time(), boot=self._boot)
+                body = {**t.to_dict(), "site_coordination": self.metrics()}
+                self.link.publish(topic, json.dumps(body).encode(), qos=0)
             except Exception:  # telemetry is best effort; the next interval sends it again
                 pass
 
