@@ -140,3 +140,61 @@ def test_otlp_export_when_the_endpoint_is_configured(tmp_path):
     path, ctype, body = got[0]
     assert path == "/v1/traces" and ctype == "application/x-protobuf"
     assert b"release.train" in body and b"cogbert-otlp-test" in body
+
+
+def test_a_release_is_one_trace_from_training_to_the_devices_installs(exporter, tmp_path):
+    """train, gate and sign as children of the round's "release" span; the rollout's stage (with
+    each offered device's reported install as an event) and its end join the same trace later,
+    through the context stored with the release."""
+    from cogbert_cloud.release.registry import Registry
+    from cogbert_cloud.release.rollout import FleetView, RolloutController, RolloutSettings
+    from cogbert_cloud.release.signing import KeyStore, create_release
+    from cogbert_cloud.service.loop import ContinuousLearner, KeySigner, LoopSettings
+    from cogbert_edge.wire.messages import StatusReport
+
+    from .test_rollout import tel
+
+    cfg = ModelConfig(obs_dim=8, action=ActionSpace.of_discrete(3), encoder=(16,), hidden=16)
+    stable = Bundle.create(cfg, init_params(cfg, 0), model_id="stable").to_bytes()
+    keys = KeyStore.init(tmp_path / "keys")
+    store = open_store(f"file://{tmp_path / 'store'}")
+    reg = Registry(store)
+    reg.add(1, stable, create_release(stable, keys, counter=1, model="m", fleet="f"), state="stable")
+
+    class Trainer:
+        def train(self, round_dir, init, data_url, steps):
+            out = round_dir / "model.safetensors"
+            Bundle.create(cfg, init_params(cfg, 1), model_id="cand", parent="stable").save(out)
+            return out
+
+    now = [1000.0]
+    fleet = FleetView()
+    for i in range(6):
+        fleet.on_telemetry(f"dev-{i}", tel(device=f"dev-{i}"), now=now[0])
+    ctl = RolloutController(RolloutSettings(fleet="f", stage_seconds=10, report_timeout=5, min_devices=2), reg, None,
+                            fleet, clock=lambda: now[0])
+    learner = ContinuousLearner(LoopSettings(fleet="f", model="m", store_url=store.url, workdir=tmp_path / "work"),
+                                reg, ctl, Trainer(), KeySigner(tmp_path / "keys", "m", "f"),
+                                gate=lambda **kw: {"decision": "promote", "reasons": []})
+    res = learner.round()
+    assert res["decision"] == "rollout_started" and reg.get(2)["trace"]["traceparent"]
+    ctl.tick()                                  # the first stage's offers
+    offered = sorted(ctl.status()["offered"])
+    assert offered
+    now[0] += 11
+    fleet.on_status(offered[0], StatusReport.parse("rejected:signature", counter=2), now=now[0])
+    ctl.tick()                                  # the analysis: an install failure aborts
+    assert ctl.status()["state"] == "aborted"
+
+    spans = {sp.name: sp for sp in exporter.get_finished_spans()}
+    root = spans["release"]
+    assert root.parent is None and root.attributes["counter"] == 2
+    for name in ("release.train", "release.gate", "release.sign"):
+        assert spans[name].parent.span_id == root.context.span_id, name
+    stage, aborted = spans["rollout.stage"], spans["rollout.aborted"]
+    for sp in (stage, aborted):
+        assert sp.context.trace_id == root.context.trace_id and sp.parent.span_id == root.context.span_id
+    assert stage.attributes["verdict"] == "abort" and stage.start_time == int(1000.0 * 1e9)
+    installs = {e.attributes["device"]: e.attributes["status"] for e in stage.events}
+    assert set(installs) == set(offered) and installs[offered[0]] == "rejected:signature"
+    assert all(v == "silent" for d, v in installs.items() if d != offered[0])

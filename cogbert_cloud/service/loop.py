@@ -34,6 +34,7 @@ from cogbert_cloud.errors import StoreError, TrainingError
 from cogbert_cloud.learn.gate import GateSettings
 from cogbert_cloud.release.registry import Registry
 from cogbert_cloud.release.rollout import RolloutController
+from cogbert_edge._internal import trace
 from cogbert_edge._internal.log import event
 from cogbert_edge.inference.bundle import load_bundle
 
@@ -228,7 +229,18 @@ class ContinuousLearner:
         return new >= self.s.min_new_transitions or time.time() - self._last_round >= self.s.interval
 
     def round(self, *, inject: Callable[[bytes], bytes] | None = None) -> dict:
-        """One round; ``inject`` replaces the trained candidate (fault injection for the demo)."""
+        """One round; ``inject`` replaces the trained candidate (fault injection for the demo).
+        With tracing configured the round is the root span of the release's trace ("release"),
+        with train, gate and sign as children; its context is stored with the release, so that
+        the rollout's stages, however much later, join the same trace."""
+        with trace.span("release", fleet=self.s.fleet) as root:
+            result = self._round(inject)
+            if root is not None and result.get("release") is not None:
+                root.set_attribute("counter", result["release"])
+                root.set_attribute("decision", result["decision"])
+            return result
+
+    def _round(self, inject: Callable[[bytes], bytes] | None) -> dict:
         t0 = time.time()
         stable = self.registry.stable()
         if stable is None:
@@ -243,7 +255,8 @@ class ContinuousLearner:
         init.write_bytes(stable_bytes)
         data_url = self.s.store_url
         try:
-            candidate = self.trainer.train(round_dir, init, data_url, self.s.train_steps).read_bytes()
+            with trace.span("release.train", counter=counter, steps=self.s.train_steps):   # training and export
+                candidate = self.trainer.train(round_dir, init, data_url, self.s.train_steps).read_bytes()
         except (TrainingError, StoreError, OSError, subprocess.SubprocessError) as e:
             # A failed or refused training run (export's quantization check, a lost Job) ends the
             # round with nothing released; the stable release keeps serving.
@@ -254,14 +267,18 @@ class ContinuousLearner:
                     "gate": None, "injected_fault": False, "train_s": round(time.time() - t0, 1)}
         train_info = json.loads(load_bundle(candidate).extra.get("x-train", "{}"))
         injected = inject is not None
-        if injected:
+        if inject is not None:
             candidate = inject(candidate)
             verdict = {"decision": "promote", "reasons": ["fault injected: the gate is bypassed on purpose"]}
         else:
-            verdict = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)
+            with trace.span("release.gate", counter=counter) as g:
+                verdict = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)
+                if g is not None:
+                    g.set_attribute("decision", str(verdict.get("decision")))
         result = {"release": counter, "stable": stable["counter"], "gate": verdict, "train": train_info,
                   "injected_fault": injected, "train_s": round(time.time() - t0, 1)}
-        manifest = self.signer.sign(candidate, counter)
+        with trace.span("release.sign", counter=counter):
+            manifest = self.signer.sign(candidate, counter)
         if verdict["decision"] != "promote":
             self.registry.add(counter, candidate, manifest, parent_release=stable["counter"], train=train_info,
                               evaluation=verdict, state="candidate")
@@ -269,9 +286,12 @@ class ContinuousLearner:
             result["decision"] = "rejected_by_gate"
             event(log, "round_rejected", counter=counter, reasons=verdict["reasons"])
             return result
-        rollback = self.signer.sign(stable_bytes, counter + 1)
+        with trace.span("release.sign", counter=counter + 1, rollback=True):
+            rollback = self.signer.sign(stable_bytes, counter + 1)
         self.registry.add(counter, candidate, manifest, rollback=rollback, parent_release=stable["counter"],
                           train=train_info, evaluation=verdict)
+        if ctx := trace.carrier():
+            self.registry.update(counter, trace=ctx)     # the rollout's stages continue this trace
         self.controller.start(counter, actor="loop")
         result["decision"] = "rollout_started"
         event(log, "round_started_rollout", counter=counter, injected=injected)

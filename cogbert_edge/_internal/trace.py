@@ -52,17 +52,20 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def span(name: str, *, parent: Any = None, **attributes: object) -> Iterator[Any]:
+def span(name: str, *, parent: Any = None, start_time: float | None = None, **attributes: object) -> Iterator[Any]:
     """A span named ``name`` around the block, child of the current span or of ``parent`` (a
     context from :func:`context_from_carrier` or :func:`context_from_properties`). Attributes
-    that are None are left out. Yields the span (or None without OpenTelemetry). An exception
+    that are None are left out. ``start_time`` (Unix seconds) backdates the start, for a step
+    whose beginning was seen earlier (a rollout stage). Yields the span (or None without
+    OpenTelemetry). An exception
     leaving the block is recorded on the span and re-raised."""
     if _otel_trace is None:
         yield None
         return
     attrs = {k: v for k, v in attributes.items() if v is not None and isinstance(v, (str, bool, int, float))}
     tracer = (_provider or _otel_trace).get_tracer(_TRACER_NAME)
-    with tracer.start_as_current_span(name, context=parent, attributes=attrs) as s:
+    start = int(start_time * 1e9) if start_time is not None else None
+    with tracer.start_as_current_span(name, context=parent, attributes=attrs, start_time=start) as s:
         yield s
 
 

@@ -33,6 +33,7 @@ from cogbert_cloud.release.registry import Registry
 from cogbert_cloud.release.rollout.analysis import Verdict, analyze
 from cogbert_cloud.release.rollout.fleet import FleetView, bucket
 from cogbert_cloud.release.rollout.settings import RolloutSettings
+from cogbert_edge._internal import trace
 from cogbert_edge._internal.log import event
 from cogbert_edge.link.mqtt import MqttLink
 from cogbert_edge.wire.messages import Telemetry
@@ -73,6 +74,7 @@ class Rollout:
     # and the tag its canary and control devices must carry (None: the whole fleet).
     settings: RolloutSettings | None = None
     tag: str | None = None
+    trace: dict[str, str] = field(default_factory=dict)   # the release's trace context (W3C headers)
 
     @property
     def active(self) -> bool:
@@ -81,7 +83,7 @@ class Rollout:
     def to_dict(self) -> dict[str, Any]:
         """What the operator API shows (the baseline telemetry is internal)."""
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                             if f.name not in ("baseline", "timeline", "offered", "reasons", "settings")}
+                             if f.name not in ("baseline", "timeline", "offered", "reasons", "settings", "trace")}
         d["offered"] = dict(self.offered)
         d["timeline"] = [asdict(t) for t in self.timeline]
         if self.settings is not None:
@@ -136,7 +138,8 @@ class RolloutController:
             if tag is not None and not any(tag in self.device_tags(d) for d in self.fleet.snapshot()):
                 raise RolloutConflict(f"no device that has reported carries the tag {tag!r}")
             self.rollout = Rollout(candidate, stable["counter"] if stable else None, started=now, stage_started=now,
-                                   baseline=self._telemetry_now(), settings=settings, tag=tag)
+                                   baseline=self._telemetry_now(), settings=settings, tag=tag,
+                                   trace=dict(rec.get("trace") or {}))
             self.registry.set_state(candidate, "canary", actor=actor)
             self._log("rollout_started", actor=actor, tag=tag, overrides=dict(overrides or {}))
             return self.status()
@@ -178,6 +181,7 @@ class RolloutController:
             if res.verdict == "wait":
                 return
             r.timeline.append(StageRecord(now, r.stage, s.stages[r.stage], res.verdict, res.reasons, res.metrics))
+            self._trace_stage(r, s.stages[r.stage], res.verdict, res.reasons, now)
             self._log("stage_analysed", stage=r.stage, verdict=res.verdict, reasons=res.reasons, metrics=res.metrics)
             if res.verdict == "abort":
                 self._abort(res.reasons, "controller")
@@ -187,6 +191,21 @@ class RolloutController:
                 r.baseline = self._telemetry_now()
             else:
                 self._promote()
+
+    def _trace_stage(self, r: Rollout, pct: int, verdict: str, reasons: list[str], now: float) -> None:
+        """The stage as a span of the release's trace, from its start to its verdict, with one
+        event per offered device: the install status it reported back."""
+        with trace.span("rollout.stage", parent=trace.context_from_carrier(r.trace), start_time=r.stage_started,
+                        counter=r.candidate, stage=r.stage, pct=pct, verdict=verdict,
+                        reasons="; ".join(reasons)[:500] or None, offered=len(r.offered)) as sp:
+            if sp is None:
+                return
+            snap = self.fleet.snapshot()
+            for dev, offered in sorted(r.offered.items()):
+                got = [x for x in (snap[dev].statuses if dev in snap else [])
+                       if x.report.counter == r.candidate and x.received >= offered - 1]
+                sp.add_event("device_install", {"device": dev, "status": got[-1].report.status if got else "silent"},
+                             timestamp=int((got[-1].received if got else now) * 1e9))
 
     def _settings(self, r: Rollout | None) -> RolloutSettings:
         return r.settings if r is not None and r.settings is not None else self.s
@@ -223,6 +242,8 @@ class RolloutController:
             self.registry.set_state(r.stable, "retired", reason=f"replaced by {r.candidate}")
         self.registry.set_state(r.candidate, "stable", reason="passed every stage")
         r.state, r.result = "promoted", "promoted"
+        with trace.span("rollout.promoted", parent=trace.context_from_carrier(r.trace), counter=r.candidate):
+            pass
         self._log("rollout_promoted")
         self.history.append(self.status())
 
@@ -237,6 +258,9 @@ class RolloutController:
             self._publish(rollback, key, device=None)
         self.registry.set_state(r.candidate, "rolled_back", reason="; ".join(reasons)[:500], actor=actor)
         r.state, r.result, r.reasons = "aborted", "rolled_back", reasons
+        with trace.span("rollout.aborted", parent=trace.context_from_carrier(r.trace), counter=r.candidate,
+                        actor=actor, reasons="; ".join(reasons)[:500]):
+            pass
         self._log("rollout_aborted", reasons=reasons, actor=actor, rollback_published=rollback is not None)
         self.history.append(self.status())
 

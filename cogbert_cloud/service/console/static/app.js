@@ -43,6 +43,7 @@ function when(t) {
 
 function fmt(v) {
   if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toPrecision(4);
+  if (Array.isArray(v) && v.length === 0) return "none";
   if (Array.isArray(v)) return v.length > 6 ? `${v.slice(0, 6).map(fmt).join(", ")} … (${v.length})` : v.map(fmt).join(", ");
   if (v && typeof v === "object") return Object.entries(v).map(([k, x]) => `${k}=${fmt(x)}`).join(" ");
   return v === null || v === undefined ? "" : String(v);
