@@ -230,8 +230,7 @@ class Engine:
             raise Overloaded(f"{len(self._queue)} decisions are queued and {len(items)} more asked for; the queue "
                              f"holds {self.s.max_queue}", retry_after=1.0)
         client.take(len(items))
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop
+        loop = self._loop = asyncio.get_running_loop()   # the current loop (a server may be restarted)
         for it in items:        # resolve every session first: a bad one fails the request before any decides
             it.entry = self._resolve(client, it)
         deadline = time.perf_counter() + self.s.deadline_ms / 1e3
@@ -250,8 +249,8 @@ class Engine:
         return list(await asyncio.gather(*futures))
 
     def _resolve(self, client: Client, it: ActItem) -> Session:
-        lane = self.lanes[lane_of(it.session, len(self.lanes))]
         if it.token is not None:
+            lane = self.lanes[lane_of(it.session, len(self.lanes))]
             tok = self.keys.open(it.token, client.name, it.session)
             if tok.h.shape[0] != self.hidden:
                 raise TokenError(f"state token holds a state of size {tok.h.shape[0]}; this model's is {self.hidden}")
@@ -308,8 +307,8 @@ class Engine:
         now = time.perf_counter()
         m = self.metrics
         groups: dict[tuple[int, bool], list[ActItem]] = {}
+        m.queue_wait.observe(now - batch[0].t0)     # the longest wait in the batch (it is FIFO)
         for it in batch:
-            m.queue_wait.observe(now - it.t0)
             if now > it.deadline:
                 self._expired(it)
                 continue
@@ -335,7 +334,7 @@ class Engine:
         h2, c2 = d.state.h, d.state.c
         finite = np.isfinite(d.value) & np.isfinite(d.log_prob)
         lanes: dict[int, list] = {}     # lane id -> [lane, decisions, non-finite]
-        compute_us = compute * 1e6
+        compute_us = round(compute * 1e6, 1)
         for i, it in enumerate(items):
             e = entries[i]
             step = e.step
@@ -348,7 +347,7 @@ class Engine:
             count[1] += 1
             count[2] += not finite[i]
             out = {"session": e.name, "action": actions[i], "log_prob": logps[i], "value": values[i],
-                   "model": e.model, "step": step, "compute_us": round(compute_us, 1)}
+                   "model": e.model, "step": step, "compute_us": compute_us}
             if not finite[i]:
                 out["nonfinite"] = True    # not logged: garbage for training (a device counts it the same way)
             if it.want_state:

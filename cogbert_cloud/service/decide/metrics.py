@@ -21,8 +21,8 @@ class Metrics:
                                 ["transport", "op", "status"], registry=r)
         self.latency = Histogram("cogbert_decide_request_seconds", "Server-side request latency",
                                  ["transport"], buckets=_LAT, registry=r)
-        self.queue_wait = Histogram("cogbert_decide_queue_wait_seconds", "Time a decision waited for its batch",
-                                    buckets=_LAT, registry=r)
+        self.queue_wait = Histogram("cogbert_decide_queue_wait_seconds",
+                                    "Longest wait of a decision for its batch, per batch", buckets=_LAT, registry=r)
         self.compute = Histogram("cogbert_decide_batch_compute_seconds", "Time of one batch step",
                                  buckets=_LAT, registry=r)
         self.batch_size = Histogram("cogbert_decide_batch_size", "Decisions per batch", buckets=_BATCH, registry=r)
