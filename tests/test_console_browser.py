@@ -77,10 +77,12 @@ class Fleet:
         (root / "model.safetensors").write_bytes(b1)
         self.store_url = f"file://{root / 'store'}"
         reg = Registry(open_store(self.store_url))
-        sign = {"keys": keys, "model": "chain", "fleet": "plant"}
-        reg.add(1, b1, create_release(b1, counter=1, **sign), state="stable", actor="test")
+        def sign(bundle: bytes, counter: int) -> bytes:
+            return create_release(bundle, keys, counter=counter, model="chain", fleet="plant")
+
+        reg.add(1, b1, sign(b1, 1), state="stable", actor="test")
         # The candidate with its pre-signed rollback: the stable bundle under counter 3.
-        reg.add(2, b2, create_release(b2, counter=2, **sign), rollback=create_release(b1, counter=3, **sign),
+        reg.add(2, b2, sign(b2, 2), rollback=sign(b1, 3),
                 parent_release=1, evaluation={"decision": "promote", "wis_gain": 0.12}, actor="test")
         self.broker = LocalBroker(pki.root, root / "broker").start()
         self.port = free_port()

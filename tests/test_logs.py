@@ -39,6 +39,8 @@ FIELDS: dict[str, str] = {
     # rollout and audit events (release/rollout)
     "actor": "str", "candidate": "int", "stable": "int", "stage": "int", "verdict": "str", "metrics": "dict",
     "rollback_published": "bool",
+    # the update agent and the decision service
+    "status": "str", "detail": "str", "lane": "str", "lanes": "list",
     # operations (console, tracing, operator CLI)
     "trace_id": "str", "span_id": "str", "url": "str", "tag": "str", "tags": "list",
 }
@@ -92,7 +94,8 @@ def _log_fields() -> list[tuple[str, str | None, str]]:
                 if k.arg == "extra" and isinstance(k.value, ast.Dict):
                     for key, val in zip(k.value.keys, k.value.values, strict=True):
                         if isinstance(key, ast.Constant) and key.value == "fields" and isinstance(val, ast.Dict):
-                            out += [(fk.value, _kind(fv), where) for fk, fv in zip(val.keys, val.values, strict=True)
+                            out += [(str(fk.value), _kind(fv), where)
+                                    for fk, fv in zip(val.keys, val.values, strict=True)
                                     if isinstance(fk, ast.Constant) and fk.value != "event"]
     return out
 
@@ -118,7 +121,9 @@ def test_every_log_field_has_one_registered_name_and_type():
 def test_the_scan_catches_a_synonym_and_a_wrong_type(tmp_path):
     # The check above would pass on an empty scan: show that it reads a call as written.
     src = 'event(log, "x", device_id="a", counter=str(3), error=str(e)[:20])'
-    call = ast.parse(src).body[0].value
+    stmt = ast.parse(src).body[0]
+    assert isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+    call = stmt.value
     got = {k.arg: _kind(k.value) for k in call.keywords}
     assert got == {"device_id": "str", "counter": "str", "error": "str"}
     assert "device_id" in SYNONYMS and FIELDS["counter"] == "int"

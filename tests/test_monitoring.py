@@ -66,7 +66,8 @@ def test_the_unit_tests_can_fail(tmp_path):
 
 def test_every_alert_is_unit_tested_firing_and_quiet():
     tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
-    firing, quiet = set(), set()
+    firing: set[str] = set()
+    quiet: set[str] = set()
     for t in tests:
         for case in t.get("alert_rule_test", []):
             (firing if case.get("exp_alerts") else quiet).add(case["alertname"])

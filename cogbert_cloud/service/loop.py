@@ -282,7 +282,8 @@ class ContinuousLearner:
         if verdict["decision"] != "promote":
             self.registry.add(counter, candidate, manifest, parent_release=stable["counter"], train=train_info,
                               evaluation=verdict, state="candidate")
-            self.registry.set_state(counter, "retired", reason="rejected by the gate: " + "; ".join(verdict["reasons"])[:300])
+            self.registry.set_state(counter, "retired",
+                                    reason="rejected by the gate: " + "; ".join(verdict["reasons"])[:300])
             result["decision"] = "rejected_by_gate"
             event(log, "round_rejected", counter=counter, reasons=verdict["reasons"])
             return result
@@ -301,5 +302,5 @@ class ContinuousLearner:
 def _default_gate(*, candidate: bytes, baseline: bytes, data_url: str, settings: LoopSettings) -> dict:
     from cogbert_cloud.learn.gate import evaluate_candidate
     return evaluate_candidate(load_bundle(candidate), load_bundle(baseline), data_url=data_url, env=settings.env,
-                              margin=settings.gate_margin, sim_episodes=settings.gate_sim_episodes, fleet=settings.fleet,
-                              horizon=settings.gate_horizon, gamma=settings.gate_gamma)
+                              margin=settings.gate_margin, sim_episodes=settings.gate_sim_episodes,
+                              fleet=settings.fleet, horizon=settings.gate_horizon, gamma=settings.gate_gamma)
