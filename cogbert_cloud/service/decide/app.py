@@ -34,6 +34,7 @@ import numpy as np
 
 from cogbert_cloud.service.decide.engine import ActItem, Engine
 from cogbert_cloud.service.decide.errors import BadRequest, DecideError, TooLarge
+from cogbert_edge.errors import ConfigError
 
 __all__ = ["DecideApp"]
 
@@ -91,7 +92,7 @@ def _want(d: dict, key: str, typ: type | tuple, default: Any = None) -> Any:
 class DecideApp:
     def __init__(self, engine: Engine) -> None:
         if engine.clients is None:
-            raise BadRequest("the service needs a clients file: every request is authenticated")
+            raise ConfigError("the service needs a clients file: every request is authenticated")
         self.engine = engine
         self.max_body = engine.s.max_body_bytes
         self._counters: dict[tuple[str, str, int], Any] = {}

@@ -127,7 +127,10 @@ class Engine:
                               "ID:HEX,... with the same keys on every replica")
         self.keys = KeyRing.parse(s.state_keys, max_age=s.token_max_age)
         self.seed = hmac.digest(self.keys.keys[self.keys.signing], b"cogbert-decide-sampling", "sha256")
-        self.clients = ClientRegistry.load(Path(s.clients), s.fleet) if s.clients else None
+        if not s.clients:
+            raise ConfigError("every request is authenticated: give the clients file (--clients), made with "
+                              "`cogbert cloud decide token`")
+        self.clients: ClientRegistry | None = ClientRegistry.load(Path(s.clients), s.fleet)
         self.cache = SessionCache(max_bytes=s.session_cache_bytes, idle_seconds=s.session_idle_seconds)
         self.metrics = Metrics(self)
         self._queue: list[ActItem] = []
