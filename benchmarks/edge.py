@@ -1,9 +1,15 @@
 """``cogbert-bench edge``: single-decision latency through the public Policy API, per backend,
-quantization and batch size, next to ONNX Runtime and PyTorch running the same step."""
+quantization and batch size, next to ONNX Runtime and PyTorch running the same step.
+
+Native rows also time the same calls with the binding's null step (``set_null_step``: the C
+step skipped, everything else done), so ``binding_p50_us`` is the Python call path's own cost
+and ``binding_share`` its fraction of the call (binding / (call - binding) is the overhead
+against the C time). ``machine.load_1min`` is the load average when the run started."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -49,6 +55,16 @@ def bundles(workdir: Path, seed: int) -> tuple[ModelConfig, dict, dict[str, Path
     return config, params, paths
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def run(backends: list[str], quants: list[str], batches: list[int], steps: int, warmup: int,
         seed: int) -> dict:
     rows = []
@@ -70,7 +86,8 @@ def run(backends: list[str], quants: list[str], batches: list[int], steps: int, 
         "model": {**config.to_dict(), "obs_clip": config.obs_clip, "macs_per_step": config.macs_per_step()},
         "machine": {"platform": platform.platform(), "machine": platform.machine(),
                     "python": platform.python_version(), "numpy": np.__version__,
-                    "mlx_blas": blas_status(), "threads": 1},
+                    "mlx_blas": blas_status(), "threads": 1, "load_1min": os.getloadavg()[0],
+                    "cpu": _cpu_name()},
         "steps": steps,
         "results": rows,
     }
@@ -90,9 +107,21 @@ def _policy_row(backend: str, quant: str, path: Path, batch: int, pool: np.ndarr
         def call(i: int) -> None:
             holder[0] = policy.act_batch(pool[i % n], holder[0]).state
     t = time_calls(call, steps, warmup)
-    return {"backend": backend, "quant": quant, "batch": batch, "api": "Policy.act" if batch == 1
-            else "Policy.act_batch", **summary_us(t), "decisions_per_s": round(batch * steps / t.sum(), 1),
-            "bundle_bytes": path.stat().st_size}
+    row = {"backend": backend, "quant": quant, "batch": batch, "api": "Policy.act" if batch == 1
+           else "Policy.act_batch", **summary_us(t), "decisions_per_s": round(batch * steps / t.sum(), 1),
+           "bundle_bytes": path.stat().st_size}
+    null = getattr(policy._backend, "set_null_step", None)
+    if null is not None:
+        null(True)
+        try:
+            b = summary_us(time_calls(call, steps, warmup))
+        finally:
+            null(False)
+        row["binding_p50_us"] = b["p50_us"]
+        row["binding_p99_us"] = b["p99_us"]
+        row["c_p50_us"] = round(row["p50_us"] - b["p50_us"], 2)
+        row["binding_vs_c"] = round(b["p50_us"] / max(row["c_p50_us"], 1e-9), 3)
+    return row
 
 
 def _peer_row(name: str, params: dict, config: ModelConfig, batch: int, pool: np.ndarray,
@@ -130,8 +159,10 @@ def main(args: argparse.Namespace) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"{'backend':<12} {'quant':<5} {'batch':>5} {'p50 µs':>9} {'p95 µs':>9} {'p99 µs':>9} "
-             f"{'decisions/s':>12} {'bytes':>9}"]
+             f"{'decisions/s':>12} {'bytes':>9} {'binding µs':>10}"]
     for r in result["results"]:
+        binding = f"{r['binding_p50_us']:>10.2f}" if "binding_p50_us" in r else f"{'':>10}"
         lines.append(f"{r['backend']:<12} {r['quant']:<5} {r['batch']:>5} {r['p50_us']:>9.1f} "
-                     f"{r['p95_us']:>9.1f} {r['p99_us']:>9.1f} {r['decisions_per_s']:>12.0f} {r['bundle_bytes']:>9}")
+                     f"{r['p95_us']:>9.1f} {r['p99_us']:>9.1f} {r['decisions_per_s']:>12.0f} {r['bundle_bytes']:>9}"
+                     f" {binding}")
     return "\n".join(lines)

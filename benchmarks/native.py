@@ -1,8 +1,11 @@
 """``cogbert-bench native``: the C step alone (no Python), per quantization and batch size.
 
 Runs ``native/build/bench_step`` (built by ``make -C native``) on the reference model, which it
-builds in C with random weights, and reports p50/p99 per call. ``--kernel`` forces a kernel
-(``scalar``, ``avx2``, ``vnni``, ``neon``; default: what ``auto`` picks). Compare with the
+builds in C with random weights, and reports p50/p99 per call, GMAC/s at the p50, the peak
+multiply-add rate of the kernel's instruction measured on this core just before each row
+(``peak_gmacs``, native/bench/peak.c) and the fraction of it reached (``fraction_of_peak``).
+``--kernel`` forces a kernel (``scalar``, ``avx2``, ``vnni``, ``avx512``, ``vnni512``, ``neon``;
+default: what ``auto`` picks). Compare with the
 ``native`` rows of ``cogbert-bench edge``: the difference is the Python API's overhead.
 """
 
@@ -38,14 +41,16 @@ def main(args: argparse.Namespace) -> dict:
     names = {v: k for k, v in KERNELS.items()}
     for row in result["results"]:
         row["kernel"] = names.get(row["kernel"], str(row["kernel"]))
-    result["machine"] = {"platform": platform.platform(), "machine": platform.machine(), "threads": 1}
+    result["machine"] = {"platform": platform.platform(), "machine": platform.machine(), "threads": 1,
+                         "load_1min": os.getloadavg()[0]}
     return result
 
 
 def table(result: dict) -> str:
     lines = [f"{'quant':<5} {'batch':>5} {'kernel':<7} {'p50 µs':>9} {'p99 µs':>9} {'decisions/s':>12} "
-             f"{'GMAC/s':>7} {'policy bytes':>12}"]
+             f"{'GMAC/s':>7} {'peak':>7} {'of peak':>7} {'policy bytes':>12}"]
     for r in result["results"]:
         lines.append(f"{r['quant']:<5} {r['batch']:>5} {r['kernel']:<7} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} "
-                     f"{r['decisions_per_s']:>12.0f} {r['gmacs']:>7.1f} {r['policy_bytes']:>12}")
+                     f"{r['decisions_per_s']:>12.0f} {r['gmacs']:>7.1f} {r['peak_gmacs']:>7.1f} "
+                     f"{r['fraction_of_peak']:>7.0%} {r['policy_bytes']:>12}")
     return "\n".join(lines)

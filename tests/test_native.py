@@ -265,6 +265,70 @@ def test_the_fast_path_decides_exactly_as_the_general_path(bundles, quant):
     assert rf.random() == rp.random() == rs.random()
 
 
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_act_batch_in_one_call_equals_act_row_by_row_and_the_general_path_when_greedy(bundles, quant):
+    """The native act_batch steps and samples the whole batch in C, drawing rng.random(B) (one u
+    a row, as the general path draws). A row must equal act() on that row alone with the same u;
+    greedy decisions must equal the general path's exactly; odd inputs take the general path."""
+    fast = Policy(bundles[quant], backend="native", seed=0)
+    slow = Policy(bundles[quant], backend="native", seed=0)
+    slow._fast_batch = None
+    assert fast._fast_batch is not None
+    rng = np.random.default_rng(3)
+    batch = 13
+    sf = ss = fast.initial_state(batch)
+    singles = [fast.initial_state() for _ in range(batch)]
+    for t in range(30):
+        obs = (2 * rng.standard_normal((batch, 64))).astype(np.float32)
+        g = fast.act_batch(obs, sf, deterministic=True)
+        s = slow.act_batch(obs, ss, deterministic=True)
+        for x, y in ((g.action, s.action), (g.log_prob, s.log_prob), (g.value, s.value),
+                     (g.state.h, s.state.h), (g.state.c, s.state.c)):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), t
+        r1, r2 = np.random.default_rng(t), np.random.default_rng(t)
+        d = fast.act_batch(obs, sf, rng=r1)
+        us = r2.random(batch)
+        for i in range(batch):
+            one = fast.act(obs[i], singles[i], rng=_FixedU(us[i]))  # type: ignore[arg-type]
+            assert (int(d.action[i]), float(d.log_prob[i]), float(d.value[i])) == (one.action, one.log_prob, one.value)
+            assert np.array_equal(d.state.h[i], one.state.h) and np.array_equal(d.state.c[i], one.state.c)
+            singles[i] = one.state
+        assert r1.random() == r2.random(), "one draw a row, as on the general path"
+        sf, ss = d.state, s.state
+    # Unusual inputs: float64 observations, a NaN, a 1-D state of the right size.
+    with pytest.raises(ObservationError, match="NaN"):
+        fast.act_batch(np.full((2, 64), np.nan, np.float32), fast.initial_state(2))
+    d64 = fast.act_batch(np.zeros((2, 64)), fast.initial_state(2), deterministic=True)
+    assert d64.action.dtype == np.int64 and d64.state.h.shape == (2, 256)
+    flat = State(np.zeros(512, np.float32), np.zeros(512, np.float32))
+    with pytest.raises(ObservationError, match="state shape"):
+        fast.act_batch(np.zeros((2, 64), np.float32), flat)
+
+
+class _FixedU:
+    """An rng whose random() returns a given u: act() on one row with act_batch's draw for it."""
+
+    def __init__(self, u: float) -> None:
+        self.u = float(u)
+
+    def random(self) -> float:
+        return self.u
+
+
+def test_the_null_step_leaves_only_the_binding(bundles):
+    be = nb.NativeBackend(bundles["int8"])
+    obs = np.ones((3, 64), np.float32)
+    h = np.full((3, 256), 0.5, np.float32)
+    be.set_null_step(True)
+    try:
+        head, value, h2, c2 = be.step(obs, h, h)
+        assert not head.any() and not value.any() and np.array_equal(h2, h) and np.array_equal(c2, h)
+    finally:
+        be.set_null_step(False)
+    head, _, h2, _ = be.step(obs, h, h)
+    assert head.any() and not np.array_equal(h2, h)
+
+
 def test_act_never_modifies_the_callers_state_and_returns_new_arrays(bundles):
     policy = Policy(bundles["int8"], backend="native", seed=0)
     s0 = policy.initial_state()

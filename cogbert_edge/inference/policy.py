@@ -109,6 +109,9 @@ class Policy:
         fast = self._discrete and cfg.action.size <= _SCALAR_SAMPLING_MAX
         self._fast_decision = getattr(self._backend, "act", None) if fast else None
         self._fast_act = getattr(self._backend, "decide", None) if fast else None
+        # And a whole batch of discrete decisions: ``act_batch`` returns the Decision's parts,
+        # sampled per row by the single-decision rule (so a row equals ``act`` on it alone).
+        self._fast_batch = getattr(self._backend, "act_batch", None) if self._discrete else None
         norm_mean = np.asarray(bundle.tensors["obs_norm.mean"], np.float32)
         norm_std = np.asarray(bundle.tensors["obs_norm.std"], np.float32)
         bound = cfg.obs_clip if cfg.obs_clip > 0 else 10.0
@@ -171,6 +174,11 @@ class Policy:
     def act_batch(self, obs: Any, state: State, *, deterministic: bool = False,
                   rng: np.random.Generator | None = None) -> Decision:
         """Decisions for ``B`` sessions at once. ``obs [B, obs_dim]``, ``state`` of batch ``B``."""
+        if self._fast_batch is not None and type(state) is State:
+            fast = self._fast_batch(obs, state.h, state.c, deterministic, rng or self._rng)
+            if fast is not None:  # None: unusual input, which the checks below handle
+                a, logp, value, h2, c2 = fast
+                return Decision(a, logp, value, State(h2, c2))
         x = self._check_obs(obs, single=False)
         h, c = self._check_state(state, x.shape[0])
         head, value, h2, c2 = self._backend.step(x, h, c)

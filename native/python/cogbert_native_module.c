@@ -29,8 +29,14 @@ typedef struct {
     cogbert_state *pool[POOL];
     int n_pool;
     /* Set by bind(): the SDK's State and Decision classes and numpy.empty, so act() returns a
-     * finished Decision without a Python frame in between. */
-    PyObject *state_type, *decision_type, *empty, *empty_args;
+     * finished Decision without a Python frame in between; and the int64 / float64 dtypes
+     * act_batch() returns actions and log-probabilities in. */
+    PyObject *state_type, *decision_type, *empty, *empty_args, *f32, *i64, *f64;
+    /* act_batch's logits, grown to the largest batch seen (no allocation in steady state). */
+    float *heads;
+    size_t heads_rows;
+    /* Benchmarks only (set_null_step): skip the C step, so a call measures the binding alone. */
+    int null_step;
 } NativePolicy;
 
 static PyObject *NativeError;
@@ -108,6 +114,15 @@ static void release(Py_buffer *v, int n) {
         PyBuffer_Release(&v[k]);
 }
 
+/* 1 when no value is NaN or +/-Inf (x - x is 0 exactly for finite x). */
+static int cb_finite(const float *x, size_t n) {
+    size_t k;
+    for (k = 0; k < n; k++)
+        if (x[k] - x[k] != 0.0f)
+            return 0;
+    return 1;
+}
+
 static int NativePolicy_init(NativePolicy *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"data", "kernel", NULL};
     Py_buffer data;
@@ -141,6 +156,10 @@ static void NativePolicy_dealloc(NativePolicy *self) {
     Py_XDECREF(self->decision_type);
     Py_XDECREF(self->empty);
     Py_XDECREF(self->empty_args);
+    Py_XDECREF(self->f32);
+    Py_XDECREF(self->i64);
+    Py_XDECREF(self->f64);
+    PyMem_Free(self->heads);
     for (k = 0; k < self->n_pool; k++)
         cogbert_state_destroy(self->pool[k]);
     cogbert_close(self->p);
@@ -158,6 +177,24 @@ static PyObject *NativePolicy_info(NativePolicy *self, PyObject *unused) {
                          i->kernel, "weight_bits", i->weight_bits, "macs_per_step", (Py_ssize_t)i->macs_per_step,
                          "policy_bytes", (Py_ssize_t)i->policy_bytes, "state_bytes_per_row",
                          (Py_ssize_t)i->state_bytes_per_row, "model_id", cogbert_model_id(self->p));
+}
+
+/* cogbert_forward, or with null_step set the same outputs without the model: head and value
+ * zero, h and c carried over. What remains of a call's time is the binding's own. */
+static int run_forward(NativePolicy *self, cogbert_state *ws, size_t batch, const float *obs, const float *h,
+                       const float *c, float *head, float *value, float *h_out, float *c_out) {
+    const size_t H = self->info.hidden;
+    if (!self->null_step)
+        return cogbert_forward(self->p, ws, batch, obs, h, c, head, value, h_out, c_out);
+    if (head)
+        memset(head, 0, batch * self->info.action_size * sizeof(float));
+    if (value)
+        memset(value, 0, batch * sizeof(float));
+    if (h_out != h)
+        memcpy(h_out, h, batch * H * sizeof(float));
+    if (c_out != c)
+        memcpy(c_out, c, batch * H * sizeof(float));
+    return COGBERT_OK;
 }
 
 /* forward(obs, h, c, head, value, h_out, c_out): the step for a batch, into caller arrays. */
@@ -198,10 +235,10 @@ static PyObject *NativePolicy_forward(NativePolicy *self, PyObject *const *args,
     }
     if (batch * in->macs_per_step >= GIL_RELEASE_MIN_MACS) {
         Py_BEGIN_ALLOW_THREADS
-        rc = cogbert_forward(self->p, ws, batch, v[0].buf, v[1].buf, v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf);
+        rc = run_forward(self, ws, batch, v[0].buf, v[1].buf, v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf);
         Py_END_ALLOW_THREADS
     } else {
-        rc = cogbert_forward(self->p, ws, batch, v[0].buf, v[1].buf, v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf);
+        rc = run_forward(self, ws, batch, v[0].buf, v[1].buf, v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf);
     }
     give_back(self, ws);
     release(v, 7);
@@ -224,7 +261,7 @@ static PyObject *decide_core(NativePolicy *self, Py_buffer *v, int det, PyObject
         release(v, 5);
         return NULL;
     }
-    rc = cogbert_forward(self->p, ws, 1, v[0].buf, v[1].buf, v[2].buf, head, &value, v[3].buf, v[4].buf);
+    rc = run_forward(self, ws, 1, v[0].buf, v[1].buf, v[2].buf, head, &value, v[3].buf, v[4].buf);
     give_back(self, ws);
     release(v, 5);
     if (rc == COGBERT_ERR_NONFINITE)
@@ -370,9 +407,15 @@ static PyObject *NativePolicy_act(NativePolicy *self, PyObject *const *args, Py_
 }
 
 static PyObject *NativePolicy_bind(NativePolicy *self, PyObject *args) {
-    PyObject *st, *dt, *empty, *dtype;
-    if (!PyArg_ParseTuple(args, "O!O!OO", &PyType_Type, &st, &PyType_Type, &dt, &empty, &dtype))
+    PyObject *st, *dt, *empty, *dtype, *i64 = NULL, *f64 = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!OO|OO", &PyType_Type, &st, &PyType_Type, &dt, &empty, &dtype, &i64, &f64))
         return NULL;
+    Py_INCREF(dtype);
+    Py_XSETREF(self->f32, dtype);
+    Py_XINCREF(i64);
+    Py_XSETREF(self->i64, i64);
+    Py_XINCREF(f64);
+    Py_XSETREF(self->f64, f64);
     Py_XDECREF(self->empty_args);
     self->empty_args = Py_BuildValue("((n)O)", (Py_ssize_t)self->info.hidden, dtype);
     if (!self->empty_args)
@@ -383,6 +426,173 @@ static PyObject *NativePolicy_bind(NativePolicy *self, PyObject *args) {
     Py_XSETREF(self->state_type, st);
     Py_XSETREF(self->decision_type, dt);
     Py_XSETREF(self->empty, empty);
+    Py_RETURN_NONE;
+}
+
+/* numpy.empty(shape, dtype) through the bound function: a 1-D (cols 0) or 2-D array. */
+static PyObject *new_array(NativePolicy *self, size_t rows, size_t cols, PyObject *dtype) {
+    PyObject *shape = cols ? Py_BuildValue("(nn)", (Py_ssize_t)rows, (Py_ssize_t)cols)
+                           : Py_BuildValue("(n)", (Py_ssize_t)rows), *res;
+    if (!shape)
+        return NULL;
+    res = PyObject_CallFunctionObjArgs(self->empty, shape, dtype, NULL);
+    Py_DECREF(shape);
+    return res;
+}
+
+/* A C-contiguous buffer of exactly `bytes` bytes with item size `item`, or 0 (error cleared). */
+static int get_exact(PyObject *obj, Py_buffer *view, int writable, size_t bytes, Py_ssize_t item) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if ((size_t)view->len == bytes && view->itemsize == item)
+        return 1;
+    PyBuffer_Release(view);
+    return 0;
+}
+
+/* act_batch(obs, h, c, deterministic, rng) -> (action int64 [B], log_prob float64 [B],
+ * value float32 [B], h [B, H], c [B, H]), or None for the general path. One call: the batch
+ * step, then per row argmax or cogbert_sample with u = rng.random(B)[row] (one draw per row,
+ * as the general path draws rng.random((B, 1))), so row i equals act() on that row alone with
+ * the same u. None (nothing drawn) for anything but C-contiguous float32 arrays of the model's
+ * sizes, a non-finite observation or a non-finite logit. */
+static PyObject *NativePolicy_act_batch(NativePolicy *self, PyObject *const *args, Py_ssize_t nargs) {
+    const cogbert_info *in = &self->info;
+    const size_t A = in->action_size, H = in->hidden;
+    Py_buffer v[3], o[5];
+    PyObject *out[5] = {NULL, NULL, NULL, NULL, NULL}, *u = NULL, *res = NULL;
+    size_t batch, b, k;
+    cogbert_state *ws;
+    int det, rc, n_out = 0, ok;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "act_batch takes 5 arguments");
+        return NULL;
+    }
+    if (!self->p || !self->i64 || !self->f64 || in->action_kind != COGBERT_ACTION_DISCRETE)
+        Py_RETURN_NONE;
+    det = PyObject_IsTrue(args[3]);
+    if (det < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &v[0], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    batch = v[0].ndim == 2 && v[0].shape && (size_t)v[0].shape[1] == in->obs_dim ? (size_t)v[0].shape[0] : 0;
+    ok = batch > 0 && v[0].itemsize == 4 && v[0].format &&
+         (strcmp(v[0].format, "f") == 0 || strcmp(v[0].format, "<f") == 0 || strcmp(v[0].format, "=f") == 0);
+    if (!ok) {
+        PyBuffer_Release(&v[0]);
+        Py_RETURN_NONE;
+    }
+    /* h and c: float32 (checked by format), [B, H] (by size). */
+    for (k = 1; k < 3; k++) {
+        if (!get_exact(args[k], &v[k], 0, batch * H * 4, 4)) {
+            release(v, (int)k);
+            Py_RETURN_NONE;
+        }
+        if (!v[k].format || strchr(v[k].format, 'f') == NULL || v[k].ndim != 2 || (size_t)v[k].shape[0] != batch) {
+            release(v, (int)k + 1);
+            Py_RETURN_NONE;
+        }
+    }
+    if (batch > self->heads_rows) {
+        float *grown = (float *)PyMem_Realloc(self->heads, batch * A * sizeof(float));
+        if (!grown) {
+            release(v, 3);
+            return PyErr_NoMemory();
+        }
+        self->heads = grown;
+        self->heads_rows = batch;
+    }
+    out[0] = new_array(self, batch, 0, self->i64);
+    out[1] = new_array(self, batch, 0, self->f64);
+    out[2] = new_array(self, batch, 0, self->f32);
+    out[3] = new_array(self, batch, H, self->f32);
+    out[4] = new_array(self, batch, H, self->f32);
+    for (k = 0; k < 5; k++) {
+        static const size_t item[5] = {8, 8, 4, 4, 4};
+        const size_t bytes = item[k] * batch * (k >= 3 ? H : 1);
+        if (!out[k] || !get_exact(out[k], &o[k], 1, bytes, (Py_ssize_t)item[k])) {
+            if (out[k] && !PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "numpy.empty did not give the expected array");
+            goto fail;
+        }
+        n_out++;
+    }
+    ws = take(self, batch);
+    if (!ws)
+        goto fail;
+    if (batch * in->macs_per_step >= GIL_RELEASE_MIN_MACS) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = run_forward(self, ws, batch, v[0].buf, v[1].buf, v[2].buf, self->heads, o[2].buf, o[3].buf, o[4].buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = run_forward(self, ws, batch, v[0].buf, v[1].buf, v[2].buf, self->heads, o[2].buf, o[3].buf, o[4].buf);
+    }
+    give_back(self, ws);
+    if (rc == COGBERT_ERR_NONFINITE || !cb_finite(self->heads, batch * A)) {
+        res = Py_None;
+        Py_INCREF(res);
+        goto done;
+    }
+    if (rc != COGBERT_OK) {
+        raise_status(rc, NULL);
+        goto fail;
+    }
+    {
+        int64_t *action = (int64_t *)o[0].buf;
+        double *logp = (double *)o[1].buf;
+        Py_buffer ub;
+        if (det) {
+            for (b = 0; b < batch; b++) {
+                int32_t a = 0;
+                cogbert_argmax(self->heads + b * A, A, &a);
+                action[b] = a;
+                logp[b] = 0.0;
+            }
+        } else {
+            PyObject *n = PyLong_FromSize_t(batch);
+            u = n ? PyObject_CallMethodOneArg(args[4], random_name, n) : NULL;
+            Py_XDECREF(n);
+            if (!u)
+                goto fail;
+            if (!get_exact(u, &ub, 0, batch * 8, 8)) {
+                PyErr_SetString(PyExc_TypeError, "rng.random(n) did not return n float64 values");
+                goto fail;
+            }
+            if (!ub.format || strchr(ub.format, 'd') == NULL) {
+                PyBuffer_Release(&ub);
+                PyErr_SetString(PyExc_TypeError, "rng.random(n) did not return n float64 values");
+                goto fail;
+            }
+            for (b = 0; b < batch; b++) {
+                int32_t a = 0;
+                cogbert_sample(self->heads + b * A, A, ((const double *)ub.buf)[b], &a, &logp[b]);
+                action[b] = a;
+            }
+            PyBuffer_Release(&ub);
+        }
+    }
+    res = PyTuple_Pack(5, out[0], out[1], out[2], out[3], out[4]);
+    goto done;
+fail:
+    res = NULL;
+done:
+    release(v, 3);
+    release(o, n_out);
+    for (k = 0; k < 5; k++)
+        Py_XDECREF(out[k]);
+    Py_XDECREF(u);
+    return res;
+}
+
+static PyObject *NativePolicy_set_null_step(NativePolicy *self, PyObject *arg) {
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    self->null_step = on;
     Py_RETURN_NONE;
 }
 
@@ -409,7 +619,10 @@ static PyMethodDef NativePolicy_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))NativePolicy_forward, METH_FASTCALL, "step a batch into caller arrays"},
     {"decide", (PyCFunction)(void (*)(void))NativePolicy_decide, METH_FASTCALL, "one discrete decision"},
     {"act", (PyCFunction)(void (*)(void))NativePolicy_act, METH_FASTCALL, "one discrete decision as a Decision"},
-    {"bind", (PyCFunction)NativePolicy_bind, METH_VARARGS, "bind(State, Decision, numpy.empty, float32)"},
+    {"act_batch", (PyCFunction)(void (*)(void))NativePolicy_act_batch, METH_FASTCALL, "discrete decisions for a batch"},
+    {"bind", (PyCFunction)NativePolicy_bind, METH_VARARGS, "bind(State, Decision, numpy.empty, float32[, int64, float64])"},
+    {"set_null_step", (PyCFunction)NativePolicy_set_null_step, METH_O,
+     "benchmarks only: skip the C step (zero head and value, state carried over)"},
     {NULL, NULL, 0, NULL}};
 
 static PyTypeObject NativePolicyType = {PyVarObject_HEAD_INIT(NULL, 0)};

@@ -299,10 +299,60 @@ static void linear_q16(const cb_layer *L, size_t B, const int16_t *xq, size_t ld
     }
 }
 
-const cb_kernels cb_avx512_kernels = {COGBERT_KERNEL_AVX512, W16, linear_f32, linear_q16, cb_avx2_quantize,
-                                      cb_avx2_cell};
-const cb_kernels cb_vnni512_kernels = {COGBERT_KERNEL_VNNI512, W16, linear_f32, linear_q8, cb_vnni_quantize,
-                                       cb_avx2_cell};
+/* ---- the LSTM cell ------------------------------------------------------------------------- */
+
+/* kernels_avx2.c's exp, sigmoid and tanh on 16 lanes: the same IEEE operations in the same
+ * order per lane, so the cell's results equal the AVX2 cell's bit for bit, in half the
+ * instructions (the cell is a fifth of an int8 step at batch 64). */
+INLINE __m512 exp16(__m512 x) {
+    __m512 fx, r, p;
+    __m512i e;
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+    p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+INLINE __m512 sigmoid16(__m512 v) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+INLINE __m512 tanh16(__m512 v) {
+    const __m512 two = _mm512_set1_ps(2.0f);
+    return _mm512_sub_ps(_mm512_mul_ps(two, sigmoid16(_mm512_mul_ps(two, v))), _mm512_set1_ps(1.0f));
+}
+
+static void cell(size_t B, size_t H, const float *gates, size_t ldg, const float *c_in, float *h_out, float *c_out) {
+    size_t b, k;
+    for (b = 0; b < B; b++) {
+        const float *z = gates + b * ldg;
+        for (k = 0; k < H; k += W16) {
+            /* A short tail loads zeros in the missing lanes, as the AVX2 cell's padded copy does. */
+            const __mmask16 m = (__mmask16)(H - k >= W16 ? 0xFFFFu : (1u << (H - k)) - 1u);
+            const __m512 i = sigmoid16(_mm512_maskz_loadu_ps(m, z + k));
+            const __m512 f = sigmoid16(_mm512_maskz_loadu_ps(m, z + H + k));
+            const __m512 g = tanh16(_mm512_maskz_loadu_ps(m, z + 2 * H + k));
+            const __m512 o = sigmoid16(_mm512_maskz_loadu_ps(m, z + 3 * H + k));
+            const __m512 c = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, c_in + b * H + k), _mm512_mul_ps(i, g));
+            _mm512_mask_storeu_ps(c_out + b * H + k, m, c);
+            _mm512_mask_storeu_ps(h_out + b * H + k, m, _mm512_mul_ps(o, tanh16(c)));
+        }
+    }
+}
+
+const cb_kernels cb_avx512_kernels = {COGBERT_KERNEL_AVX512, W16, linear_f32, linear_q16, cb_avx2_quantize, cell};
+const cb_kernels cb_vnni512_kernels = {COGBERT_KERNEL_VNNI512, W16, linear_f32, linear_q8, cb_vnni_quantize, cell};
 
 #else
 const cb_kernels cb_avx512_kernels = {0, CB_PANEL_MAX, NULL, NULL, NULL, NULL};

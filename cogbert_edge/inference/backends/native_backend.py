@@ -146,6 +146,9 @@ class NativeBackend:
         self._forward = self._p.forward
         self._decide_native = self._p.decide if self.config.action.discrete and self._heads <= 64 else None
         self.act = self._bind_act()
+        # ``act_batch(obs, h, c, deterministic, rng) -> (action, log_prob, value, h, c) | None``:
+        # the batch step and per-row sampling in one call (bound by _bind_act).
+        self.act_batch = self._p.act_batch if self.config.action.discrete and self.act is not None else None
 
     def _bind_act(self):
         """The extension's ``act(obs, state, deterministic, rng) -> Decision | None``: ``decide``
@@ -162,8 +165,13 @@ class NativeBackend:
                 or [f.name for f in dataclasses.fields(State)] != ["h", "c"]
                 or [f.name for f in dataclasses.fields(Decision)] != ["action", "log_prob", "value", "state"]):
             return None
-        self._p.bind(State, Decision, np.empty, _F32)
+        self._p.bind(State, Decision, np.empty, _F32, np.dtype(np.int64), np.dtype(np.float64))
         return self._p.act
+
+    def set_null_step(self, on: bool) -> None:
+        """Benchmarks only: skip the C step in every call (zero head and value, state carried
+        over), so that timing a call measures the binding's own cost."""
+        self._p.set_null_step(on)
 
     def step(self, obs: np.ndarray, h: np.ndarray, c: np.ndarray):
         """``obs [B, obs_dim]``, ``h, c [B, hidden]`` (float32) -> new ``(head, value, h, c)``."""
