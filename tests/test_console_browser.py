@@ -105,7 +105,7 @@ class Fleet:
                     "--spool", str(self.root / "spool"), "--bundle", str(self.root / "model.safetensors"),
                     "--env", "sensor", "--trust-root", str(self.root / "keys" / "root.json"), "--model-name", "chain",
                     "--steps", "3000", "--rate", "20", "--telemetry-interval", "1", "--keep-running", "900",
-                    "--trial-decisions", "20", "--trial-seconds", "1"])
+                    "--trial-decisions", "20", "--trial-seconds", "1", "--drain-timeout", "10"])
         _wait(lambda: len(_get(f"{self.url}/v1/devices", READ)) == DEVICES, 90, "every device's telemetry",
               self.procs)
         return self

@@ -184,7 +184,13 @@ function renderRollout() {
     add("state", badge(cur.state));
     add("stage", `${cur.stage}${cur.timeline && cur.timeline.length ? "" : " (no stage analysed yet)"}`);
     add("started", `${when(cur.started)} (${ago(cur.started)})`);
-    add("offered to", `${Object.keys(cur.offered || {}).length} devices`);
+    add("offered to", `${Object.keys(cur.offered || {}).length} devices${cur.tag ? ` tagged ${cur.tag}` : ""}`);
+    if (cur.settings) {
+      const t = cur.settings;
+      add("abort on", `install failures > ${fmt(t.max_install_failure_rate)}, errors > ${fmt(t.max_error_rate)}, ` +
+        `NaN > ${fmt(t.max_nan_rate)}, latency > ${fmt(t.latency_factor)}× control + ${fmt(t.latency_slack_us)} µs, ` +
+        `reward p < ${fmt(t.reward_alpha)}; stages ${fmt(t.stages)} %, ${fmt(t.stage_seconds)} s each`);
+    }
     if (cur.result) add("result", badge(cur.result));
     if (cur.reasons && cur.reasons.length) add("reasons", cur.reasons.join("; "));
     box.replaceChildren(el("h2", {}, `Rollout of release ${cur.candidate}`), dl);
