@@ -119,7 +119,7 @@ def _start(kind: str, site: dict, max_wait_us: int) -> tuple[subprocess.Popen, s
                str(site["bundle"] if kind == "ray" else site["fp32"])]
         ready = f"http://127.0.0.1:{port}/health"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
-    _wait_ready(ready, proc, log)
+    _wait_ready(ready, proc, log, timeout=300 if kind == "ray" else 120)   # Ray starts a cluster first
     return proc, f"127.0.0.1:{port}", log
 
 

@@ -41,6 +41,7 @@ __all__ = ["DecideApp"]
 log = logging.getLogger("cogbert.decide")
 _JSON = b"application/json"
 _MSGPACK = b"application/msgpack"
+_F32LE = np.dtype("<f4")
 
 
 def _b64(raw: bytes) -> str:
@@ -244,7 +245,7 @@ class DecideApp:
         if isinstance(raw, bytes):
             if len(raw) != 4 * n:
                 raise BadRequest(f"obs as bytes must be {n} float32 ({4 * n} bytes), got {len(raw)} bytes")
-            obs = np.frombuffer(raw, "<f4").astype(np.float32)
+            obs = np.frombuffer(raw, _F32LE)       # a read-only view; the batch step stacks a copy
         elif isinstance(raw, list):
             if len(raw) != n:
                 raise BadRequest(f"obs must have {n} numbers, got {len(raw)}")

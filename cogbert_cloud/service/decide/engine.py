@@ -92,6 +92,16 @@ class _Uniforms:
         return self.u.reshape(shape)
 
 
+class _Request:
+    """The decisions of one request: answered together when the last one is done."""
+
+    __slots__ = ("future", "results", "left")
+
+    def __init__(self, future: asyncio.Future, n: int) -> None:
+        self.future, self.left = future, n
+        self.results: list[dict | None] = [None] * n
+
+
 @dataclass(eq=False)
 class ActItem:
     """One decision asked for: parsed and checked by the transport."""
@@ -104,7 +114,8 @@ class ActItem:
     t0: float = field(default_factory=time.perf_counter)
     deadline: float = 0.0
     entry: Session | None = None
-    future: asyncio.Future | None = None
+    request: _Request | None = None
+    index: int = 0
 
 
 class Engine:
@@ -237,11 +248,10 @@ class Engine:
         for it in items:        # resolve every session first: a bad one fails the request before any decides
             it.entry = self._resolve(client, it)
         deadline = time.perf_counter() + self.s.deadline_ms / 1e3
-        futures = []
-        for it in items:
+        req = _Request(loop.create_future(), len(items))     # one future a request, not a decision
+        for i, it in enumerate(items):
             it.deadline = deadline
-            it.future = loop.create_future()
-            futures.append(it.future)
+            it.request, it.index = req, i
             entry = it.entry
             assert entry is not None
             if entry.busy:
@@ -249,7 +259,7 @@ class Engine:
             else:
                 entry.busy = True
                 self._enqueue(it)
-        return list(await asyncio.gather(*futures))
+        return await req.future
 
     def _resolve(self, client: Client, it: ActItem) -> Session:
         if it.token is not None:
@@ -382,18 +392,18 @@ class Engine:
 
     def _finish(self, it: ActItem, result: dict | BaseException) -> None:
         e = cast(Session, it.entry)
-        fut = cast(asyncio.Future, it.future)
         if isinstance(result, dict):
             result["latency_us"] = round((time.perf_counter() - it.t0) * 1e6, 1)
-            if not fut.done():
-                fut.set_result(result)
         elif isinstance(result, DecideError):
-            if not fut.done():
-                fut.set_result({"session": it.session, "error": result.code, "message": str(result),
-                                "status": result.status, "retry_after": result.retry_after})
-        elif not fut.done():
-            fut.set_result({"session": it.session, "error": "internal", "message": "the decision failed",
-                            "status": 500})
+            result = {"session": it.session, "error": result.code, "message": str(result), "status": result.status,
+                      "retry_after": result.retry_after}
+        else:
+            result = {"session": it.session, "error": "internal", "message": "the decision failed", "status": 500}
+        req = cast(_Request, it.request)
+        req.results[it.index] = result
+        req.left -= 1
+        if req.left == 0 and not req.future.done():
+            req.future.set_result(req.results)
         # The session's next decision, if one arrived while this one was in flight.
         if e.waiting:
             nxt = e.waiting.pop(0)
