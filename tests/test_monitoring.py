@@ -220,3 +220,31 @@ def test_the_query_check_refuses_a_broken_query(tmp_path):
     f.write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": [{"record": "x:y", "expr": "sum(rate(foo[5m])"}]}]}))
     p = subprocess.run([_promtool(), "check", "rules", str(f)], capture_output=True, text=True)
     assert p.returncode != 0
+
+
+def test_fleet_counters_never_go_down_when_a_device_restarts():
+    from cogbert_cloud.release.rollout import DeviceRecord
+    from cogbert_cloud.service.fleet_metrics import FleetCounters
+
+    from .test_rollout import tel
+
+    def snap(**devices):
+        return {d: DeviceRecord(telemetry=t, last_seen=1.0) for d, t in devices.items()}
+
+    fc = FleetCounters()
+    fc.update(snap(a=tel(decisions=100, errors=1, boot="x", lat=150.0), b=tel(decisions=50, boot="y", lat=3000.0)))
+    assert fc.totals["decisions"] == 150 and fc.totals["errors"] == 1
+    fc.update(snap(a=tel(decisions=400, errors=1, boot="x"), b=tel(decisions=50, boot="y")))
+    assert fc.totals["decisions"] == 450
+    # a restarts: its counter begins again at 0 under a new boot; the fleet total still grows.
+    fc.update(snap(a=tel(decisions=30, boot="x2"), b=tel(decisions=80, boot="y")))
+    assert fc.totals["decisions"] == 450 + 30 + 30 and fc.restarts == 1
+    # A restart the boot id does not show (an old device) is seen by the counter going down.
+    fc.update(snap(a=tel(decisions=10, boot="x2"), b=tel(decisions=80, boot="y")))
+    assert fc.totals["decisions"] == 520 and fc.restarts == 2
+    text = "\n".join(str(m.samples) for m in fc.collect())
+    assert "cogbert_device_decisions_total" in text
+    (hist,) = [m for m in fc.collect() if m.name == "cogbert_fleet_decision_latency_p95_seconds"]
+    buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+    # One observation per new report: tel() stamps every report time 0.0, so one per device here.
+    assert buckets["+Inf"] == 2 and buckets["0.0002"] == 1 and buckets["0.002"] == 1 and buckets["0.005"] == 2
