@@ -28,6 +28,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import random
 import secrets
 import subprocess
 import sys
@@ -358,9 +359,12 @@ async def _http_conn(host: str, kind: str, token: str, session: str, stats: _Sta
         _, body = await _read_response(reader)
         state = msgpack.unpackb(body)["state"] if tokens else None
     i = 0
-    next_t = t_start
+    # Open loop: each connection sends on its own schedule, latency counted from it. The
+    # schedules are staggered (a random phase each): connections started in step would send
+    # in bursts of all of them at once, and measure the burst, not the load.
+    next_t = t_start + (random.random() * interval if interval is not None else 0.0)
     while True:
-        if interval is not None:       # open loop: this connection's schedule, latency from it
+        if interval is not None:
             next_t += interval
             now = time.perf_counter()
             if next_t > now:
@@ -430,7 +434,7 @@ async def _ws_conn(host: str, token: str, prefix: str, group: int, inflight: int
             r = await call({"op": "start", "session": n})
             states[n] = r["state"] if tokens else None
         i = 0
-        next_t = t_start
+        next_t = t_start + (random.random() * interval if interval is not None else 0.0)   # staggered
         while True:
             if interval is not None:
                 next_t += interval
