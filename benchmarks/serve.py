@@ -7,7 +7,7 @@ LSTM 256, 8 actions) in int8:
   batch step through ``Policy.act_batch``), over HTTP (one decision a request) and WebSocket
   (``--ws-group`` sessions' decisions a message).
 - ``ray``: Ray Serve, one replica, ``@serve.batch`` (max_batch_size 32, batch_wait_timeout_s
-  0.002: tuned down from the defaults 10 and 0.01, which cap it near 1,000/s), the same Policy
+  0.002 instead of the defaults 10 and 0.01, a shorter wait for a 10 µs model), the same Policy
   in the replica, session states in a dict; HTTP through Ray's proxy.
 - ``fastapi-onnx``: FastAPI on uvicorn, one ONNX Runtime call a request (what a user writes first).
 
