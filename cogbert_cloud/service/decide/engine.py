@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -75,6 +76,19 @@ def uniforms(keys: np.ndarray, steps: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * _M2
         z ^= z >> np.uint64(31)
     return (z >> np.uint64(11)).astype(np.float64) * _U53
+
+
+_MASK = (1 << 64) - 1
+
+
+def _uniform_one(key: int, step: int) -> float:
+    """:func:`uniforms` for one pair in Python integers (a dozen numpy calls on 1-element arrays
+    cost ~25 µs; this ~1 µs), bit for bit the same number."""
+    z = (key + step * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return (z >> 11) * _U53
 
 
 def uniform_for(seed: bytes, session: str, step: int) -> float:
@@ -333,11 +347,16 @@ class Engine:
     def _decide(self, policy: Policy, items: list[ActItem], deterministic: bool) -> None:
         n = len(items)
         entries = [cast(Session, it.entry) for it in items]
-        obs = np.stack([it.obs for it in items])
-        h = np.stack([e.h for e in entries])
-        c = np.stack([e.c for e in entries])
-        u = uniforms(np.fromiter((e.key for e in entries), np.uint64, n),
-                     np.fromiter((e.step for e in entries), np.uint64, n))
+        if n == 1:      # a lone decision (light load): no numpy call that a view or an int can replace
+            e0 = entries[0]
+            obs, h, c = items[0].obs[None, :].copy(), e0.h[None, :], e0.c[None, :]
+            u = np.array([_uniform_one(e0.key, e0.step)])
+        else:
+            obs = np.stack([it.obs for it in items])
+            h = np.stack([e.h for e in entries])
+            c = np.stack([e.c for e in entries])
+            u = uniforms(np.fromiter((e.key for e in entries), np.uint64, n),
+                         np.fromiter((e.step for e in entries), np.uint64, n))
         t0 = time.perf_counter()
         d = policy.act_batch(obs, State(h, c), deterministic=deterministic, rng=cast(Any, _Uniforms(u[:, None])))
         compute = time.perf_counter() - t0
@@ -345,7 +364,7 @@ class Engine:
         self.metrics.compute.observe(compute)
         actions, logps, values = d.action.tolist(), d.log_prob.tolist(), d.value.tolist()
         h2, c2 = d.state.h, d.state.c
-        finite = np.isfinite(d.value) & np.isfinite(d.log_prob)
+        finite = [math.isfinite(v) and math.isfinite(lp) for v, lp in zip(values, logps, strict=True)]
         lanes: dict[int, list] = {}     # lane id -> [lane, decisions, non-finite]
         compute_us = round(compute * 1e6, 1)
         for i, it in enumerate(items):
