@@ -4,7 +4,7 @@
 Devices are real :class:`Outbox` + :class:`Uploader` + :class:`MqttLink` stacks, in ``--procs``
 processes (2), fed with reference-model records (obs 64, a recurrent-state snapshot every 64
 steps) as fast as the pipeline takes them: a producer keeps each device's unacknowledged
-backlog under a bound (``--backlog``, 12,000 records: about two upload windows), as a device
+backlog under a bound (``--backlog``, 6,000 records: about two upload windows), as a device
 whose link keeps up would. Inference is not part of it (``cogbert-bench edge`` measures
 that). Ingestion runs as its own process, as deployed. The broker, ingestion and the devices
 share the machine's cores.
@@ -46,18 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="experience throughput: devices -> broker -> ingestion -> store")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0, help="how long devices produce")
-    p.add_argument("--backlog", type=int, default=12000,
-                   help="max unacknowledged records per device (about two upload windows of reference records "
-                        "at the default 256 KiB batches)")
+    p.add_argument("--backlog", type=int, default=6000,
+                   help="max unacknowledged records per device (about two upload windows of reference records)")
     p.add_argument("--workers", type=int, default=4, help="ingestion worker threads")
     p.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
                    help="zlib-compress batches (the uploader's default)")
-    p.add_argument("--batch-kib", type=int, default=None,
-                   help="the uploader's batch size on the wire (default: UploaderSettings.batch_bytes)")
-    p.add_argument("--window", type=int, default=None,
-                   help="the uploader's unacknowledged batches (default: UploaderSettings.window)")
-    p.add_argument("--fsync-every", type=int, default=None,
-                   help="the outbox's fsync_every (default: OutboxSettings.fsync_every)")
     p.add_argument("--procs", type=int, default=2, help="processes to run the device stacks in")
     p.add_argument("--replicas", type=int, default=1, help="ingestion processes on one shared subscription")
     p.add_argument("--replay", type=int, default=0, metavar="RECORDS",
@@ -117,8 +110,7 @@ def main(args: argparse.Namespace) -> dict:
                "ingestion": round(sum(cpu1[p.pid] - cpu0[p.pid] for p in replicas) / wall, 2),
                "broker": round((cpu1[broker.proc.pid] - cpu0[broker.proc.pid]) / wall, 2)}
     produced = result["produced"]
-    return {"suite": "ingest", "devices": args.devices, "compress": args.compress,
-            "seconds": round(result["elapsed"], 2),
+    return {"suite": "ingest", "devices": args.devices, "compress": args.compress, "seconds": round(result["elapsed"], 2),
             "transitions": stored["transitions"], "produced": produced,
             "transitions_per_s": round(stored["transitions"] / result["elapsed"], 1),
             "bytes_per_s": round(ingest_stats.get("bytes", 0) / result["elapsed"], 1),
@@ -140,13 +132,12 @@ def _run_devices(args, pki: PKI, broker: LocalBroker, root: Path, ids: list[str]
     machines; eight in one interpreter share one GIL). The clock runs from the common start
     until the last process has every record acknowledged."""
     job = dict(broker=broker.url, pki=str(pki.root), spool=str(root / "spool"), seconds=args.seconds,
-               backlog=args.backlog, compress=args.compress, batch_kib=args.batch_kib, window=args.window,
-               fsync_every=args.fsync_every)
+               backlog=args.backlog, compress=args.compress)
     if args.procs <= 1:
-        started = threading.Event()
-        started.set()
+        go = threading.Event()
+        go.set()
         t0 = time.time()
-        r = _device_worker(job, ids, started, None)
+        r = _device_worker(job, ids, go, None)
         return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"],
                 "cpu_s": r["cpu_s"], "thread_cpu_s": r["thread_cpu_s"]}
     ctx = multiprocessing.get_context("spawn")
@@ -178,17 +169,10 @@ def _device_worker(job: dict, ids: list[str], go, conn) -> dict:
     payloads = reference_records()
     stacks = []
     for d in ids:
-        osettings = OutboxSettings(Path(job["spool"]) / d)
-        if job.get("fsync_every"):
-            osettings.fsync_every = job["fsync_every"]
-        ob = Outbox(osettings)
+        ob = Outbox(OutboxSettings(Path(job["spool"]) / d))
         link = MqttLink(LinkSettings.for_device(job["broker"], Path(job["pki"]), d))
-        usettings = UploaderSettings(ack_timeout=10.0, compress=job["compress"])
-        if job.get("batch_kib"):
-            usettings.batch_bytes = job["batch_kib"] * 1024
-        if job.get("window"):
-            usettings.window = job["window"]
-        up = Uploader(ob, link, fleet="bench", device=d, settings=usettings)
+        up = Uploader(ob, link, fleet="bench", device=d,
+                      settings=UploaderSettings(ack_timeout=10.0, compress=job["compress"]))
         link.start()
         up.start()
         stacks.append((ob, link, up))
@@ -245,8 +229,7 @@ def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict
     waits for ingestion's end-to-end acknowledgement of each."""
     payloads = reference_records()
     per_device = args.replay // len(ids)
-    rows = batch_codec.estimate_records(float(np.mean([len(p) for p in payloads])) + 16,
-                                        UploaderSettings().batch_bytes)
+    rows = batch_codec.estimate_records(float(np.mean([len(p) for p in payloads])) + 16, 128 * 1024)
     batches: dict[str, list[bytes]] = {}
     for d in ids:
         out = batches[d] = []
@@ -271,7 +254,7 @@ def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict
         link = MqttLink(LinkSettings.for_device(broker.url, pki.root, d))
         link.start()
         links.append(link)
-    for d, link in zip(ids, links, strict=True):
+    for d, link in zip(ids, links):
         link.wait_connected(10)
         link.subscribe(device_topic("bench", d, "ack"), on_ack(d)).wait(10)
 
@@ -283,7 +266,7 @@ def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    threads = [threading.Thread(target=send, args=(d, link), daemon=True) for d, link in zip(ids, links, strict=True)]
+    threads = [threading.Thread(target=send, args=(d, link), daemon=True) for d, link in zip(ids, links)]
     for t in threads:
         t.start()
     drained = done.wait(300)

@@ -304,23 +304,3 @@ def test_delayed_rewards_within_the_window_and_late_ones_counted(tmp_path):
     rewards = [decode(p).reward for _, p in ob.read(1, 10)]
     assert rewards == [5.0, 0.0, 0.0, 0.0]
     ob.close()
-
-
-def test_acknowledged_segments_leave_the_disk_from_the_writer_thread(tmp_path):
-    # ack() runs on the MQTT link's thread: it only takes the segments out of the spool, and the
-    # writer thread deletes their files (or close(), or recovery after a crash).
-    ob = open_outbox(tmp_path, segment_bytes=1024)
-    for i in range(100):
-        ob.append(payload(i))
-    ob.flush()
-    before = sorted(tmp_path.glob("*.seg"))
-    assert len(before) > 2
-    ob.ack(1, 100)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(list(tmp_path.glob("*.seg"))) > 1:
-        time.sleep(0.01)
-    assert len(list(tmp_path.glob("*.seg"))) <= 1, "acknowledged segments are deleted"
-    ob.close()
-    ob = open_outbox(tmp_path, segment_bytes=1024)
-    assert ob.acked_seq == 100 and ob.read(1, 10) == [] and ob.append(b"x") == 101
-    ob.close()

@@ -66,17 +66,14 @@ class OutboxSettings:
     segment_bytes: int = 1 << 20
     max_bytes: int = 256 << 20
     max_age: float = 7 * 24 * 3600.0
-    # About one upload batch (256 KiB of ~350-byte records is ~730): the uploader waits for a
-    # full batch anyway, and an fsync of 256 records woke it for a batch it could not send yet.
-    fsync_every: int = 1024
+    fsync_every: int = 256
     fsync_interval: float = 0.2
     write_interval: float = 0.002
     max_buffer_bytes: int = 8 << 20
     # The newest records are also kept in memory, up to this many bytes, so that an uploader
     # that keeps up reads what was just written without reading it back from the file and
     # checking it (~1.5 µs a record under load). One that falls behind reads the file.
-    # About two upload windows of reference records at the uploader's batch size.
-    read_cache_bytes: int = 4 << 20
+    read_cache_bytes: int = 2 << 20
 
 
 _IDLE_WAKE = 1.0       # s: an idle writer still wakes this often for housekeeping
@@ -119,9 +116,6 @@ class Outbox:
         self._frames: list[bytes] = []          # appended, not yet written
         self._buffered_bytes = 0
         self._to_sync: list[int] = []
-        # Fully acknowledged segments, unlinked by the writer thread: ``ack`` runs on the MQTT
-        # link's thread, which should go back to reading the socket, not wait for the filesystem.
-        self._to_unlink: list[Path] = []
         self._dir_dirty = False
         self.on_durable: Callable[[], None] | None = None   # called (writer thread) when durable_seq advances
         self._write_errors = 0
@@ -262,8 +256,9 @@ class Outbox:
                 done.append(self._segments[-1])
             for seg in done:
                 self._segments.remove(seg)
-            self._to_unlink.extend(seg.path for seg in done)
             self._dirty_state = True
+        for seg in done:
+            seg.path.unlink(missing_ok=True)
         if done:
             self._wake.set()
 
@@ -296,7 +291,6 @@ class Outbox:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-        self._unlink_acked()
         self._save_state()
         self._state.close()
 
@@ -325,7 +319,6 @@ class Outbox:
                         or self._to_sync):
                     self._sync()
                     last_sync = now
-            self._unlink_acked()
             if now - self._last_housekeeping >= _HOUSEKEEPING or closed:
                 self._last_housekeeping = now
                 self._enforce_bounds()
@@ -369,14 +362,6 @@ class Outbox:
             if self._write_errors in (1, 10, 100) or self._write_errors % 1000 == 0:
                 event(log, "outbox_write_failed", level=logging.ERROR, error=str(e),
                       buffered_bytes=self._buffered_bytes, dropped_unwritten=self.dropped_unwritten)
-
-    def _unlink_acked(self) -> None:
-        """Delete the segments ``ack`` took out of the spool (writer thread). One a crash leaves
-        behind holds only acknowledged records: recovery deletes it."""
-        with self._lock:
-            paths, self._to_unlink = self._to_unlink, []
-        for path in paths:
-            path.unlink(missing_ok=True)
 
     def _roll(self, seq: int) -> int:
         """Start the segment whose first record is ``seq``; returns its file descriptor (now ``_fd``)."""

@@ -1,7 +1,7 @@
 """The uploader: moves durable outbox records to the cloud in batches, and deletes them only
 when ingestion says they are stored.
 
-- Batches hold consecutive durable records, at most ``batch_bytes`` (256 KiB) on the wire,
+- Batches hold consecutive durable records, at most ``batch_bytes`` (128 KiB) on the wire,
   columnar and compressed (:mod:`cogbert_edge.wire.batch`), published with QoS 1 on the device's
   ``exp`` topic.
 - Each batch's range is journaled (fsync) *before* it is first sent, so after a restart the
@@ -44,10 +44,7 @@ _MAX_IDLE = 1.0     # s: the longest an idle uploader sleeps without a reason to
 
 @dataclass
 class UploaderSettings:
-    # 256 KiB: half the per-batch work of 128 KiB (journal fsync, a stored object with two
-    # fsyncs, an acknowledgement, MQTT and wakeups per batch); window x batch_bytes (2 MiB) is
-    # what a device keeps unacknowledged. Ingestion and the broker take messages up to 1 MiB.
-    batch_bytes: int = 256 * 1024
+    batch_bytes: int = 128 * 1024
     window: int = 8
     ack_timeout: float = 15.0
     max_backoff: float = 120.0
