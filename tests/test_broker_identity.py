@@ -96,14 +96,15 @@ def _refused_in_tls(site, attempt) -> str:
 def test_a_device_certificate_is_refused_by_the_service_listener(site):
     port = site["broker"].service_port
     for client_id in ("sim-1", "ingest-1", "ingest"):
-        _refused_in_tls(site, lambda: pub(site, "device:sim-1", port, client_id, "cogbert/v1/sim/sim-1/ack"))
+        _refused_in_tls(site, lambda client_id=client_id: pub(site, "device:sim-1", port, client_id,
+                                                              "cogbert/v1/sim/sim-1/ack"))
     _refused_in_tls(site, lambda: sub(site, "device:sim-1", port, "ingest-1", "$share/ingest/cogbert/v1/+/+/exp"))
 
 
 def test_a_service_certificate_is_refused_by_the_device_listener(site):
     port = site["broker"].port
     for topic in ("cogbert/v1/sim/sim-1/ack", "cogbert/v1/sim/release"):
-        _refused_in_tls(site, lambda: pub(site, "service:ingest", port, "svc:ingest", topic))
+        _refused_in_tls(site, lambda topic=topic: pub(site, "service:ingest", port, "svc:ingest", topic))
     _refused_in_tls(site, lambda: sub(site, "service:ingest", port, "ingest-x", "cogbert/v1/+/+/exp"))
 
 

@@ -168,7 +168,7 @@ def test_same_seed_and_actions_give_the_same_trajectory(env_id):
     a = rollout_single(SINGLE[env_id](), 7, actions)
     b = rollout_single(SINGLE[env_id](), 7, actions)
     c = rollout_single(SINGLE[env_id](), 8, actions)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
     assert not np.array_equal(a[0], c[0])
 
@@ -181,7 +181,8 @@ def test_vector_instance_i_is_the_single_env_seeded_seed_plus_i(env_id):
     actions = rng.integers(0, venv.single_action_space.n, (steps, n))
     obs, _ = venv.reset(seed=seed)
     singles = [SINGLE[env_id]() for _ in range(n)]
-    s_obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(singles)]
+    for i, e in enumerate(singles):
+        e.reset(seed=seed + i)
     s_ret = np.zeros(n)
     ends = 0
     for t in range(steps):
@@ -217,7 +218,7 @@ def test_cartpole_autoreset_returns_a_fresh_episode_and_the_final_observation():
     venv = CartPoleVecEnv(8)
     venv.reset(seed=0)
     always_left = np.zeros(8, np.int64)
-    for t in range(1, 200):
+    for t in range(1, 200):  # noqa: B007 - t is read after the loop: the episode length at the break
         obs, reward, term, trunc, info = venv.step(always_left)
         assert (reward == 1.0).all()
         if term.any():
@@ -320,7 +321,7 @@ def test_cartpole_novel_is_cartpole_v1_without_the_velocities():
     rng = np.random.default_rng(1)
     o_ref, _ = ref.reset(seed=3)
     o, _ = env.reset(seed=3)
-    for t in range(2000):
+    for _ in range(2000):
         assert np.array_equal(o, o_ref[[0, 2]])
         a = int(rng.integers(2))
         o_ref, r_ref, te_ref, tr_ref, _ = ref.step(a)

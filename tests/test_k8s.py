@@ -835,7 +835,8 @@ def test_the_loop_trainer_runs_vtrace_then_ppo_jobs_through_the_store(tmp_path):
             (jobs / (job["metadata"]["name"] + ".json")).write_text(json.dumps(job))
         elif "get" in sys.argv:
             name = sys.argv[sys.argv.index("get") + 1].split("/", 1)[1]
-            args = json.loads((jobs / (name + ".json")).read_text())["spec"]["template"]["spec"]["containers"][0]["args"]
+            pod = json.loads((jobs / (name + ".json")).read_text())["spec"]["template"]["spec"]
+            args = pod["containers"][0]["args"]
             store = open_store(args[args.index("--store") + 1])
             src = store.get(args[args.index("--from") + 1][len("store:"):])
             store.put(args[args.index("--prefix") + 1] + "/model.safetensors", src + name.encode())

@@ -244,7 +244,7 @@ def test_episodes_are_reassembled_across_sequences_sessions_and_gaps(tmp_path):
     # dev-a: two sessions interleaved record by record, two 150-step episodes each (3 runs each).
     s1 = _records("s1", 1, 150, last_flag=TRUNCATED, rng=rng) + _records("s1", 2, 150, last_flag=DONE, rng=rng)
     s2 = _records("s2", 3, 150, last_flag=TRUNCATED, rng=rng) + _records("s2", 4, 150, last_flag=TRUNCATED, rng=rng)
-    _store(store, "dev-a", [r for pair in zip(s1, s2) for r in pair])
+    _store(store, "dev-a", [r for pair in zip(s1, s2, strict=True) for r in pair])
     # dev-b: a complete episode; one whose records 90-129 never arrived (a gap); a complete one;
     # one still running when the data end.
     b = (_records("u", 5, 150, last_flag=TRUNCATED, rng=rng) + _records("u", 6, 200, last_flag=TRUNCATED, rng=rng)
@@ -276,7 +276,8 @@ def _logged_store(root, bundle, steps: int, seed: int) -> tuple[str, Episodes]:
     for i in range(eps.n):
         for r in _records("unit-0", i, 64, last_flag=TRUNCATED, rng=rng):
             t = r.step
-            r.obs, r.action, r.log_prob, r.reward = eps.obs[i, t], int(eps.action[i, t]), float(eps.log_prob[i, t]), float(eps.reward[i, t])
+            r.obs, r.action = eps.obs[i, t], int(eps.action[i, t])
+            r.log_prob, r.reward = float(eps.log_prob[i, t]), float(eps.reward[i, t])
             records.append(r)
     store = open_store(f"file://{root}")
     _store(store, "dev-1", records, batch=500)

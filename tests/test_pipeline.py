@@ -213,7 +213,8 @@ def test_kill_9_of_everything_with_hostile_batches_mixed_in_stores_every_legitim
         # The misbehaving device's own records: whatever of them arrived, each stored once.
         mine = [s for a, b, _ in index.get(("plant", "sim-0005"), []) for s in range(a, b + 1)]
         assert mine and len(mine) == len(set(mine)) and max(mine) <= hostile.sent_max
-        assert ingest.stats()["rejected"] > 0 and ingest.stats().get("overlap", 0) + ingest.stats().get("trimmed", 0) > 0
+        assert (ingest.stats()["rejected"] > 0
+                and ingest.stats().get("overlap", 0) + ingest.stats().get("trimmed", 0) > 0)
     finally:
         hostile.stop()
         ingest.stop()

@@ -125,7 +125,7 @@ def test_action_agreement_with_fp32_along_1000_step_rollouts(rollouts, quant):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_greedy_disagreements_happen_only_at_near_ties(rollouts, quant):
     """A quantized model may flip a decision only where fp32's top two logits nearly tie."""
-    for (kind, seed, q), (greedy, _, _, logits) in rollouts.items():
+    for (kind, seed, q), (greedy, _, _, _logits) in rollouts.items():
         if q != quant:
             continue
         ref_greedy, _, _, ref_logits = rollouts[(kind, seed, "fp32")]

@@ -140,7 +140,8 @@ def test_revoked_or_retired_key(dev, keys, tmp_path):
     dev.decide(25)
     dev.wait_for("committed")
     newer = make_bundle(2)
-    stale = json.loads(old_manifest)["signed"] | {"counter": 5, "bundle": json.loads(release(keys, newer, 5))["signed"]["bundle"]}
+    stale = json.loads(old_manifest)["signed"] | {"counter": 5,
+                                                  "bundle": json.loads(release(keys, newer, 5))["signed"]["bundle"]}
     old_key = Ed25519PrivateKey.generate()  # the retired key is gone from keys/; sign as an attacker holding it
     dev.statuses.clear()
     dev.offer(json.dumps(sign(stale, [old_key])).encode(), newer, wait="rejected:unknown_key")
@@ -449,11 +450,13 @@ def test_commands_sign_and_verify_releases_with_exit_codes(tmp_path):
     assert run("release", "create", "--bundle", bundle, "--keys", tmp_path / "keys", "--counter", 3, "--out",
                tmp_path / "out", "--expires", "7d", "--model", "chain", "--fleet", "plant").returncode == 0
     manifest = tmp_path / "out" / "release-3.json"
-    ok = run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest, "--bundle", bundle)
+    ok = run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest,
+             "--bundle", bundle)
     assert ok.returncode == 0 and "release 3" in ok.stdout
     tampered = tmp_path / "t.safetensors"
     tampered.write_bytes(bundle.read_bytes()[:-1] + b"\x01")
-    bad = run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest, "--bundle", tampered)
+    bad = run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest,
+              "--bundle", tampered)
     assert bad.returncode == 1 and "hash_mismatch" in bad.stderr
     assert run("release", "verify", "--trust", tmp_path / "keys" / "root.json", "--manifest", manifest, "--bundle",
                bundle, "--above", 3).returncode == 1
@@ -497,7 +500,8 @@ def test_a_release_published_on_the_fleet_topic_reaches_a_device_over_mqtt_and_i
     (tmp_path / "broker").mkdir()
     with LocalBroker(pki.root, tmp_path / "broker", config=BrokerConfig(plugin_in_confdir=False)) as broker:
         statuses = []
-        ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout", client_id="rollout-ctl")).start()
+        ctl = MqttLink(LinkSettings.for_service(broker.service_url, pki.root, "rollout",
+                                                client_id="rollout-ctl")).start()
         ctl.subscribe("cogbert/v1/plant/+/status", lambda m: statuses.append(json.loads(m.payload))).wait(10)
         # Published before the device connects: the retained fleet release still reaches it.
         for h in publish_release(ctl, "plant", release(keys, new, 1), url=(tmp_path / "new.safetensors").as_uri()):
