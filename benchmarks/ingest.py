@@ -110,7 +110,8 @@ def main(args: argparse.Namespace) -> dict:
                "ingestion": round(sum(cpu1[p.pid] - cpu0[p.pid] for p in replicas) / wall, 2),
                "broker": round((cpu1[broker.proc.pid] - cpu0[broker.proc.pid]) / wall, 2)}
     produced = result["produced"]
-    return {"suite": "ingest", "devices": args.devices, "compress": args.compress, "seconds": round(result["elapsed"], 2),
+    return {"suite": "ingest", "devices": args.devices, "compress": args.compress,
+            "seconds": round(result["elapsed"], 2),
             "transitions": stored["transitions"], "produced": produced,
             "transitions_per_s": round(stored["transitions"] / result["elapsed"], 1),
             "bytes_per_s": round(ingest_stats.get("bytes", 0) / result["elapsed"], 1),
@@ -134,10 +135,10 @@ def _run_devices(args, pki: PKI, broker: LocalBroker, root: Path, ids: list[str]
     job = dict(broker=broker.url, pki=str(pki.root), spool=str(root / "spool"), seconds=args.seconds,
                backlog=args.backlog, compress=args.compress)
     if args.procs <= 1:
-        go = threading.Event()
-        go.set()
+        started = threading.Event()   # (in-process: a threading Event; below, a multiprocessing one)
+        started.set()
         t0 = time.time()
-        r = _device_worker(job, ids, go, None)
+        r = _device_worker(job, ids, started, None)
         return {"elapsed": r["end"] - t0, "produced": r["produced"], "drained": r["drained"],
                 "cpu_s": r["cpu_s"], "thread_cpu_s": r["thread_cpu_s"]}
     ctx = multiprocessing.get_context("spawn")
@@ -254,7 +255,7 @@ def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict
         link = MqttLink(LinkSettings.for_device(broker.url, pki.root, d))
         link.start()
         links.append(link)
-    for d, link in zip(ids, links):
+    for d, link in zip(ids, links, strict=True):   # one link per device, made above
         link.wait_connected(10)
         link.subscribe(device_topic("bench", d, "ack"), on_ack(d)).wait(10)
 
@@ -266,7 +267,7 @@ def _replay_devices(args, pki: PKI, broker: LocalBroker, ids: list[str]) -> dict
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    threads = [threading.Thread(target=send, args=(d, link), daemon=True) for d, link in zip(ids, links)]
+    threads = [threading.Thread(target=send, args=(d, link), daemon=True) for d, link in zip(ids, links, strict=True)]
     for t in threads:
         t.start()
     drained = done.wait(300)
