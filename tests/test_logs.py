@@ -40,7 +40,7 @@ FIELDS: dict[str, str] = {
     "actor": "str", "candidate": "int", "stable": "int", "stage": "int", "verdict": "str", "metrics": "dict",
     "rollback_published": "bool",
     # the update agent and the decision service
-    "status": "str", "detail": "str", "lane": "str", "lanes": "list",
+    "status": "str", "detail": "str", "lane": "str", "lanes": "list", "last_seqs": "dict",
     # operations (console, tracing, operator CLI)
     "trace_id": "str", "span_id": "str", "url": "str", "tag": "str", "tags": "list",
 }

@@ -176,7 +176,7 @@ class Engine:
             lane.start()
         self.ready = True
         event(log, "decide_ready", lanes=[x.id for x in self.lanes], model=self.lanes[0].policy.model_id,
-              release=self.release.counter)
+              counter=self.release.counter)
         return self
 
     def close(self) -> None:
@@ -185,7 +185,7 @@ class Engine:
         self.draining = True
         for lane in self.lanes:
             lane.close()
-        event(log, "decide_stopped", lanes={x.id: x.outbox.last_seq for x in self.lanes})
+        event(log, "decide_stopped", last_seqs={x.id: x.outbox.last_seq for x in self.lanes})
 
     def authenticate(self, header: bytes | None) -> Client:
         if self.clients is None:
