@@ -33,7 +33,7 @@ from cogbert_edge.experience.outbox import Outbox
 from cogbert_edge.inference.policy import Decision, State
 from cogbert_edge.wire.records import DETERMINISTIC, DONE, TRUNCATED, Record, encode
 
-__all__ = ["ExperienceLog"]
+__all__ = ["ExperienceLog", "Session"]
 
 
 @dataclass
@@ -41,6 +41,9 @@ class _Session:
     next_step: int = 0
     open: deque = field(default_factory=deque)   # Records not yet written
 
+
+
+Session = _Session    # one session's logging state; the decision service keeps its own per lane
 
 class ExperienceLog:
     def __init__(self, outbox: Outbox, *, model: str, snapshot_every: int = 64, reward_delay: int = 0) -> None:

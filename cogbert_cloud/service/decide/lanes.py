@@ -30,7 +30,7 @@ import numpy as np
 from cogbert_edge import __version__
 from cogbert_edge._internal.log import event
 from cogbert_edge.errors import ConfigError
-from cogbert_edge.experience.log import ExperienceLog, _Session
+from cogbert_edge.experience.log import ExperienceLog, Session
 from cogbert_edge.experience.outbox import Outbox, OutboxSettings
 from cogbert_edge.experience.uploader import Uploader, UploaderSettings
 from cogbert_edge.inference.bundle import FORMAT_VERSION, load_bundle
@@ -84,7 +84,7 @@ class _ServiceLog(ExperienceLog):
             return self.decision(session, obs, d, state_before, deterministic=deterministic, model=model)
         self.end_session(session)       # what it had open here is written; numbering goes on at ``step``
         with self._lock:
-            s = self._sessions[session] = _Session()
+            s = self._sessions[session] = Session()
             s.next_step = step
             # The first record here carries the state before it, whatever its step: the
             # log's rule is ``step % snapshot_every == 0``, so for this one record the period
