@@ -58,13 +58,15 @@ class GateSettings:
     horizon: int = field(default=32, metadata={"help": "H: the return over H steps from every --stride-th "
                                                "logged step; 0: the return from each episode's start"})
     stride: int = field(default=8, metadata={"help": "steps between window starts (with --horizon)"})
-    margin: float = field(default=0.0, metadata={"help": "the difference's lower bound must exceed this (return units)"})
+    margin: float = field(default=0.0,
+                          metadata={"help": "the difference's lower bound must exceed this (return units)"})
     relative_margin: float = field(default=0.0, metadata={"help": "... plus this fraction of |baseline estimate|"})
     level: float = field(default=0.95, metadata={"help": "confidence level of the bootstrap intervals"})
     resamples: int = field(default=1000, metadata={"help": "bootstrap resamples"})
     min_episodes: int = field(default=50, metadata={"help": "fewer complete logged episodes: reject"})
     min_ess: float = field(default=25.0, metadata={"help": "smaller candidate effective sample size: reject"})
-    max_deterministic: float = field(default=0.05, metadata={"help": "larger share of deterministic logged decisions: reject"})
+    max_deterministic: float = field(default=0.05,
+                                     metadata={"help": "larger share of deterministic logged decisions: reject"})
     calibrate_value: bool = field(default=True, metadata={"help": "fit DR's value scale on the data"})
     sim_episodes: int = field(default=200, metadata={"help": "paired simulator episodes (with an environment)"})
     sim_tolerance: float = field(default=0.0, metadata={"help": "allowed simulated regression (return units)"})
