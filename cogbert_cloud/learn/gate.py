@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class GateSettings:
 def evaluate_candidate(candidate: Bundle, baseline: Bundle, episodes: Episodes | str | None = None,
                        env: str | None = None, *, data_url: str | None = None,
                        settings: GateSettings | None = None, env_kwargs: dict | None = None,
-                       **overrides: object) -> dict:
+                       **overrides: Any) -> dict:
     """The gate's decision with its evidence.
 
     The logged data are ``episodes`` (an :class:`Episodes`, or a store URL) or ``data_url``;
@@ -155,7 +156,7 @@ def _off_policy(candidate: Bundle, baseline: Bundle, eps: Episodes, s: GateSetti
     except OPEError as e:
         reasons.append(f"the logged data do not fit the policies: {e}")
         return
-    r = compare(*terms, s.gamma, level=s.level, resamples=s.resamples, seed=s.seed,
+    r = compare(terms[0], terms[1], s.gamma, level=s.level, resamples=s.resamples, seed=s.seed,
                 calibrate=s.calibrate_value)
     out["estimates"], out["ci"], out["ess"] = r["estimates"], r["ci"], r["ess"]
     k = s.estimator
@@ -177,7 +178,7 @@ def simulate(candidate: Bundle, baseline: Bundle, env: str, s: GateSettings,
     """Paired simulator check: both policies on the same seeded episodes, sampling actions (as
     they run on devices and as the off-policy estimates assume)."""
     from cogbert_cloud.learn.train.ppo import evaluate
-    kw = dict(seed=s.seed + 1_000_003, deterministic=False, env_kwargs=env_kwargs)
+    kw: dict[str, Any] = dict(seed=s.seed + 1_000_003, deterministic=False, env_kwargs=env_kwargs)
     c = np.asarray(evaluate(candidate, env, s.sim_episodes, **kw))
     b = np.asarray(evaluate(baseline, env, s.sim_episodes, **kw))
     diff = c - b
