@@ -126,6 +126,7 @@ class _Say:
 def run(s: DemoSettings, *, quiet: bool = False) -> dict:
     import numpy as np
 
+    from cogbert_cloud.data import keys
     from cogbert_cloud.data.dataset import ExperienceDataset
     from cogbert_cloud.data.store import open_store
     from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker
@@ -200,12 +201,15 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
                                                        report_timeout=20, min_devices=2, min_decisions=150),
                                        registry, link, fleet)
         stop = threading.Event()
-        threading.Thread(target=lambda: [controller.tick() for _ in iter(lambda: stop.wait(0.5), True)],
-                         daemon=True, name="demo-controller").start()
+        def tick_until_stopped() -> None:
+            while not stop.wait(0.5):
+                controller.tick()
+
+        threading.Thread(target=tick_until_stopped, daemon=True, name="demo-controller").start()
         api_url = _start_api(registry, controller, fleet, link, work, s.api_port)
         say(f"operator API on {api_url} (tokens in {work / 'api-tokens.json'})")
         for h in publish_release(link, fleet_name, registry.files(1)[1],
-                                 url=(store.root / "releases/1/model.safetensors").as_uri()):
+                                 url=(Path(store.root) / keys.release_bundle(1)).as_uri()):  # type: ignore[attr-defined]  # the demo's store is a FileStore
             h.wait(10)
 
         # -- the fleet ------------------------------------------------------------------------
@@ -250,7 +254,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             res["mean_return"] = None if broken else _mean_return(_load(bundle), env_id, s.eval_episodes)
             if res["decision"] == "rollout_started":
                 say(f"round {r}: gate {res['gate']['decision']}; canary rollout of release {res['release']}")
-                _wait(lambda: controller.rollout.state in ("promoted", "aborted"), 180, "the rollout")
+                _wait(lambda: controller.rollout is not None and not controller.rollout.active, 180, "the rollout")
                 ro = controller.status()
                 res["decision"] = ro["result"]
                 res["rollout_reasons"] = ro.get("reasons")
@@ -272,6 +276,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         logged = devices_summary["logged"]
         exp = ExperienceDataset(store, fleet_name).stats()
         final = registry.stable()
+        assert final is not None, "the demo registered release 1 as stable"
         final_bundle = _load(registry.files(final["counter"])[0])
         final_return = initial_return if final["counter"] == 1 else _mean_return(final_bundle, env_id, s.eval_episodes)
         latencies, backend = _latencies(final_bundle)
