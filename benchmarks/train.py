@@ -149,7 +149,7 @@ def _sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict:
             action, state = model.predict(venv.normalize_obs(obs[None]), state=state, episode_start=start,
                                           deterministic=True)
             obs, r, term, trunc, _ = single.step(int(action[0]))
-            total += r
+            total += float(r)
             done, start = term or trunc, np.zeros((1,), bool)
         returns.append(total)
     return {"trainer": "sb3-contrib RecurrentPPO (rl-zoo hyperparameters)", "steps": steps, "wall_s": round(wall, 1),

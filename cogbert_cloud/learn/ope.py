@@ -68,7 +68,7 @@ class Episodes:
 
         def pad(parts: list, dtype: type) -> np.ndarray:
             first = np.asarray(parts[0])
-            out = np.zeros((n, t_max) + first.shape[1:], dtype)
+            out: np.ndarray = np.zeros((n, t_max) + first.shape[1:], dtype)
             for i, p in enumerate(parts):
                 out[i, :len(p)] = p
             return out

@@ -126,7 +126,7 @@ class _Say:
 def run(s: DemoSettings, *, quiet: bool = False) -> dict:
     import numpy as np
 
-    from cogbert_cloud.data import keys
+    from cogbert_cloud.data import keys as store_keys
     from cogbert_cloud.data.dataset import ExperienceDataset
     from cogbert_cloud.data.store import open_store
     from cogbert_cloud.fleet.broker import BrokerConfig, LocalBroker
@@ -209,7 +209,7 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
         api_url = _start_api(registry, controller, fleet, link, work, s.api_port)
         say(f"operator API on {api_url} (tokens in {work / 'api-tokens.json'})")
         for h in publish_release(link, fleet_name, registry.files(1)[1],
-                                 url=(Path(store.root) / keys.release_bundle(1)).as_uri()):  # type: ignore[attr-defined]  # the demo's store is a FileStore
+                                 url=(Path(store.root) / store_keys.release_bundle(1)).as_uri()):  # type: ignore[attr-defined]  # the demo's store is a FileStore
             h.wait(10)
 
         # -- the fleet ------------------------------------------------------------------------

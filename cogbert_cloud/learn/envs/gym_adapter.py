@@ -158,7 +158,7 @@ class GymVecEnv:
         self.single_action_space: spaces.Space = (spaces.Discrete(size) if self.discrete else
                                                   env.single_action_space)
         self._start = int(env.single_action_space.start) if self.discrete else 0  # type: ignore[attr-defined]
-        self._act_shape = env.single_action_space.shape
+        self._act_shape: tuple[int, ...] = env.single_action_space.shape or ()
         self._returns = np.zeros(self.num_envs)
         self._lengths = np.zeros(self.num_envs, np.int64)
         self.metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}

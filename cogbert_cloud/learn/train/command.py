@@ -189,9 +189,9 @@ def run_train(a: argparse.Namespace) -> dict:
                   "parent": init.model_id}
         _save_config(a.out, record)
         sequences = list(ExperienceDataset(open_store(a.data), a.fleet).sequences())
-        trainer = VTraceTrainer(init, vcfg)
-        run = trainer.train(sequences, metrics=metrics, progress=a.progress)
-        fp32 = trainer.bundle(extra={"x-train-config": json.dumps(record)})
+        vtrainer = VTraceTrainer(init, vcfg)
+        run = vtrainer.train(sequences, metrics=metrics, progress=a.progress)
+        fp32 = vtrainer.bundle(extra={"x-train-config": json.dumps(record)})
         env_id = None
         summary = {"mode": "vtrace", "data": a.data, **run}
     from cogbert_cloud.learn.train.export import export_bundle

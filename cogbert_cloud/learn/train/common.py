@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -92,7 +92,10 @@ class Checkpoint:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, __state__=np.frombuffer(json.dumps(self.state).encode(), np.uint8), **self.arrays)
+        # Typed as Any: numpy's stub would read a "**arrays" key as its allow_pickle flag.
+        arrays: dict[str, Any] = {"__state__": np.frombuffer(json.dumps(self.state).encode(), np.uint8),
+                                  **self.arrays}
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
@@ -147,8 +150,9 @@ class Progress:
                 return
             self._last_log = now
             eta = (self.total - done) / rate if rate > 0 else None
-            row = {self.what: done, "total": self.total, "per_s": round(rate, 1), "elapsed_s": round(elapsed, 1),
-                   "eta_s": round(eta, 1) if eta is not None else None}
+            row: dict[str, object] = {self.what: done, "total": self.total, "per_s": round(rate, 1),
+                                      "elapsed_s": round(elapsed, 1),
+                                      "eta_s": round(eta, 1) if eta is not None else None}
             row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()})
             event(_log, "train_progress", metrics=row)
             return
@@ -182,10 +186,11 @@ class Metrics:
             self.f.write(json.dumps(row, default=float) + "\n")
             self.f.flush()
         if self._tb is not None:
-            step = row.get("steps", self._rows)
+            steps = row.get("steps", self._rows)
+            step = int(steps) if isinstance(steps, (int, float, np.integer, np.floating)) else self._rows
             for k, v in row.items():
                 if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and k != "steps":
-                    self._tb.add_scalar(f"train/{k}", float(v), int(step))  # type: ignore[arg-type]
+                    self._tb.add_scalar(f"train/{k}", float(v), step)
         self._rows += 1
 
     def close(self) -> None:
@@ -200,7 +205,7 @@ def _summary_writer(logdir: str):
         from tensorboardX import SummaryWriter
     except ImportError:
         try:
-            from torch.utils.tensorboard import SummaryWriter  # type: ignore[no-redef]
+            from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
     return SummaryWriter(logdir)

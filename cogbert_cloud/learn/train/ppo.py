@@ -40,6 +40,7 @@ from cogbert_cloud.learn.train.common import (
     to_np,
 )
 from cogbert_edge._internal.mlx import import_mlx
+from cogbert_edge.errors import ConfigError
 from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.model import (
     LOG_2PI,
@@ -106,14 +107,20 @@ class PPOTrainer:
         self.env_seed = cfg.seed + self.dp.rank * n_local
         self.env = make_vec_env(cfg.env, n_local, seed=self.env_seed, vectorization=cfg.vectorization,
                                 **cfg.env_kwargs)
-        obs_dim = self.env.single_observation_space.shape[0]
-        space = self.env.single_action_space
-        self.discrete = hasattr(space, "n")
+        obs_shape, space = self.env.single_observation_space.shape, self.env.single_action_space
+        if not obs_shape:
+            raise ConfigError(f"{cfg.env}: the observation space has no shape; "
+                              "give the environment a Box observation space")
+        obs_dim = obs_shape[0]
+        n_actions = getattr(space, "n", None)
+        self.discrete = n_actions is not None
         self.bounds: ActionBounds | None = None
-        if self.discrete:
-            action = ActionSpace.of_discrete(int(space.n))
-        else:
+        if n_actions is not None:
+            action = ActionSpace.of_discrete(int(n_actions))
+        elif space.shape:
             action = ActionSpace.of_continuous(int(space.shape[0]))
+        else:
+            raise ConfigError(f"{cfg.env}: the action space is neither discrete nor a Box")
             low, high = getattr(self.env, "low", None), getattr(self.env, "high", None)
             if low is not None and high is not None:
                 self.bounds = ActionBounds(low, high)
@@ -320,7 +327,8 @@ class PPOTrainer:
     def checkpoint(self) -> Checkpoint:
         arrays = {f"param.{k}": v for k, v in self.params.items()}
         from mlx.utils import tree_flatten
-        for k, v in tree_flatten(self.opt.state):
+        flat = tree_flatten(self.opt.state)   # a list of (path, array) unless given a dict destination
+        for k, v in (flat.items() if isinstance(flat, dict) else flat):
             arrays[f"opt.{k}"] = np.array(v)
         env_arrays, env_meta = _env_state(self.env)
         arrays.update(env_arrays)

@@ -82,7 +82,7 @@ def pad_sequences(seqs: list[Sequence], bounds: ActionBounds | None = None) -> d
     out["log_det"] = np.zeros((T, B), np.float32)
     if bounds is not None and act.ndim == 2:
         out["actions"] = bounds.unsquash(out["actions"])
-        out["log_det"] = bounds.log_det(out["actions"]).astype(np.float32) * out["mask"]
+        out["log_det"] = (bounds.log_det(out["actions"]) * out["mask"]).astype(np.float32)
     return out
 
 
