@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,3 +55,16 @@ def mutate_bundle(seed: bytes, data, kinds: list[str], max_rounds: int) -> bytes
             buf[i] = ord(data.draw(st.sampled_from('{}[]":,\\u0123456789-.eE \tntrfal')))
     return bytes(buf)
 
+
+
+def spawn_logged(args: list[str], log: Path, **kw) -> subprocess.Popen:
+    """Start a long-lived process with its stderr in ``log``. A pipe that nobody reads fills at
+    64 KiB, and then the child blocks in its logging call, and with it whatever thread logged:
+    a chatty service (ingestion under attack logs a warning per hostile batch) freezes."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        return subprocess.Popen(args, stderr=f, **kw)
+
+
+def log_tail(log: Path, n: int = 3000) -> str:
+    return log.read_bytes()[-n:].decode(errors="replace") if log.exists() else ""

@@ -28,6 +28,8 @@ from cogbert_cloud.release.signing import KeyStore, create_release
 from cogbert_cloud.service.api import token_digest
 from cogbert_edge import ActionSpace, Bundle, ModelConfig, init_params
 
+from .helpers import log_tail, spawn_logged
+
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,7 +42,7 @@ def _wait(cond, timeout: float, what: str, procs=()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
-            assert p.poll() is None, f"{p.args[:4]} exited: {p.stderr.read()[-3000:] if p.stderr else ''}"
+            assert p.poll() is None, f"{p.args[:4]} exited: {log_tail(Path(p.log))}"  # type: ignore[attr-defined]
         try:
             v = cond()
             if v:
@@ -111,8 +113,9 @@ class Fleet:
         return self
 
     def spawn(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
-        p = subprocess.Popen(args, env=env or os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+        log = self.root / "logs" / f"{len(self.procs)}-{Path(args[0]).name}.log"
+        p = spawn_logged(args, log, env=env or os.environ.copy(), stdout=subprocess.DEVNULL)
+        p.log = log  # type: ignore[attr-defined]
         self.procs.append(p)
         return p
 

@@ -27,6 +27,8 @@ from cogbert_edge.wire import batch as codec
 from cogbert_edge.wire.records import Record, encode
 from cogbert_edge.wire.topics import device_topic
 
+from .helpers import log_tail, spawn_logged
+
 BIN = Path(sys.executable).parent
 FLEET, DEV, OBS, HID = "plant", "dev-0", 3, 4
 
@@ -73,13 +75,13 @@ def world(tmp_path):
 
 def start_ingest(w) -> subprocess.Popen:
     stats = w["root"] / f"ingest-{time.monotonic_ns()}.json"
-    p = subprocess.Popen([str(BIN / "cogbert"), "--log-level", "ERROR", "cloud", "ingest", "--broker",
-                          w["broker"].service_url, "--pki", str(w["pki"].root), "--store", w["store"],
-                          "--client-id", "ingest-attacks", "--stats-file", str(stats), "--stats-interval", "0.2"],
-                         stderr=subprocess.PIPE)
+    log = stats.with_suffix(".log")
+    p = spawn_logged([str(BIN / "cogbert"), "--log-level", "ERROR", "cloud", "ingest", "--broker",
+                      w["broker"].service_url, "--pki", str(w["pki"].root), "--store", w["store"],
+                      "--client-id", "ingest-attacks", "--stats-file", str(stats), "--stats-interval", "0.2"], log)
     deadline = time.monotonic() + 15
     while not stats.exists():
-        assert p.poll() is None, p.stderr.read().decode()[-2000:]
+        assert p.poll() is None, log_tail(log)
         assert time.monotonic() < deadline, "ingest did not start"
         time.sleep(0.05)
     w["stats"] = stats

@@ -29,6 +29,7 @@ from cogbert_edge.wire import batch as codec
 from cogbert_edge.wire.records import Record, encode
 from cogbert_edge.wire.topics import device_topic
 
+from .helpers import log_tail, spawn_logged
 from .s3server import s3  # noqa: F401
 
 BIN = Path(sys.executable).parent
@@ -53,6 +54,7 @@ class Ingest:
 
     def __init__(self, world, broker, store: str, name: str, env: dict | None = None, metrics_port: int = 0):
         self.stats_file = world["root"] / f"ingest-{name}-{time.monotonic_ns()}.json"
+        self.log = self.stats_file.with_suffix(".log")
         self.args = [str(BIN / "cogbert"), "--log-level", "WARNING", "cloud", "ingest", "--broker",
                      broker.service_url, "--pki", str(world["pki"].root), "--store", store, "--client-id",
                      f"ingest-{name}", "--stats-file", str(self.stats_file), "--stats-interval", "0.2",
@@ -61,10 +63,10 @@ class Ingest:
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(self.args, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self.proc = spawn_logged(self.args, self.log, env=self.env, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while not self.stats_file.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+            assert self.proc.poll() is None, log_tail(self.log)
             assert time.monotonic() < deadline, "ingest did not start"
             time.sleep(0.05)
         return self

@@ -25,6 +25,8 @@ from cogbert_cloud.learn.marl.join import join_site
 from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params
 
+from .helpers import log_tail, spawn_logged
+
 BIN = Path(sys.executable).parent
 FLEET, SITE = "plant", "lineA"
 MEMBERS = ["s0", "s1", "s2"]
@@ -57,6 +59,7 @@ def world(tmp_path_factory):
 class Ingest:
     def __init__(self, world, store: str) -> None:
         self.stats = world["root"] / "ingest-stats.json"
+        self.log = world["root"] / "ingest.log"
         self.args = [str(BIN / "cogbert"), "--log-level", "WARNING", "cloud", "ingest", "--broker",
                      world["broker"].service_url, "--pki", str(world["pki"].root), "--store", store,
                      "--client-id", "ingest-site", "--stats-file", str(self.stats), "--stats-interval", "0.2"]
@@ -64,10 +67,10 @@ class Ingest:
 
     def start(self) -> Ingest:
         self.stats.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = spawn_logged(self.args, self.log, env=_env(), stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not self.stats.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ""
+            assert self.proc.poll() is None, log_tail(self.log)
             assert time.monotonic() < deadline, "ingest did not start"
             time.sleep(0.05)
         return self
