@@ -119,11 +119,11 @@ class PPOTrainer:
             action = ActionSpace.of_discrete(int(n_actions))
         elif space.shape:
             action = ActionSpace.of_continuous(int(space.shape[0]))
-        else:
-            raise ConfigError(f"{cfg.env}: the action space is neither discrete nor a Box")
             low, high = getattr(self.env, "low", None), getattr(self.env, "high", None)
             if low is not None and high is not None:
                 self.bounds = ActionBounds(low, high)
+        else:
+            raise ConfigError(f"{cfg.env}: the action space is neither discrete nor a Box")
         self.model = ModelConfig(obs_dim=obs_dim, action=action, encoder=tuple(cfg.encoder), hidden=cfg.hidden)
         if init is not None:
             params = init
