@@ -28,9 +28,8 @@ from cogbert_edge.errors import ConfigError, WireError
 from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params
 from cogbert_edge.site import agent as site_agent
-from cogbert_edge.site.messages import AgentMessage, Decision
-from cogbert_edge.site.topics import parse_site_topic, site_filter, site_topic
-from cogbert_edge.wire.messages import Telemetry
+from cogbert_edge.wire.messages import AgentMessage, SiteDecision, Telemetry
+from cogbert_edge.wire.topics import parse_site_topic, site_filter, site_topic
 
 from .fleet import service_link
 
@@ -105,9 +104,9 @@ def test_site_topics_round_trip_and_reject_bad_names():
 def test_messages_decode_strictly():
     m = AgentMessage(3, "a0", 2, True, 1.25, 1, 123)
     assert AgentMessage.decode(m.encode()) == m
-    d = Decision(3, ("a0",), ("a1",), (), 5)
-    assert Decision.decode(d.encode()) == d
-    for bad in (b"", b"\xc1", b"x" * 5000, Decision(1, (), (), (), 1).encode()):
+    d = SiteDecision(3, ("a0",), ("a1",), (), 5)
+    assert SiteDecision.decode(d.encode()) == d
+    for bad in (b"", b"\xc1", b"x" * 5000, SiteDecision(1, (), (), (), 1).encode()):
         with pytest.raises(WireError):
             AgentMessage.decode(bad)
 

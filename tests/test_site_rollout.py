@@ -19,8 +19,8 @@ import pytest
 from cogbert_cloud.fleet.broker import LocalBroker
 from cogbert_cloud.fleet.pki import PKI
 from cogbert_cloud.learn.envs.production_line import ProductionLineVecEnv
+from cogbert_cloud.release.rollout.sites import SiteRelease, SiteRollout, canary_sites
 from cogbert_cloud.release.signing import KeyStore, create_site_release
-from cogbert_cloud.release.site_rollout import SiteRelease, SiteRollout, canary_sites
 from cogbert_edge.errors import ConfigError, VerificationError
 from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params

@@ -20,9 +20,11 @@ from cogbert_edge.wire import batch as batch_codec
 from cogbert_edge.wire.messages import (
     VERSION,
     Ack,
+    AgentMessage,
     Chunk,
     OutboxTelemetry,
     ReleaseOffer,
+    SiteDecision,
     StatusReport,
     Telemetry,
     UploaderTelemetry,
@@ -45,9 +47,12 @@ MESSAGES = [
     (ReleaseOffer(b"{manifest}", url="file:///x", root_chain=(b"r2", b"r3")), decode_release_message),
     (ReleaseOffer(b"{manifest}", chunks=3), decode_release_message),
     (Chunk("ab" * 32, 2, b"\x00\x01"), decode_release_message),
+    (AgentMessage(7, "st-0", 2, True, 0.75, 1, 123), AgentMessage.decode),
+    (SiteDecision(7, ("st-0",), ("st-1",), ("st-2",), 456), SiteDecision.decode),
 ]
 DECODERS = {"ack": Ack.decode, "telemetry": Telemetry.decode, "status": StatusReport.decode,
-            "release": decode_release_message, "batch": batch_codec.decode}
+            "release": decode_release_message, "batch": batch_codec.decode, "agent": AgentMessage.decode,
+            "site_decision": SiteDecision.decode}
 
 
 @pytest.mark.parametrize("msg,decode", MESSAGES, ids=lambda x: type(x).__name__ if not callable(x) else "")
@@ -74,9 +79,11 @@ def test_unknown_fields_are_ignored_and_a_missing_version_is_version_1():
     assert got.v == 1 and got.outbox.pending == 3 and got == dataclasses.replace(TELEMETRY, v=1)
     ack = msgpack.packb({"batch": [1, 2], "status": "stored", "reason": "", "extra": 7})
     assert Ack.decode(ack) == Ack(1, 2, "stored")
+    decision = msgpack.packb({"step": 3, "granted": ["a"], "denied": [], "missing": [], "sent_ns": 9, "why": "x"})
+    assert SiteDecision.decode(decision) == SiteDecision(3, ("a",), (), (), 9)
 
 
-@pytest.mark.parametrize("kind", ["ack", "telemetry", "status", "release"])
+@pytest.mark.parametrize("kind", ["ack", "telemetry", "status", "release", "agent", "site_decision"])
 def test_a_newer_version_is_refused_not_misread(kind):
     newer = VERSION + 1
     payload = {
@@ -84,6 +91,8 @@ def test_a_newer_version_is_refused_not_misread(kind):
         "telemetry": lambda: json.dumps({**TELEMETRY.to_dict(), "v": newer}).encode(),
         "status": lambda: json.dumps({"v": newer, "status": "committed"}).encode(),
         "release": lambda: msgpack.packb({"v": newer, "type": "chunk", "sha256": "a", "index": 0, "data": b""}),
+        "agent": lambda: msgpack.packb({**msgpack.unpackb(MESSAGES[-2][0].encode()), "v": newer}),
+        "site_decision": lambda: msgpack.packb({**msgpack.unpackb(MESSAGES[-1][0].encode()), "v": newer}),
     }[kind]()
     with pytest.raises(WireError, match="newer"):
         DECODERS[kind](payload)
@@ -149,14 +158,15 @@ _i64 = st.integers(-(2**63), 2**64 - 1)     # what msgpack can carry
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["v", "type", "manifest", "source", "root_chain", "sha256", "index", "data",
-                                        "batch", "status", "reason"]),
+                                        "batch", "status", "reason", "step", "agent", "action", "claim",
+                                        "sensor", "free", "sent_ns", "granted", "denied", "missing"]),
                        st.none() | _i64 | st.binary(max_size=8) | st.text(max_size=8)
                        | st.lists(_i64 | st.binary(max_size=4), max_size=3)
                        | st.dictionaries(st.sampled_from(["kind", "url", "count"]),
                                          _i64 | st.text(max_size=8) | st.sampled_from(["url", "chunks"])),
                        max_size=6))
 def test_well_formed_msgpack_with_wrong_types_gives_a_wire_error(d):
-    for decode in (Ack.decode, decode_release_message):
+    for decode in (Ack.decode, decode_release_message, AgentMessage.decode, SiteDecision.decode):
         try:
             decode(msgpack.packb(d))
         except WireError:

@@ -159,7 +159,7 @@ class PKI:
         check_device_id(device_id)
         site_entries = None
         if site is not None:
-            from cogbert_edge.site.topics import SITE_ROLES, check_site
+            from cogbert_edge.wire.topics import SITE_ROLES, check_site
             if site_role not in SITE_ROLES:
                 raise PKIError(f"site_role must be one of {SITE_ROLES}, got {site_role!r}")
             site_entries = (check_site(site), site_role)

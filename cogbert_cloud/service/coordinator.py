@@ -4,7 +4,7 @@ maintenance crew, answers within a deadline, and measures the site's coordinatio
 The coordinator is a member of its site with the ``coordinator`` site role in its certificate
 (``cogbert pki`` issues it like an agent's, ``site_role="coordinator"``); the broker lets it alone
 publish decisions. For each step it waits until every agent's message arrived or ``deadline_ms``
-passed since the first one, then publishes a :class:`~cogbert_edge.site.messages.Decision`:
+passed since the first one, then publishes a :class:`~cogbert_edge.wire.messages.SiteDecision`:
 claims granted by the site's one rule (highest wear sensor first, ties to the lower agent index:
 ``cogbert_edge.site.agent.resolve_claims``, which the simulator applies too), the others denied,
 and the members whose messages were missing.
@@ -41,10 +41,8 @@ import numpy as np
 from cogbert_edge.errors import ConfigError, WireError
 from cogbert_edge.link.mqtt import LinkSettings, Message, MqttLink
 from cogbert_edge.site.agent import resolve_claims
-from cogbert_edge.site.messages import AgentMessage, Decision
-from cogbert_edge.site.topics import check_site, site_filter, site_topic
-from cogbert_edge.wire.messages import Telemetry
-from cogbert_edge.wire.topics import check_device_id, check_fleet, device_topic
+from cogbert_edge.wire.messages import AgentMessage, SiteDecision, Telemetry
+from cogbert_edge.wire.topics import check_device_id, check_fleet, check_site, device_topic, site_filter, site_topic
 
 __all__ = ["CoordinatorSettings", "Coordinator", "main"]
 
@@ -167,7 +165,7 @@ class Coordinator:
         granted = resolve_claims(claims, free)
         denied = sorted(set(claims) - granted, key=members.index)
         missing = [a for a in members if a not in got]
-        d = Decision(step, tuple(sorted(granted, key=members.index)), tuple(denied), tuple(missing), time.time_ns())
+        d = SiteDecision(step, tuple(sorted(granted, key=members.index)), tuple(denied), tuple(missing), time.time_ns())
         self.link.publish(site_topic(self.s.fleet, self.s.site, self.s.device_id, "decision"), d.encode(), qos=0)
         with self._lock:
             self.steps += 1

@@ -32,8 +32,8 @@ from cogbert_cloud.fleet.broker import LocalBroker
 from cogbert_cloud.fleet.pki import PKI
 from cogbert_cloud.learn.envs.production_line import HeuristicTeamPolicy, ProductionLineConfig, ProductionLineVecEnv
 from cogbert_cloud.learn.marl import MARLTrainer, evaluate_bundles, marl_preset
+from cogbert_cloud.release.rollout.sites import SiteRelease, SiteRollout, canary_sites
 from cogbert_cloud.release.signing import KeyStore, create_site_release
-from cogbert_cloud.release.site_rollout import SiteRelease, SiteRollout, canary_sites
 from cogbert_edge.inference.bundle import Bundle, load_bundle
 from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params
 from cogbert_edge.link.mqtt import LinkSettings, MqttLink

@@ -1,5 +1,6 @@
-"""Multi-agent sites on the device side: site topics, coordination messages and the site agent
-(``docs/multi-agent.md``)."""
+"""Multi-agent sites on the device side: the site agent, with the site topics and coordination
+messages it uses (defined with the rest of the contract in :mod:`cogbert_edge.wire`;
+``docs/multi-agent.md``)."""
 
 from cogbert_edge.site.agent import (
     IDLE,
@@ -11,9 +12,9 @@ from cogbert_edge.site.agent import (
     actor_input,
     resolve_claims,
 )
-from cogbert_edge.site.messages import AgentMessage, Decision
-from cogbert_edge.site.topics import SITE_KINDS, SITE_ROLES, check_site, parse_site_topic, site_filter, site_topic
+from cogbert_edge.wire.messages import AgentMessage, SiteDecision
+from cogbert_edge.wire.topics import SITE_KINDS, SITE_ROLES, check_site, parse_site_topic, site_filter, site_topic
 
-__all__ = ["IDLE", "MAINTAIN", "SITE_KINDS", "SITE_ROLES", "WORK", "AgentMessage", "Decision", "SiteAgent",
+__all__ = ["IDLE", "MAINTAIN", "SITE_KINDS", "SITE_ROLES", "WORK", "AgentMessage", "SiteDecision", "SiteAgent",
            "SiteAgentSettings", "StepResult", "actor_input", "check_site", "parse_site_topic", "resolve_claims",
            "site_filter", "site_topic"]

@@ -5,10 +5,10 @@ Every step the agent
 
 1. runs its role's actor on its local observation plus its one-hot agent id (:func:`actor_input`,
    what the trainer fed it), which proposes an action;
-2. publishes an :class:`~cogbert_edge.site.messages.AgentMessage` (its proposal, whether it claims
+2. publishes an :class:`~cogbert_edge.wire.messages.AgentMessage` (its proposal, whether it claims
    the shared maintenance crew, the wear sensor reading that ranks the claim);
 3. **centralized mode**: waits up to ``deadline_ms`` for the coordinator's
-   :class:`~cogbert_edge.site.messages.Decision` for this step; a denied claim becomes ``WORK``
+   :class:`~cogbert_edge.wire.messages.SiteDecision` for this step; a denied claim becomes ``WORK``
    (the station produces instead of losing the period);
 4. **decentralized mode**, or when no decision arrived in time (the coordinator is down or
    late): resolves the claims itself from the messages of this step it has (the same rule as the
@@ -34,9 +34,8 @@ from cogbert_edge.device import Device
 from cogbert_edge.errors import ConfigError, WireError
 from cogbert_edge.inference.policy import Policy
 from cogbert_edge.link.mqtt import LinkSettings, Message, MqttLink
-from cogbert_edge.site.messages import AgentMessage, Decision
-from cogbert_edge.site.topics import check_site, site_filter, site_topic
-from cogbert_edge.wire.topics import check_device_id, check_fleet
+from cogbert_edge.wire.messages import AgentMessage, SiteDecision
+from cogbert_edge.wire.topics import check_device_id, check_fleet, check_site, site_filter, site_topic
 
 __all__ = ["IDLE", "WORK", "MAINTAIN", "SENSOR_INDEX", "CREW_FREE_INDEX", "actor_input", "resolve_claims",
            "SiteAgentSettings", "SiteAgent", "StepResult"]
@@ -140,7 +139,7 @@ class SiteAgent:
                                      name=f"site-{settings.device_id}")
         self._cv = threading.Condition()
         self._msgs: dict[int, dict[str, AgentMessage]] = {}
-        self._decisions: dict[int, Decision] = {}
+        self._decisions: dict[int, SiteDecision] = {}
         self.stats = _Stats()
 
     def start(self, timeout: float = 10.0) -> SiteAgent:
@@ -183,7 +182,7 @@ class SiteAgent:
             self.stats.bad_messages += 1
             return
         try:
-            d = Decision.decode(m.payload)
+            d = SiteDecision.decode(m.payload)
         except WireError:
             self.stats.bad_messages += 1
             return
@@ -224,7 +223,7 @@ class SiteAgent:
         with self._cv:
             self._msgs.setdefault(step, {})[self.s.device_id] = msg
         deadline = t0 + self.s.deadline_ms / 1000.0
-        decision: Decision | None = None
+        decision: SiteDecision | None = None
         with self._cv:
             while True:
                 if self.s.mode == "centralized":

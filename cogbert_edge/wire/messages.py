@@ -1,14 +1,17 @@
-"""Every message between a device and the cloud besides experience (``records``, ``batch``).
+"""Every message between a device and the cloud besides experience (``records``, ``batch``), and
+the two between the agents of a multi-agent site and their coordinator.
 
-=============================  =========  ====================  ===============
-topic (``topics.py``)          direction  message               encoding
-=============================  =========  ====================  ===============
-``.../{device}/ack``           down       :class:`Ack`          msgpack map
-``.../{device}/release``,      down       :class:`ReleaseOffer` msgpack map with
-``.../release`` (retained)                and :class:`Chunk`    ``"type"``
-``.../{device}/telemetry``     up         :class:`Telemetry`    JSON object
-``.../{device}/status``        up         :class:`StatusReport` JSON object
-=============================  =========  ====================  ===============
+==============================  =========  =====================  ================
+topic (``topics.py``)           direction  message                encoding
+==============================  =========  =====================  ================
+``.../{device}/ack``            down       :class:`Ack`           msgpack map
+``.../{device}/release``,       down       :class:`ReleaseOffer`  msgpack map with
+``.../release`` (retained)                 and :class:`Chunk`     ``"type"``
+``.../{device}/telemetry``      up         :class:`Telemetry`     JSON object
+``.../{device}/status``         up         :class:`StatusReport`  JSON object
+``.../_site/{s}/{agent}/msg``   site       :class:`AgentMessage`  msgpack map
+``.../_site/{s}/{c}/decision``  site       :class:`SiteDecision`  msgpack map
+==============================  =========  =====================  ================
 
 Both sides build and read these messages only through these classes: a field renamed here
 is renamed for the sender and the receiver at once, and a field a device counts internally
@@ -52,6 +55,8 @@ __all__ = [
     "ReleaseOffer",
     "Chunk",
     "decode_release_message",
+    "AgentMessage",
+    "SiteDecision",
 ]
 
 VERSION = 1
@@ -420,3 +425,90 @@ def decode_release_message(payload: bytes) -> ReleaseOffer | Chunk:
     if kind == "chunk":
         return Chunk.from_dict(d, v)
     raise WireError(f"unknown release message type {str(kind)[:20]!r}")
+
+
+# -- site coordination (agent <-> coordinator, multi-agent sites) --------------------------------
+#
+# Coordination is deadline-bound: a message that arrives late is useless, so both go at QoS 0
+# and nobody waits for a retransmission.
+
+_MAX_SITE = 4096                  # a proposal or an answer for at most 256 members
+_MAX_MEMBERS = 256
+
+
+def _site_map(payload: bytes, what: str) -> dict:
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) > _MAX_SITE:
+        raise WireError(f"{what}: expected at most {_MAX_SITE} bytes")
+    d = _msgpack_map(payload, what, max_bin_len=0, max_str_len=64, max_array_len=_MAX_MEMBERS, max_map_len=16,
+                     max_ext_len=0)
+    _version(d, what)
+    return d
+
+
+def _member(d: dict, key: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not 0 < len(v) <= 64:
+        raise WireError(f"field {key!r} must be a member name, got {_show(v)}")
+    return v
+
+
+def _members(d: dict, key: str) -> tuple[str, ...]:
+    v = d.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in v):
+        raise WireError(f"field {key!r} must be a list of member names, got {_show(v)}")
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class AgentMessage:
+    """What an agent proposes for a step (``.../_site/{site}/{agent}/msg``): its action, whether
+    it claims the shared maintenance crew, the wear reading that ranks its claim, the crews it
+    sees free, and when it was sent."""
+
+    step: int
+    agent: str
+    action: int
+    claim: bool
+    sensor: float
+    free: int          # maintenance crews free as the agent observes them
+    sent_ns: int
+    v: int = VERSION
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": self.v, "step": self.step, "agent": self.agent, "action": self.action,
+                              "claim": self.claim, "sensor": float(self.sensor), "free": self.free,
+                              "sent_ns": self.sent_ns})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> AgentMessage:
+        d = _site_map(payload, "agent message")
+        claim, sensor = d.get("claim"), d.get("sensor")
+        if not isinstance(claim, bool):
+            raise WireError(f"field 'claim' must be a boolean, got {_show(claim)}")
+        if not isinstance(sensor, float) or not math.isfinite(sensor):
+            raise WireError(f"field 'sensor' must be a finite float, got {_show(sensor)}")
+        return cls(_int(d, "step"), _member(d, "agent"), _int(d, "action"), claim, sensor, _int(d, "free"),
+                   _int(d, "sent_ns"), _int(d, "v", 1, lo=1))
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    """The coordinator's answer for a step (``.../_site/{site}/{coordinator}/decision``): whose
+    claims it granted and denied, and whose messages were missing at its deadline."""
+
+    step: int
+    granted: tuple[str, ...]
+    denied: tuple[str, ...]
+    missing: tuple[str, ...]
+    sent_ns: int
+    v: int = VERSION
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": self.v, "step": self.step, "granted": list(self.granted),
+                              "denied": list(self.denied), "missing": list(self.missing), "sent_ns": self.sent_ns})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SiteDecision:
+        d = _site_map(payload, "decision")
+        return cls(_int(d, "step"), _members(d, "granted"), _members(d, "denied"), _members(d, "missing"),
+                   _int(d, "sent_ns"), _int(d, "v", 1, lo=1))

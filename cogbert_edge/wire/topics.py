@@ -7,6 +7,12 @@
 The broker's ACLs (``cogbert broker config``) give device ``D`` write access to exactly its
 three upward topics and read access to its two downward topics and its fleet's release
 topic, keyed on the certificate's common name, never on the client id.
+
+A device certificate also names its site (subject L) and its site role (subject title:
+"agent" or "coordinator"). The broker's ``cogbert_acl`` plugin lets a member of site S publish
+``msg`` under its own name only, the coordinator alone publish ``decision``, and members of S
+alone subscribe to and receive S's topics. "_site" can never be a device id (ids start with a
+letter or digit), so the level cannot collide with a device.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Literal
 from cogbert_edge.errors import ConfigError
 
 __all__ = ["PREFIX", "UP", "DOWN", "TOPIC_MAP", "Topic", "check_device_id", "check_fleet", "device_topic",
-           "fleet_release", "parse_device_topic", "render_topic_map"]
+           "fleet_release", "parse_device_topic", "render_topic_map",
+           "SITE_LEVEL", "SITE_KINDS", "SITE_ROLES", "check_site", "site_topic", "site_filter", "parse_site_topic"]
 
 PREFIX = "cogbert/v1"
 
@@ -26,7 +33,7 @@ PREFIX = "cogbert/v1"
 @dataclass(frozen=True)
 class Topic:
     pattern: str
-    direction: Literal["up", "down"]
+    direction: Literal["up", "down", "site"]     # site: between the agents of a site and its coordinator
     message: str            # the class that encodes and decodes it
     encoding: str
     qos: int
@@ -46,6 +53,10 @@ TOPIC_MAP: tuple[Topic, ...] = (
           "release offers for this device"),
     Topic(PREFIX + "/{fleet}/release", "down", "wire.messages.ReleaseOffer", "msgpack", 1,
           "the fleet's retained release offer"),
+    Topic(PREFIX + "/{fleet}/_site/{site}/{member}/msg", "site", "wire.messages.AgentMessage", "msgpack", 0,
+          "an agent's proposal for a step"),
+    Topic(PREFIX + "/{fleet}/_site/{site}/{member}/decision", "site", "wire.messages.SiteDecision", "msgpack", 0,
+          "the site coordinator's answer"),
 )
 
 UP = tuple(t.pattern.rsplit("/", 1)[1] for t in TOPIC_MAP if t.direction == "up" and "{device}" in t.pattern)
@@ -98,3 +109,43 @@ def parse_device_topic(topic: str) -> tuple[str, str, str] | None:
     if not _FLEET_RE.match(parts[2]) or not _DEVICE_RE.match(parts[3]):
         return None
     return parts[2], parts[3], parts[4]
+
+
+# -- the site level (multi-agent sites, docs/multi-agent.md) -----------------------------------
+
+SITE_LEVEL = "_site"
+SITE_KINDS = ("msg", "decision")
+SITE_ROLES = ("agent", "coordinator")
+
+
+def check_site(site: str) -> str:
+    if not isinstance(site, str) or not _DEVICE_RE.match(site):
+        raise ConfigError(f"invalid site name {site!r}: use 1-64 letters, digits, '-' or '_'")
+    return site
+
+
+def _check_site_kind(kind: str) -> str:
+    if kind not in SITE_KINDS:
+        raise ConfigError(f"unknown site topic kind {kind!r}; one of {SITE_KINDS}")
+    return kind
+
+
+def site_topic(fleet: str, site: str, member: str, kind: str) -> str:
+    """The topic member ``member`` of ``site`` publishes its ``kind`` on."""
+    return f"{PREFIX}/{check_fleet(fleet)}/{SITE_LEVEL}/{check_site(site)}/{check_device_id(member)}/" \
+           f"{_check_site_kind(kind)}"
+
+
+def site_filter(fleet: str, site: str, kind: str) -> str:
+    """The subscription to every member's ``kind`` at ``site``."""
+    return f"{PREFIX}/{check_fleet(fleet)}/{SITE_LEVEL}/{check_site(site)}/+/{_check_site_kind(kind)}"
+
+
+def parse_site_topic(topic: str) -> tuple[str, str, str, str] | None:
+    """``(fleet, site, member, kind)`` of a site topic, or None if ``topic`` is not one."""
+    parts = topic.split("/")
+    if len(parts) != 7 or "/".join(parts[:2]) != PREFIX or parts[3] != SITE_LEVEL or parts[6] not in SITE_KINDS:
+        return None
+    if not all(_DEVICE_RE.match(p) for p in (parts[2], parts[4], parts[5])):
+        return None
+    return parts[2], parts[4], parts[5], parts[6]

@@ -5,6 +5,7 @@
 - :mod:`.analysis`    one stage's verdict, a pure function of the reports
 - :mod:`.stats`       the one-sided Welch test the reward check uses
 - :mod:`.controller`  the state machine that offers, analyses, promotes and rolls back
+- :mod:`.sites`       site-consistent rollouts of multi-agent releases (whole sites per stage)
 """
 
 from cogbert_cloud.errors import RolloutConflict
@@ -12,7 +13,9 @@ from cogbert_cloud.release.rollout.analysis import StageResult, StageWindow, ana
 from cogbert_cloud.release.rollout.controller import Rollout, RolloutController, StageRecord
 from cogbert_cloud.release.rollout.fleet import DeviceRecord, FleetView, ReceivedStatus, bucket
 from cogbert_cloud.release.rollout.settings import RolloutSettings
+from cogbert_cloud.release.rollout.sites import SiteRelease, SiteRollout, canary_sites
 from cogbert_cloud.release.rollout.stats import welch_p_less
 
 __all__ = ["RolloutSettings", "FleetView", "DeviceRecord", "ReceivedStatus", "RolloutController", "Rollout",
-           "StageRecord", "RolloutConflict", "StageResult", "StageWindow", "analyze", "bucket", "welch_p_less"]
+           "StageRecord", "RolloutConflict", "StageResult", "StageWindow", "analyze", "bucket", "welch_p_less",
+           "SiteRelease", "SiteRollout", "canary_sites"]
