@@ -18,6 +18,8 @@ from cogbert_edge.errors import (
     BundleError,
     CogbertError,
     ConfigError,
+    DecideRequestError,
+    DecideUnavailable,
     LinkError,
     ObservationError,
     VerificationError,
@@ -39,8 +41,6 @@ _LAZY = {
     "State": ".inference.policy",
     "AsyncDecideClient": ".decide_client",
     "DecideClient": ".decide_client",
-    "DecideRequestError": ".decide_client",
-    "DecideUnavailable": ".decide_client",
     "RemoteDecision": ".decide_client",
     "Device": ".device",
     "DeviceSettings": ".device",
@@ -102,8 +102,6 @@ if TYPE_CHECKING:
     from cogbert_edge.decide_client import (
         AsyncDecideClient,
         DecideClient,
-        DecideRequestError,
-        DecideUnavailable,
         RemoteDecision,
     )
     from cogbert_edge.device import Device, DeviceSettings, LoggedDecision

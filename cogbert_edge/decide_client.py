@@ -39,21 +39,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from cogbert_edge.errors import CogbertError
+from cogbert_edge.errors import CogbertError, ConfigError, DecideRequestError, DecideUnavailable
 
 __all__ = ["DecideClient", "AsyncDecideClient", "RemoteDecision", "DecideRequestError", "DecideUnavailable"]
-
-
-class DecideRequestError(CogbertError):
-    """The decision service refused a request; ``status`` is the HTTP status, ``code`` its word."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.retry_after = status, code, retry_after
-
-
-class DecideUnavailable(CogbertError, ConnectionError):
-    """The decision service could not be reached (after the retries)."""
 
 
 @dataclass(frozen=True)
@@ -106,9 +94,9 @@ class DecideClient:
                  retries: int = 3, tls: ssl.SSLContext | None = None, use_state_tokens: bool = True) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"url must be http(s)://host:port, got {url!r}")
+            raise ConfigError(f"url must be http(s)://host:port, got {url!r}")
         if encoding not in ("msgpack", "json"):
-            raise ValueError("encoding must be 'msgpack' or 'json'")
+            raise ConfigError("encoding must be 'msgpack' or 'json'")
         self.host, self.port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
         self.https, self.tls = u.scheme == "https", tls
         self.binary = encoding == "msgpack"
@@ -226,7 +214,7 @@ class AsyncDecideClient:
         u = urllib.parse.urlsplit(url)
         scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(u.scheme)
         if scheme is None or not u.hostname:
-            raise ValueError(f"url must be http(s):// or ws(s)://host:port, got {url!r}")
+            raise ConfigError(f"url must be http(s):// or ws(s)://host:port, got {url!r}")
         self.url = f"{scheme}://{u.netloc}/v1/stream"
         self.token, self.tls = token, tls
         self.binary = encoding == "msgpack"

@@ -12,11 +12,13 @@ happened and, where there is something to do about it, what to do. The device SD
     │   ├── RecordError                     an experience record does not decode
     │   └── BatchError                      an experience batch is malformed or hostile
     ├── VerificationError                   signed metadata or a bundle failed verification
-    └── LinkError (RuntimeError)            the MQTT link to the cloud
-        ├── LinkTimeout (TimeoutError)
-        ├── LinkClosedError
-        ├── PublishDeniedError
-        └── SubscribeDeniedError
+    ├── LinkError (RuntimeError)            the MQTT link to the cloud
+    │   ├── LinkTimeout (TimeoutError)
+    │   ├── LinkClosedError
+    │   ├── PublishDeniedError
+    │   └── SubscribeDeniedError
+    ├── DecideRequestError                  the cloud decision service refused a request
+    └── DecideUnavailable (ConnectionError) the cloud decision service could not be reached
 
 The cloud's errors (:mod:`cogbert_cloud.errors`) hang from the same root. The ``ValueError``
 and ``RuntimeError`` bases are kept for callers that caught those before the tree existed.
@@ -39,6 +41,8 @@ __all__ = [
     "LinkClosedError",
     "PublishDeniedError",
     "SubscribeDeniedError",
+    "DecideRequestError",
+    "DecideUnavailable",
 ]
 
 
@@ -115,3 +119,16 @@ class SubscribeDeniedError(LinkError):
     def __init__(self, topic_filter: str, reason: str, code: int) -> None:
         super().__init__(f"broker refused subscription to {topic_filter!r}: {reason} (0x{code:02x})")
         self.topic_filter, self.reason, self.code = topic_filter, reason, code
+
+
+class DecideRequestError(CogbertError):
+    """The decision service refused a request; ``status`` is the HTTP status, ``code`` its word
+    (``docs/decision-service.md`` lists them), ``retry_after`` the seconds it asked to wait."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+class DecideUnavailable(CogbertError, ConnectionError):
+    """The decision service could not be reached (after the retries)."""
