@@ -24,11 +24,7 @@ measured in one run, not absolute figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import multiprocessing as mp
 import os
-import random
 import secrets
 import subprocess
 import sys
@@ -38,12 +34,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import msgpack
-import numpy as np
+from ._serve_load import _load
+from ._serve_peers import FRAMEWORKS
 
 __all__ = ["register", "main", "table"]
-
-OBS_DIM = 64
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +110,7 @@ def _start(kind: str, site: dict, max_wait_us: int) -> tuple[subprocess.Popen, s
                "--max-queue", "65536", "--deadline-ms", "1000"]
         ready = f"http://127.0.0.1:{port}/ready"
     else:
-        cmd = [sys.executable, "-m", "cogbert_bench.serve", "--peer", kind, "--port", str(port), "--bundle",
+        cmd = [sys.executable, "-m", "cogbert_bench._serve_peers", "--peer", kind, "--port", str(port), "--bundle",
                str(site["bundle"] if kind == "ray" else site["fp32"])]
         ready = f"http://127.0.0.1:{port}/health"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
@@ -133,163 +127,6 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _ray_server(port: int, bundle: Path) -> None:
-    import ray
-    from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-
-    from cogbert_edge import Policy
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=40)   # logging.ERROR
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-    @serve.deployment(num_replicas=1, max_ongoing_requests=1000)
-    class Decide:
-        def __init__(self) -> None:
-            self.policy = Policy.load(bundle, "native")
-            self.states: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            self.zero = np.zeros(self.policy.config.hidden, np.float32)
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-        async def decide(self, reqs: list[dict]) -> list[dict]:
-            from cogbert_edge import State
-            obs = np.asarray([r["obs"] for r in reqs], np.float32)
-            st = [self.states.get(r["session"], (self.zero, self.zero)) for r in reqs]
-            d = self.policy.act_batch(obs, State(np.stack([s[0] for s in st]), np.stack([s[1] for s in st])))
-            out = []
-            for i, r in enumerate(reqs):
-                self.states[r["session"]] = (d.state.h[i].copy(), d.state.c[i].copy())
-                out.append({"action": int(d.action[i]), "log_prob": float(d.log_prob[i]),
-                            "value": float(d.value[i]), "batch": len(reqs)})
-            return out
-
-        async def __call__(self, request: Request) -> Any:
-            if request.url.path.endswith("/health"):
-                return JSONResponse({"ok": True})
-            return JSONResponse(await self.decide(await request.json()))
-
-    serve.run(Decide.bind(), route_prefix="/")  # type: ignore[attr-defined]
-    while True:
-        time.sleep(3600)
-
-
-def _fastapi_onnx_server(port: int, bundle: Path) -> None:
-    import onnxruntime as ort
-    import uvicorn
-    from fastapi import FastAPI
-    from pydantic import BaseModel
-
-    from cogbert_bench.peers import onnx_model
-    from cogbert_edge import load_bundle
-
-    b = load_bundle(bundle)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx_model(b.fp32_params(), b.config).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    hidden = b.config.hidden
-    states: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    zero = np.zeros((1, hidden), np.float32)
-    rng = np.random.default_rng(0)
-    app = FastAPI()
-
-    class Act(BaseModel):
-        session: str
-        obs: list[float]
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"ok": True}
-
-    def act(req: Act) -> dict:
-        h, c = states.get(req.session, (zero, zero))
-        head, value, h2, c2 = sess.run(["head", "value", "h_out", "c_out"],
-                                       {"obs": np.asarray([req.obs], np.float32), "h": h, "c": c})
-        states[req.session] = (h2, c2)
-        p = np.exp(head[0] - head[0].max())
-        p /= p.sum()
-        a = int(rng.choice(len(p), p=p))
-        return {"action": a, "log_prob": float(np.log(p[a])), "value": float(value[0, 0]), "batch": 1}
-
-    act.__annotations__.update(req=Act, **{"return": dict})   # resolved here, not in module globals (PEP 563)
-    app.post("/v1/act")(act)
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-# -- server and framework candidates, on a trivial endpoint -------------------------------------
-
-FRAMEWORKS = ("asgi-uvicorn", "asgi-granian", "starlette-uvicorn", "fastapi-uvicorn")
-_REPLY = msgpack.packb({"session": "s", "action": 1, "log_prob": -1.0, "value": 0.0, "model": "m", "step": 0,
-                        "compute_us": 0.0, "latency_us": 0.0, "state": None})
-
-
-async def bare_app(scope: dict, receive: Any, send: Any) -> None:
-    """The candidates' endpoint as a bare ASGI callable: read the body, parse it, answer."""
-    if scope["type"] != "http":
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-        return
-    body = b""
-    while True:
-        m = await receive()
-        body += m.get("body", b"")
-        if not m.get("more_body"):
-            break
-    if body:
-        msgpack.unpackb(body)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/msgpack"), (b"content-length", str(len(_REPLY)).encode())]})
-    await send({"type": "http.response.body", "body": _REPLY})
-
-
-def _framework_app(kind: str) -> Any:
-    if kind.startswith("asgi"):
-        return bare_app
-    from starlette.requests import Request
-    from starlette.responses import Response
-    if kind.startswith("starlette"):
-        from starlette.applications import Starlette
-        from starlette.routing import Route
-
-        async def act(request: Request) -> Response:
-            msgpack.unpackb(await request.body())
-            return Response(_REPLY, media_type="application/msgpack")
-
-        async def health(request: Request) -> Response:
-            return Response(b"{}", media_type="application/json")
-
-        return Starlette(routes=[Route("/v1/act", act, methods=["POST"]), Route("/v1/sessions", act, methods=["POST"]),
-                                 Route("/health", health)])
-    from fastapi import FastAPI
-    app = FastAPI()
-
-    async def act_(request: Request) -> Response:
-        msgpack.unpackb(await request.body())
-        return Response(_REPLY, media_type="application/msgpack")
-
-    # This module's annotations are strings (PEP 563) that FastAPI resolves in module globals,
-    # where Request is not: give it the class itself.
-    act_.__annotations__.update(request=Request, response=Response)
-    app.post("/v1/act")(act_)
-    app.post("/v1/sessions")(act_)
-
-    @app.get("/health")
-    async def health_() -> dict:
-        return {}
-
-    return app
-
-
-def _framework_server(kind: str, port: int) -> None:
-    import uvicorn
-    uvicorn.run(_framework_app(kind), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
-
-
 def _frameworks(a: argparse.Namespace) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,9 +136,9 @@ def _frameworks(a: argparse.Namespace) -> dict:
             if kind == "asgi-granian":
                 cmd = [str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--port", str(port),
                        "--host", "127.0.0.1", "--loop", "uvloop", "--http", "1", "--workers", "1",
-                       "--runtime-threads", "1", "--no-ws", "cogbert_bench.serve:bare_app"]
+                       "--runtime-threads", "1", "--no-ws", "cogbert_bench._serve_peers:bare_app"]
             else:
-                cmd = [sys.executable, "-m", "cogbert_bench.serve", "--peer", kind, "--port", str(port),
+                cmd = [sys.executable, "-m", "cogbert_bench._serve_peers", "--peer", kind, "--port", str(port),
                        "--bundle", "-"]
             proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
             try:
@@ -317,225 +154,6 @@ def _frameworks(a: argparse.Namespace) -> dict:
             finally:
                 _stop(proc)
     return {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg()}, "frameworks": rows}
-
-
-# -- the load generator --------------------------------------------------------------------------
-
-
-def _http_request(host: str, path: str, body: bytes, token: str, ctype: str) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-    return status, await reader.readexactly(length)
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.lat: list[float] = []
-        self.overhead: list[float] = []
-        self.batch: list[int] = []
-        self.errors = 0
-        self.done = 0
-
-
-async def _http_conn(host: str, kind: str, token: str, session: str, stats: _Stats, until: float,
-                     interval: float | None, tokens: bool, t_start: float) -> None:
-    h, p = host.split(":")
-    reader, writer = await asyncio.open_connection(h, int(p))
-    obs = np.random.default_rng(abs(hash(session)) % 2**32).standard_normal((64, OBS_DIM)).astype(np.float32)
-    cogbert = kind == "cogbert"
-    state = None
-    if cogbert:
-        writer.write(_http_request(host, "/v1/sessions", msgpack.packb({"session": session}), token,
-                                   "application/msgpack"))
-        _, body = await _read_response(reader)
-        state = msgpack.unpackb(body)["state"] if tokens else None
-    i = 0
-    # Open loop: each connection sends on its own schedule, latency counted from it. The
-    # schedules are staggered (a random phase each): connections started in step would send
-    # in bursts of all of them at once, and measure the burst, not the load.
-    next_t = t_start + (random.random() * interval if interval is not None else 0.0)
-    while True:
-        if interval is not None:
-            next_t += interval
-            now = time.perf_counter()
-            if next_t > now:
-                await asyncio.sleep(next_t - now)
-            t0 = next_t
-        else:
-            t0 = time.perf_counter()
-        if t0 >= until:
-            break
-        x = obs[i % 64]
-        i += 1
-        if cogbert:
-            q: dict = {"session": session, "obs": x.tobytes(), "return_state": tokens}
-            if state is not None:
-                q["state"] = state
-            writer.write(_http_request(host, "/v1/act", msgpack.packb(q), token, "application/msgpack"))
-        else:
-            writer.write(_http_request(host, "/v1/act", json.dumps({"session": session, "obs": x.tolist()}).encode(),
-                                       token, "application/json"))
-        status, body = await _read_response(reader)
-        t1 = time.perf_counter()
-        if status != 200:
-            stats.errors += 1
-            continue
-        r = msgpack.unpackb(body) if cogbert else json.loads(body)
-        if cogbert:
-            state = r.get("state")
-            stats.overhead.append(r["latency_us"] - r["compute_us"])
-        stats.batch.append(r.get("batch", 0))
-        stats.lat.append(t1 - t0)
-        stats.done += 1
-    writer.close()
-
-
-async def _ws_conn(host: str, token: str, prefix: str, group: int, inflight: int, stats: _Stats, until: float,
-                   interval: float | None, tokens: bool, t_start: float) -> None:
-    from websockets.asyncio.client import connect
-
-    ws = await connect(f"ws://{host}/v1/stream", additional_headers={"Authorization": f"Bearer {token}"},
-                       compression=None, max_size=1 << 24)
-    # Each of the `inflight` lanes of this socket owns `group` sessions: a session has one
-    # decision in flight at a time (as a real client's would), and lanes run concurrently.
-    rng = np.random.default_rng(abs(hash(prefix)) % 2**32)
-    obs = rng.standard_normal((64, OBS_DIM)).astype(np.float32)
-    waiting: dict[int, tuple[asyncio.Future, float]] = {}
-
-    async def reader() -> None:
-        async for raw in ws:
-            r = msgpack.unpackb(raw)
-            fut, _ = waiting.pop(r["id"])
-            fut.set_result(r)
-
-    rt = asyncio.ensure_future(reader())
-    ids = iter(range(1, 1 << 62))
-    states: dict[str, Any] = {}
-
-    async def call(msg: dict) -> dict:
-        msg["id"] = next(ids)
-        fut = asyncio.get_running_loop().create_future()
-        waiting[msg["id"]] = (fut, 0.0)
-        await ws.send(msgpack.packb(msg))
-        return await fut
-
-    async def lane(k: int) -> None:
-        names = [f"{prefix}-{k}-{j}" for j in range(group)]
-        for n in names:
-            r = await call({"op": "start", "session": n})
-            states[n] = r["state"] if tokens else None
-        i = 0
-        next_t = t_start + (random.random() * interval if interval is not None else 0.0)   # staggered
-        while True:
-            if interval is not None:
-                next_t += interval
-                now = time.perf_counter()
-                if next_t > now:
-                    await asyncio.sleep(next_t - now)
-                t0 = next_t
-            else:
-                t0 = time.perf_counter()
-            if t0 >= until:
-                return
-            x = obs[i % 64].tobytes()
-            i += 1
-            reqs = []
-            for n in names:
-                q: dict = {"session": n, "obs": x, "return_state": tokens}
-                if states[n] is not None:
-                    q["state"] = states[n]
-                reqs.append(q)
-            r = await call({"op": "act", "requests": reqs})
-            t1 = time.perf_counter()
-            if r.get("status") != 200:
-                stats.errors += len(names)
-                continue
-            for x_ in r["results"]:
-                if "error" in x_:
-                    stats.errors += 1
-                    continue
-                states[x_["session"]] = x_.get("state")
-                stats.overhead.append(x_["latency_us"] - x_["compute_us"])
-                stats.lat.append(t1 - t0)
-                stats.done += 1
-
-    await asyncio.gather(*(lane(k) for k in range(inflight)))
-    rt.cancel()
-    await ws.close()
-
-
-def _client(job: dict, out: Any) -> None:
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    stats = _Stats()
-
-    async def run() -> None:
-        t_start = time.perf_counter() + 0.5          # every connection is set up before timing starts
-        until = t_start + job["seconds"]
-        if job["transport"] == "http":
-            conns = [_http_conn(job["host"], job["kind"], job["token"], f"{job['name']}-{i}", stats, until,
-                                job["interval"], job["tokens"], t_start) for i in range(job["connections"])]
-        else:
-            conns = [_ws_conn(job["host"], job["token"], f"{job['name']}-{i}", job["group"], job["inflight"], stats,
-                              until, job["interval"], job["tokens"], t_start) for i in range(job["connections"])]
-        await asyncio.gather(*conns)
-
-    asyncio.run(run())
-    out.put({"lat": stats.lat, "overhead": stats.overhead, "batch": stats.batch, "errors": stats.errors,
-             "done": stats.done, "seconds": job["seconds"]})
-
-
-def _load(host: str, kind: str, transport: str, a: argparse.Namespace, token: str, *, rate: float | None,
-          name: str, connections: int | None = None, clients: int | None = None) -> dict:
-    """Run the clients; ``rate`` (decisions/s over all clients) makes it open-loop."""
-    clients = clients or a.clients
-    conns = connections or (a.connections if transport == "http" else a.ws_connections)
-    per_message = a.ws_group if transport == "ws" else 1
-    lanes = conns * (a.ws_inflight if transport == "ws" else 1) * clients
-    interval = None if rate is None else lanes * per_message / rate
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=({"host": host, "kind": kind, "transport": transport, "token": token,
-                                                  "name": f"{name}-{i}", "connections": conns,
-                                                  "group": a.ws_group, "inflight": a.ws_inflight,
-                                                  "seconds": a.seconds, "interval": interval,
-                                                  "tokens": a.tokens}, q)) for i in range(clients)]
-    for p in procs:
-        p.start()
-    parts: list[dict] = []
-    deadline = time.monotonic() + a.seconds + 120
-    while len(parts) < len(procs):
-        try:
-            parts.append(q.get(timeout=1.0))
-        except Exception:  # noqa: BLE001 - queue.Empty: check that the clients are still alive
-            if time.monotonic() > deadline or all(not p.is_alive() for p in procs):
-                for p in procs:
-                    p.kill()
-                raise RuntimeError("load-generator processes died or hung") from None
-    for p in procs:
-        p.join()
-    lat = np.concatenate([np.asarray(x["lat"]) for x in parts]) if parts else np.zeros(0)
-    over = np.concatenate([np.asarray(x["overhead"]) for x in parts])
-    batch = np.concatenate([np.asarray(x["batch"]) for x in parts])
-    done = sum(x["done"] for x in parts)
-    return {"decisions_per_s": round(done / a.seconds, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3) if len(lat) else None,
-            "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3) if len(lat) else None,
-            "server_overhead_us_p50": round(float(np.percentile(over, 50)), 1) if len(over) else None,
-            "mean_batch": round(float(batch[batch > 0].mean()), 2) if (batch > 0).any() else None,
-            "errors": sum(x["errors"] for x in parts)}
 
 
 def _batch_hist(host: str) -> tuple[float, float]:
@@ -635,19 +253,3 @@ def table(result: dict) -> str:
     if "vs_ray" in result:
         lines.append(f"vs Ray Serve: {result['vs_ray']}")
     return "\n".join(lines)
-
-
-def _peer_main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--peer", required=True, choices=("ray", "fastapi-onnx", *FRAMEWORKS))
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--bundle", type=Path, required=True)
-    a = p.parse_args()
-    if a.peer in FRAMEWORKS:
-        _framework_server(a.peer, a.port)
-    else:
-        (_ray_server if a.peer == "ray" else _fastapi_onnx_server)(a.port, a.bundle)
-
-
-if __name__ == "__main__":
-    _peer_main()
