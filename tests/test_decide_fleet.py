@@ -129,8 +129,6 @@ def test_a_canary_on_session_cohorts_rolls_back_a_broken_release(fleet):
                                              client_id="rollout-decide")).start()
     view = FleetView()
     view.attach(link, FLEET)
-    # The trial ends before the stage is analysed: an update agent mid-trial refuses the rollback
-    # release as "busy" (see docs/decision-service.md, known gaps).
     controller = RolloutController(RolloutSettings(fleet=FLEET, stages=(100,), control_pct=50, stage_seconds=4,
                                                    stage_timeout=60, report_timeout=30, min_devices=1,
                                                    min_decisions=100, notify_rate=50), registry, link, view)

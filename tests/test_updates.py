@@ -212,6 +212,40 @@ def test_fleet_rollback_as_a_higher_counter_accepted_while_the_replayed_old_mani
     assert dev.model_id == "model-1" and dev.agent.highest_counter == 3
 
 
+def test_a_newer_release_supersedes_a_model_on_trial_and_the_old_trial_never_commits(dev, keys):
+    stable, candidate = make_bundle(1), make_bundle(2)
+    dev.offer(release(keys, stable, 1), stable, wait="trial")
+    dev.decide(25)
+    dev.wait_for("committed")
+    dev.statuses.clear()
+    dev.offer(release(keys, candidate, 2), candidate, wait="trial")      # the canary, on trial
+    assert dev.model_id == "model-2"
+    dev.decide(5)                                                        # its trial is not over
+    dev.offer(release(keys, stable, 3), stable, wait="rolled_back:superseded")   # the rollout rolls back
+    dev.wait_for("trial")
+    assert [s.status for s in dev.statuses] == ["installed", "trial", "installed", "rolled_back:superseded",
+                                                "trial"]
+    assert [s.counter for s in dev.statuses][-2:] == [2, 3]
+    assert dev.model_id == "model-1"
+    dev.decide(25)
+    dev.wait_for("committed")
+    assert dev.statuses[-1].status == "committed" and dev.statuses[-1].counter == 3
+    assert not any(s.status == "committed" and s.counter == 2 for s in dev.statuses)
+    dev.boot()
+    assert dev.model_id == "model-1" and dev.agent.highest_counter == 3
+
+
+def test_a_release_offered_while_another_downloads_is_refused_as_busy(tmp_path, keys):
+    dev = Harness(tmp_path, keys)
+    first, second = make_bundle(1), make_bundle(2)
+    with dev.agent._lock:
+        dev.agent._busy = True                      # as while the first release downloads
+    dev.offer(release(keys, second, 2), second, wait="rejected:busy")
+    with dev.agent._lock:
+        dev.agent._busy = False
+    dev.offer(release(keys, first, 3), first, wait="trial")
+
+
 def test_incompatible_model(dev, keys):
     other = make_bundle(1, config=ModelConfig(obs_dim=13, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32))
     dev.offer(release(keys, other, 1), other, wait="rejected:incompatible")

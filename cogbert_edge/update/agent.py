@@ -194,7 +194,10 @@ class UpdateAgent:
             return self._status(None, f"rejected:{e.reason}", str(e))
         event(log, "release_offered", counter=release.counter, model=release.model)
         with self._lock:
-            if self._busy or self.trial is not None:
+            # A download or install in progress refuses the offer (the rollout offers again). A
+            # trial does not: a newer verified release (the rollout's pre-signed rollback, say)
+            # supersedes the model on trial, which is then never committed.
+            if self._busy:
                 return self._status(release, "rejected:busy", "another update is in progress")
             self._busy = True
         if msg.chunks is not None:
@@ -339,8 +342,11 @@ class UpdateAgent:
               check_ms=round((t1 - t0) * 1e3, 1), write_ms=round((time.monotonic() - t1) * 1e3, 1))
         self._status(release, "installed", bundle.model_id)
         with self._lock:
-            self.trial = Trial(release, policy, bundle, previous)
+            superseded, self.trial = self.trial, Trial(release, policy, bundle, previous)
             self._busy = False
+        if superseded is not None:
+            self._status(superseded.release, "rolled_back:superseded",
+                         f"release {release.counter} replaced it during its trial")
         self._crash_point("swap")
         self._swap(policy)
         self._status(release, "trial", bundle.model_id)
@@ -357,13 +363,13 @@ class UpdateAgent:
         verdict = t.observe(latency_s, ok, finite, self.s.trial_limits, self.baseline_latency_us)
         if verdict is None:
             return None
-        return self._end_trial(None if verdict == "pass" else verdict)
+        return self._end_trial(t, None if verdict == "pass" else verdict)
 
-    def _end_trial(self, failure: str | None) -> Policy | None:
+    def _end_trial(self, t: Trial, failure: str | None) -> Policy | None:
         with self._lock:
-            t, self.trial = self.trial, None
-        if t is None:
-            return None
+            if self.trial is not t:      # superseded meanwhile by a newer release's trial
+                return None
+            self.trial = None
         release = t.release
         if failure is None:
             self._crash_point("commit")
