@@ -150,6 +150,9 @@ def test_a_canary_is_a_whole_site_and_a_failed_release_rolls_back_the_whole_site
         link.wait_connected(10)
         rollout = SiteRollout(link, FLEET, SITES).start()
         plant.start()
+        # Every agent has decided once before the rollout starts: a first step can take longer
+        # than the canary's install, and the untouched site must be seen running its factory model.
+        wait_for(lambda: plant.steps > 0, plant)
         canary = canary_sites(list(SITES), 0.5)
         assert canary == ["lineA"]
         # Stage 1: the canary site installs release 2, every agent its own role's bundle ...
