@@ -4,8 +4,9 @@ swap: one device decides in a tight loop while signed releases are installed one
 other through its update agent (verify, stage, load on a worker thread, swap between two
 decisions, trial, commit). ``swap_pause_us_p99`` is the 99th percentile of decision latency
 in the windows around the swaps (from install start to 20 decisions after the swap), next to
-the same percentile with no update running; ``failed_decisions`` counts exceptions and
-non-finite outputs.
+the same percentile with no update running; ``commit_pause_us_*`` the same over the trials'
+ends (from the swap's window to 20 decisions after the ``committed`` status); ``failed_decisions``
+counts exceptions and non-finite outputs.
 
 rollout: N simulated devices (``cogbert device simulate`` processes) deciding at a modest rate
 on a real mutual-TLS Mosquitto; a signed release is published on the fleet's retained release
@@ -84,7 +85,7 @@ def swap_main(args: argparse.Namespace) -> dict:
         rng = np.random.default_rng(0)
         obs = rng.standard_normal((256, config.obs_dim)).astype(np.float32)
         state = dev.policy.initial_state()
-        lat, marks, failed = [], [], 0
+        lat, marks, commit_marks, failed = [], [], [], 0
         clock = time.perf_counter
 
         def decide(n: int) -> None:
@@ -112,16 +113,24 @@ def swap_main(args: argparse.Namespace) -> dict:
                 decide(1)
             decide(20)
             marks.append((start, len(lat)))
-            while updater.trial is not None:     # let the trial commit before the next release
-                decide(50)
+            # The trial's end and commit, until the status is out and 20 decisions after it.
+            start, done_before = len(lat), sum(s.status == "committed" for s in updater.statuses)
+            while sum(s.status == "committed" for s in updater.statuses) == done_before:
+                decide(1)
+            decide(20)
+            commit_marks.append((start, len(lat)))
         statuses = [s.status for s in updater.statuses]
         dev.close(flush=False)
     around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
+    commits = np.concatenate([np.array(lat[a:b]) for a, b in commit_marks]) * 1e6
     return {"suite": "swap", "model": "reference (obs 64, LSTM 256, 8 actions), fp32", "backend": dev.policy.backend,
             "swaps": args.swaps, "committed": statuses.count("committed"),
             "swap_pause_us_p99": round(float(np.percentile(around, 99)), 1),
             "swap_pause_us_max": round(float(around.max()), 1),
-            "baseline": summary_us(baseline), "decisions": len(lat), "failed_decisions": failed}
+            "commit_pause_us_p99": round(float(np.percentile(commits, 99)), 1),
+            "commit_pause_us_max": round(float(commits.max()), 1),
+            "baseline": summary_us(baseline), "baseline_max_us": round(float(baseline.max()) * 1e6, 1),
+            "decisions": len(lat), "failed_decisions": failed}
 
 
 def _offline_device(root: Path, keys: KeyStore) -> Device:

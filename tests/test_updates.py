@@ -235,15 +235,52 @@ def test_a_newer_release_supersedes_a_model_on_trial_and_the_old_trial_never_com
     assert dev.model_id == "model-1" and dev.agent.highest_counter == 3
 
 
-def test_a_release_offered_while_another_downloads_is_refused_as_busy(tmp_path, keys):
-    dev = Harness(tmp_path, keys)
-    first, second = make_bundle(1), make_bundle(2)
+def test_a_release_offered_during_a_download_waits_for_it_and_only_the_newest_one_waits(tmp_path, keys):
+    # The fleet's rollback is one retained message: a device busy with another release when it
+    # arrives must install it afterwards, not drop it.
+    served = threading.Event()
+    bundles = {n: make_bundle(n) for n in (1, 2, 3)}
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            served.wait(10)                          # the first download hangs until released
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(bundles[1])))
+            self.end_headers()
+            self.wfile.write(bundles[1])
+
+        def log_message(self, *a):
+            pass
+
+    srv = _Server(Slow)
+    try:
+        dev = Harness(tmp_path, keys)
+        dev.send({"type": "release", "manifest": release(keys, bundles[1], 1),
+                  "source": {"kind": "url", "url": srv.url}, "root_chain": []})
+        dev.offer(release(keys, bundles[2], 2), bundles[2])        # both arrive during the download
+        dev.offer(release(keys, bundles[3], 3), bundles[3])
+        assert not any(s.status.startswith("rejected") for s in dev.statuses)
+        served.set()
+        deadline = time.monotonic() + 20
+        while not any(s.status == "trial" and s.counter == 3 for s in dev.statuses):
+            dev.decide(5)
+            assert time.monotonic() < deadline, [(s.status, s.counter) for s in dev.statuses]
+    finally:
+        served.set()
+        srv.close()
+    assert dev.model_id == "model-3"
+    assert not any(s.counter == 2 for s in dev.statuses)           # overtaken while it waited
+    dev.decide(25)
+    dev.wait_for("committed")
+    assert dev.statuses[-1].counter == 3
+
+
+def test_a_chunked_offer_during_an_install_is_refused_as_busy(dev, keys):
     with dev.agent._lock:
-        dev.agent._busy = True                      # as while the first release downloads
-    dev.offer(release(keys, second, 2), second, wait="rejected:busy")
-    with dev.agent._lock:
-        dev.agent._busy = False
-    dev.offer(release(keys, first, 3), first, wait="trial")
+        dev.agent._busy = True                      # as while another release installs
+    new = make_bundle(2)
+    dev.send({"type": "release", "manifest": release(keys, new, 2), "source": {"kind": "chunks", "count": 3}})
+    dev.wait_for("rejected:busy")
 
 
 def test_incompatible_model(dev, keys):

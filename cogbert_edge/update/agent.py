@@ -129,6 +129,9 @@ class UpdateAgent:
         self._report: Callable[[StatusReport], None] = lambda status: None
         self._swap: Callable[[Policy], None] = lambda policy: None
         self._busy = False
+        # The newest URL offer that arrived while busy, installed when the work in progress ends:
+        # the fleet's rollback is one retained message, and a device must not miss it.
+        self._queued: tuple[Release, ReleaseOffer, Policy] | None = None
         self.trial: Trial | None = None
         # The running model's recent decision latencies (µs), set by the device at a swap.
         self.baseline_latency_us: np.ndarray | None = None
@@ -198,8 +201,20 @@ class UpdateAgent:
             # trial does not: a newer verified release (the rollout's pre-signed rollback, say)
             # supersedes the model on trial, which is then never committed.
             if self._busy:
-                return self._status(release, "rejected:busy", "another update is in progress")
-            self._busy = True
+                if msg.chunks is not None:     # chunks flow now or never: this offer is lost to us
+                    busy = True
+                else:
+                    busy = False
+                    if self._queued is None or release.counter > self._queued[0].counter:
+                        self._queued = (release, msg, current)
+            else:
+                self._busy = True
+                busy = None
+        if busy:
+            return self._status(release, "rejected:busy", "another update is in progress")
+        if busy is False:
+            event(log, "release_queued", counter=release.counter, detail="after the update in progress")
+            return
         if msg.chunks is not None:
             with self._lock:
                 self._pending[release.sha256] = (release, msg.chunks)
@@ -244,12 +259,12 @@ class UpdateAgent:
             if sum(map(len, parts.values())) > pending[0].length:     # endless data
                 self._pending.pop(sha)
                 self._chunks.pop(sha)
-                self._busy = False
                 release = pending[0]
             else:
                 release = None
         if release is not None:
-            return self._status(release, "rejected:length_mismatch", "chunks exceed the stated length")
+            self._status(release, "rejected:length_mismatch", "chunks exceed the stated length")
+            return self._idle()
         self._maybe_assemble(sha, None)
 
     def _maybe_assemble(self, sha: str, current: Policy | None) -> None:
@@ -267,9 +282,8 @@ class UpdateAgent:
         try:
             data = self._download(release, offer.url or "")
         except VerificationError as e:
-            with self._lock:
-                self._busy = False
-            return self._status(release, f"rejected:{e.reason}", str(e))
+            self._status(release, f"rejected:{e.reason}", str(e))
+            return self._idle()
         self._install(release, data, download_s=time.monotonic() - t0)
 
     def _download(self, release: Release, url: str) -> bytes:
@@ -326,9 +340,8 @@ class UpdateAgent:
             if golden:
                 raise VerificationError("golden", golden)
         except VerificationError as e:
-            with self._lock:
-                self._busy = False
-            return self._status(release, f"rejected:{e.reason}", str(e))
+            self._status(release, f"rejected:{e.reason}", str(e))
+            return self._idle()
         t1 = time.monotonic()
         dest = self.dir / "models" / f"{release.sha256}.safetensors"
         self._crash_point("stage")
@@ -343,7 +356,6 @@ class UpdateAgent:
         self._status(release, "installed", bundle.model_id)
         with self._lock:
             superseded, self.trial = self.trial, Trial(release, policy, bundle, previous)
-            self._busy = False
         if superseded is not None:
             self._status(superseded.release, "rolled_back:superseded",
                          f"release {release.counter} replaced it during its trial")
@@ -351,6 +363,7 @@ class UpdateAgent:
         self._swap(policy)
         self._status(release, "trial", bundle.model_id)
         self._crash_point("trial")
+        self._idle()
 
     # -- trial ------------------------------------------------------------------------------
 
@@ -370,16 +383,40 @@ class UpdateAgent:
             if self.trial is not t:      # superseded meanwhile by a newer release's trial
                 return None
             self.trial = None
+            # The commit's fsyncs (tens of ms) run on the update thread, not between two
+            # decisions; an offer meanwhile is refused as busy, so nothing else moves the state.
+            self._busy = failure is None or self._busy
         release = t.release
         if failure is None:
-            self._crash_point("commit")
-            self._save_state(self.state.committed())
-            self._status(release, "committed", t.bundle.model_id)
+            _background(self._commit, t)
             return None
         self._save_state(self.state.rolled_back(t.previous))
         self._status(release, f"rolled_back:{failure}", t.bundle.model_id)
         policy, _ = self.boot()
         return policy
+
+    def _commit(self, t: Trial) -> None:
+        try:
+            self._crash_point("commit")
+            self._save_state(self.state.committed())
+            self._status(t.release, "committed", t.bundle.model_id)
+        finally:
+            self._idle()
+
+    def _idle(self) -> None:
+        """The update in progress is over: install the newest offer that waited for it, if it
+        is still newer than what this device has accepted."""
+        while True:
+            with self._lock:
+                nxt, self._queued = self._queued, None
+                self._busy = nxt is not None
+            if nxt is None:
+                return
+            release, offer, current = nxt
+            if release.counter > self.highest_counter:
+                return _background(self._install_from_url, release, offer, current)
+            self._status(release, "rejected:rollback", f"counter {release.counter} is not above "
+                                                       f"{self.highest_counter}, accepted meanwhile")
 
     # -- persistence and reporting ----------------------------------------------------------
 
