@@ -196,23 +196,22 @@ class UpdateAgent:
                 return self._status(None, "already_installed", "this release is installed")
             return self._status(None, f"rejected:{e.reason}", str(e))
         event(log, "release_offered", counter=release.counter, model=release.model)
+        # A download, install or commit in progress makes a URL offer wait for it (the newest
+        # one only); chunks flow now or never, so a chunked offer is refused. A trial does not
+        # make the agent busy: a newer verified release (the rollout's pre-signed rollback, say)
+        # supersedes the model on trial, which is then never committed.
         with self._lock:
-            # A download or install in progress refuses the offer (the rollout offers again). A
-            # trial does not: a newer verified release (the rollout's pre-signed rollback, say)
-            # supersedes the model on trial, which is then never committed.
-            if self._busy:
-                if msg.chunks is not None:     # chunks flow now or never: this offer is lost to us
-                    busy = True
-                else:
-                    busy = False
-                    if self._queued is None or release.counter > self._queued[0].counter:
-                        self._queued = (release, msg, current)
+            if not self._busy:
+                self._busy, outcome = True, "install"
+            elif msg.chunks is not None:
+                outcome = "refuse"
             else:
-                self._busy = True
-                busy = None
-        if busy:
+                outcome = "wait"
+                if self._queued is None or release.counter > self._queued[0].counter:
+                    self._queued = (release, msg, current)
+        if outcome == "refuse":
             return self._status(release, "rejected:busy", "another update is in progress")
-        if busy is False:
+        if outcome == "wait":
             event(log, "release_queued", counter=release.counter, detail="after the update in progress")
             return
         if msg.chunks is not None:
