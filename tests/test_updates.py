@@ -275,6 +275,25 @@ def test_a_release_offered_during_a_download_waits_for_it_and_only_the_newest_on
     assert dev.statuses[-1].counter == 3
 
 
+def test_an_offer_during_a_trials_commit_waits_until_the_commit_is_written(dev, keys):
+    first, second = make_bundle(1), make_bundle(2)
+    dev.offer(release(keys, first, 1), first, wait="trial")
+    with dev.agent._lock:
+        dev.agent._ending = True                    # as while the trial's commit is being written
+    dev.offer(release(keys, second, 2), second)
+    time.sleep(0.2)
+    assert [s.status for s in dev.statuses] == ["installed", "trial"]     # it waits, nothing moved
+    dev.agent._idle("ending")
+    dev.wait_for("rolled_back:superseded")
+    deadline = time.monotonic() + 10
+    while dev.model_id != "model-2":
+        dev.decide(1)
+        assert time.monotonic() < deadline
+    dev.decide(25)
+    dev.wait_for("committed")
+    assert [(s.status, s.counter) for s in dev.statuses][-1] == ("committed", 2)
+
+
 def test_a_chunked_offer_during_an_install_is_refused_as_busy(dev, keys):
     with dev.agent._lock:
         dev.agent._busy = True                      # as while another release installs

@@ -48,6 +48,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -128,7 +129,8 @@ class UpdateAgent:
         self.statuses: list[StatusReport] = []
         self._report: Callable[[StatusReport], None] = lambda status: None
         self._swap: Callable[[Policy], None] = lambda policy: None
-        self._busy = False
+        self._busy = False              # a download or install in progress
+        self._ending = False            # a trial's commit or rollback being written
         # The newest URL offer that arrived while busy, installed when the work in progress ends:
         # the fleet's rollback is one retained message, and a device must not miss it.
         self._queued: tuple[Release, ReleaseOffer, Policy] | None = None
@@ -201,7 +203,7 @@ class UpdateAgent:
         # make the agent busy: a newer verified release (the rollout's pre-signed rollback, say)
         # supersedes the model on trial, which is then never committed.
         with self._lock:
-            if not self._busy:
+            if not (self._busy or self._ending):
                 self._busy, outcome = True, "install"
             elif msg.chunks is not None:
                 outcome = "refuse"
@@ -263,7 +265,7 @@ class UpdateAgent:
                 release = None
         if release is not None:
             self._status(release, "rejected:length_mismatch", "chunks exceed the stated length")
-            return self._idle()
+            return self._idle("install")
         self._maybe_assemble(sha, None)
 
     def _maybe_assemble(self, sha: str, current: Policy | None) -> None:
@@ -282,7 +284,7 @@ class UpdateAgent:
             data = self._download(release, offer.url or "")
         except VerificationError as e:
             self._status(release, f"rejected:{e.reason}", str(e))
-            return self._idle()
+            return self._idle("install")
         self._install(release, data, download_s=time.monotonic() - t0)
 
     def _download(self, release: Release, url: str) -> bytes:
@@ -340,7 +342,7 @@ class UpdateAgent:
                 raise VerificationError("golden", golden)
         except VerificationError as e:
             self._status(release, f"rejected:{e.reason}", str(e))
-            return self._idle()
+            return self._idle("install")
         t1 = time.monotonic()
         dest = self.dir / "models" / f"{release.sha256}.safetensors"
         self._crash_point("stage")
@@ -362,7 +364,7 @@ class UpdateAgent:
         self._swap(policy)
         self._status(release, "trial", bundle.model_id)
         self._crash_point("trial")
-        self._idle()
+        self._idle("install")
 
     # -- trial ------------------------------------------------------------------------------
 
@@ -382,16 +384,19 @@ class UpdateAgent:
             if self.trial is not t:      # superseded meanwhile by a newer release's trial
                 return None
             self.trial = None
-            # The commit's fsyncs (tens of ms) run on the update thread, not between two
-            # decisions; an offer meanwhile is refused as busy, so nothing else moves the state.
-            self._busy = failure is None or self._busy
+            # Until the trial's end is written, offers wait: nothing else may move the state.
+            self._ending = True
         release = t.release
         if failure is None:
+            # The commit's fsyncs run on the update thread, not between two decisions.
             _background(self._commit, t)
             return None
-        self._save_state(self.state.rolled_back(t.previous))
-        self._status(release, f"rolled_back:{failure}", t.bundle.model_id)
-        policy, _ = self.boot()
+        try:
+            self._save_state(self.state.rolled_back(t.previous))
+            self._status(release, f"rolled_back:{failure}", t.bundle.model_id)
+            policy, _ = self.boot()
+        finally:
+            self._idle("ending")
         return policy
 
     def _commit(self, t: Trial) -> None:
@@ -400,18 +405,21 @@ class UpdateAgent:
             self._save_state(self.state.committed())
             self._status(t.release, "committed", t.bundle.model_id)
         finally:
-            self._idle()
+            self._idle("ending")
 
-    def _idle(self) -> None:
-        """The update in progress is over: install the newest offer that waited for it, if it
-        is still newer than what this device has accepted."""
+    def _idle(self, finished: Literal["install", "ending"]) -> None:
+        """An install, or a trial's end, is over: once neither is in progress, install the
+        newest offer that waited, if it is still newer than what this device has accepted."""
         while True:
             with self._lock:
-                nxt, self._queued = self._queued, None
-                self._busy = nxt is not None
-            if nxt is None:
-                return
-            release, offer, current = nxt
+                if finished == "install":
+                    self._busy = False
+                else:
+                    self._ending = False
+                if self._busy or self._ending or self._queued is None:
+                    return
+                (release, offer, current), self._queued = self._queued, None
+                self._busy, finished = True, "install"
             if release.counter > self.highest_counter:
                 return _background(self._install_from_url, release, offer, current)
             self._status(release, "rejected:rollback", f"counter {release.counter} is not above "
