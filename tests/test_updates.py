@@ -275,23 +275,24 @@ def test_a_release_offered_during_a_download_waits_for_it_and_only_the_newest_on
     assert dev.statuses[-1].counter == 3
 
 
-def test_an_offer_during_a_trials_commit_waits_until_the_commit_is_written(dev, keys):
+def test_a_trial_that_ends_after_a_newer_install_began_neither_commits_nor_moves_its_state(dev, keys):
+    # The trial passes on the decision thread while a newer release installs on the update
+    # thread: whichever writes the state second must not undo the other.
     first, second = make_bundle(1), make_bundle(2)
     dev.offer(release(keys, first, 1), first, wait="trial")
-    with dev.agent._lock:
-        dev.agent._ending = True                    # as while the trial's commit is being written
-    dev.offer(release(keys, second, 2), second)
-    time.sleep(0.2)
-    assert [s.status for s in dev.statuses] == ["installed", "trial"]     # it waits, nothing moved
-    dev.agent._idle("ending")
-    dev.wait_for("rolled_back:superseded")
+    trial = dev.agent.trial
+    dev.offer(release(keys, second, 2), second, wait="rolled_back:superseded")
     deadline = time.monotonic() + 10
-    while dev.model_id != "model-2":
-        dev.decide(1)
+    while dev.agent.trial is None or dev.agent.trial.release.counter != 2:
         assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert dev.agent._end_trial(trial, None) is None          # too late: release 2 replaced it
+    dev.agent._commit(trial)
+    assert dev.agent.state.trial.counter == 2 and dev.agent.state.current is None
+    assert not any(s.status == "committed" for s in dev.statuses)
     dev.decide(25)
     dev.wait_for("committed")
-    assert [(s.status, s.counter) for s in dev.statuses][-1] == ("committed", 2)
+    assert dev.agent.state.current.counter == 2 and dev.agent.state.trial is None
 
 
 def test_a_chunked_offer_during_an_install_is_refused_as_busy(dev, keys):

@@ -48,7 +48,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -130,7 +129,9 @@ class UpdateAgent:
         self._report: Callable[[StatusReport], None] = lambda status: None
         self._swap: Callable[[Policy], None] = lambda policy: None
         self._busy = False              # a download or install in progress
-        self._ending = False            # a trial's commit or rollback being written
+        # Held across each read-modify-write of the persisted state: an install (update thread)
+        # and a trial's commit (update thread) or rollback (decision thread) may overlap.
+        self._state_lock = threading.Lock()
         # The newest URL offer that arrived while busy, installed when the work in progress ends:
         # the fleet's rollback is one retained message, and a device must not miss it.
         self._queued: tuple[Release, ReleaseOffer, Policy] | None = None
@@ -203,7 +204,7 @@ class UpdateAgent:
         # make the agent busy: a newer verified release (the rollout's pre-signed rollback, say)
         # supersedes the model on trial, which is then never committed.
         with self._lock:
-            if not (self._busy or self._ending):
+            if not self._busy:
                 self._busy, outcome = True, "install"
             elif msg.chunks is not None:
                 outcome = "refuse"
@@ -265,7 +266,7 @@ class UpdateAgent:
                 release = None
         if release is not None:
             self._status(release, "rejected:length_mismatch", "chunks exceed the stated length")
-            return self._idle("install")
+            return self._idle()
         self._maybe_assemble(sha, None)
 
     def _maybe_assemble(self, sha: str, current: Policy | None) -> None:
@@ -284,7 +285,7 @@ class UpdateAgent:
             data = self._download(release, offer.url or "")
         except VerificationError as e:
             self._status(release, f"rejected:{e.reason}", str(e))
-            return self._idle("install")
+            return self._idle()
         self._install(release, data, download_s=time.monotonic() - t0)
 
     def _download(self, release: Release, url: str) -> bytes:
@@ -342,16 +343,17 @@ class UpdateAgent:
                 raise VerificationError("golden", golden)
         except VerificationError as e:
             self._status(release, f"rejected:{e.reason}", str(e))
-            return self._idle("install")
+            return self._idle()
         t1 = time.monotonic()
         dest = self.dir / "models" / f"{release.sha256}.safetensors"
         self._crash_point("stage")
         atomic_write(dest, data)
-        previous = self.state.current
         model = InstalledModel(release.counter, release.sha256, bundle.model_id,
                                hashlib.sha256(release.raw).hexdigest())
         self._crash_point("persist")
-        self._save_state(self.state.with_trial(model))
+        with self._state_lock:
+            previous = self.state.current
+            self._save_state(self.state.with_trial(model))
         event(log, "install_timing", counter=release.counter, download_ms=round(download_s * 1e3, 1),
               check_ms=round((t1 - t0) * 1e3, 1), write_ms=round((time.monotonic() - t1) * 1e3, 1))
         self._status(release, "installed", bundle.model_id)
@@ -364,7 +366,7 @@ class UpdateAgent:
         self._swap(policy)
         self._status(release, "trial", bundle.model_id)
         self._crash_point("trial")
-        self._idle("install")
+        self._idle()
 
     # -- trial ------------------------------------------------------------------------------
 
@@ -384,42 +386,50 @@ class UpdateAgent:
             if self.trial is not t:      # superseded meanwhile by a newer release's trial
                 return None
             self.trial = None
-            # Until the trial's end is written, offers wait: nothing else may move the state.
-            self._ending = True
-        release = t.release
         if failure is None:
             # The commit's fsyncs run on the update thread, not between two decisions.
             _background(self._commit, t)
             return None
-        try:
-            self._save_state(self.state.rolled_back(t.previous))
-            self._status(release, f"rolled_back:{failure}", t.bundle.model_id)
-            policy, _ = self.boot()
-        finally:
-            self._idle("ending")
+        with self._state_lock:
+            replaced = not self._on_trial(t)     # a newer release was installed meanwhile
+            if not replaced:
+                self._save_state(self.state.rolled_back(t.previous))
+        if replaced:
+            self._status(t.release, f"rolled_back:{failure}", "a newer release was installed meanwhile")
+            return None
+        self._status(t.release, f"rolled_back:{failure}", t.bundle.model_id)
+        policy, _ = self.boot()
         return policy
 
-    def _commit(self, t: Trial) -> None:
-        try:
-            self._crash_point("commit")
-            self._save_state(self.state.committed())
-            self._status(t.release, "committed", t.bundle.model_id)
-        finally:
-            self._idle("ending")
+    def _on_trial(self, t: Trial) -> bool:
+        """Whether the persisted state still has ``t``'s release on trial (a newer install
+        replaces it there even after ``t`` ended on the decision thread)."""
+        return self.state.trial is not None and self.state.trial.sha256 == t.release.sha256 \
+            and self.state.trial.counter == t.release.counter
 
-    def _idle(self, finished: Literal["install", "ending"]) -> None:
-        """An install, or a trial's end, is over: once neither is in progress, install the
-        newest offer that waited, if it is still newer than what this device has accepted."""
+    def _commit(self, t: Trial) -> None:
+        self._crash_point("commit")
+        with self._state_lock:
+            if self._on_trial(t):
+                self._save_state(self.state.committed())
+                committed = True
+            else:
+                committed = False
+        if committed:
+            self._status(t.release, "committed", t.bundle.model_id)
+        else:
+            self._status(t.release, "rolled_back:superseded", "a newer release was installed before its commit")
+
+    def _idle(self) -> None:
+        """The install in progress is over: install the newest offer that waited for it, if it
+        is still newer than what this device has accepted."""
         while True:
             with self._lock:
-                if finished == "install":
-                    self._busy = False
-                else:
-                    self._ending = False
-                if self._busy or self._ending or self._queued is None:
+                self._busy = False
+                if self._queued is None:
                     return
                 (release, offer, current), self._queued = self._queued, None
-                self._busy, finished = True, "install"
+                self._busy = True
             if release.counter > self.highest_counter:
                 return _background(self._install_from_url, release, offer, current)
             self._status(release, "rejected:rollback", f"counter {release.counter} is not above "
