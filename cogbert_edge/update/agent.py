@@ -199,8 +199,8 @@ class UpdateAgent:
                 return self._status(None, "already_installed", "this release is installed")
             return self._status(None, f"rejected:{e.reason}", str(e))
         event(log, "release_offered", counter=release.counter, model=release.model)
-        # A download, install or commit in progress makes a URL offer wait for it (the newest
-        # one only); chunks flow now or never, so a chunked offer is refused. A trial does not
+        # A download or install in progress makes a URL offer wait for it (the newest one
+        # only); chunks flow now or never, so a chunked offer is refused. A trial does not
         # make the agent busy: a newer verified release (the rollout's pre-signed rollback, say)
         # supersedes the model on trial, which is then never committed.
         with self._lock:
