@@ -57,6 +57,15 @@ def mutate_bundle(seed: bytes, data, kinds: list[str], max_rounds: int) -> bytes
 
 
 
+# A skip for what this machine is (its CPU, its operating system), not for a tool that
+# `./run test` would have installed: COGBERT_STRICT_SKIPS lets these through (conftest.py).
+MACHINE_LIMIT = "this machine cannot: "
+
+
+def skip_on_this_machine(why: str) -> None:
+    pytest.skip(MACHINE_LIMIT + why)
+
+
 def spawn_logged(args: list[str], log: Path, **kw) -> subprocess.Popen:
     """Start a long-lived process with its stderr in ``log``. A pipe that nobody reads fills at
     64 KiB, and then the child blocks in its logging call, and with it whatever thread logged:

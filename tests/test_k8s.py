@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from .helpers import skip_on_this_machine
 from .k8s_manifests import (
     BASE,
     BASE_DOCS,
@@ -532,7 +533,7 @@ def test_the_ingest_probe_command_tells_a_fresh_stats_file_from_a_stale_or_missi
     import os
     import time
     if subprocess.run(["stat", "-c", "%Y", "/"], capture_output=True).returncode != 0:
-        pytest.skip("needs GNU stat, as in the Debian-based image the probe runs in")
+        skip_on_this_machine("run GNU stat, as the Debian-based image the probe runs in does")
     ingest = _pod_spec(_find("Deployment", "cogbert-ingest"))["containers"][0]
     cmd = ingest["livenessProbe"]["exec"]["command"]
     stats = ingest["args"][ingest["args"].index("--stats-file") + 1]

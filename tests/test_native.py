@@ -51,7 +51,7 @@ from cogbert_edge.inference.backends import AUTO_ORDER, create_backend
 from cogbert_edge.inference.backends import native_backend as nb
 from cogbert_edge.inference.quant import plan, quantize_params
 
-from .helpers import mutate_bundle, structured_obs
+from .helpers import mutate_bundle, skip_on_this_machine, structured_obs
 from .test_bundle import _cases, edit_meta, join, split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +204,7 @@ def test_the_512_bit_kernels_give_the_256_bit_results_bit_for_bit(bundles, quant
     """Other weight layout (panels of 16 rows), other tiling over the batch, same arithmetic per
     element: every output of a 100-step rollout at batch 1, 5 and 64 must be identical."""
     if wide not in RUNS:
-        pytest.skip(f"this CPU does not run the {wide} kernels (best here: {BEST})")
+        skip_on_this_machine(f"run the {wide} kernels on this CPU (best here: {BEST})")
     a = nb.NativeBackend(bundles[quant], kernel=wide)
     b = nb.NativeBackend(bundles[quant], kernel=narrow)
     assert (a.kernel, b.kernel) == (wide, narrow)
