@@ -164,7 +164,7 @@ def test_a_canary_is_a_whole_site_and_a_failed_release_rolls_back_the_whole_site
         # Stage 2: release 3's body bundle does not fit: the body agents reject it, the head took it,
         # and the whole site goes back (to the pre-signed rollback, release 4 = release 2's bundles).
         assert rollout.stage(["lineA"], r3, rollback=r4, timeout=90) == {"lineA": "rolled_back"}
-        assert rollout.verdict("lineA") == "installed"
+        assert rollout.verdict("lineA") == "installed", rollout.reports("lineA")
         reps = rollout.reports("lineA")
         assert set(reps) == set(SITES["lineA"]) and all(r.counter == 4 and r.installed for r in reps.values())
         wait_for(lambda: all(plant.models.get(d) == _model_id(v2[r]) for d, r in SITES["lineA"].items()), plant)

@@ -305,7 +305,11 @@ def test_a_chunked_offer_during_an_install_is_refused_as_busy(dev, keys):
 
 def test_incompatible_model(dev, keys):
     other = make_bundle(1, config=ModelConfig(obs_dim=13, action=ActionSpace.of_discrete(4), encoder=(32,), hidden=32))
-    dev.offer(release(keys, other, 1), other, wait="rejected:incompatible")
+    dev.offer(release(keys, other, 1), other)
+    report = dev.wait_for("rejected:incompatible")
+    # The manifest verified, so the rejection names its counter: a site rollout attributes it to
+    # this release, not to one offered after it.
+    assert report.counter == 1
     dev.statuses.clear()
     manifest = json.loads(release(keys, make_bundle(1), 2))["signed"]
     manifest["compat"]["format_version"] = 2

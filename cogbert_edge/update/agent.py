@@ -193,11 +193,17 @@ class UpdateAgent:
         try:
             if self.trust.update_root_chain(list(msg.root_chain)):
                 atomic_write(self.dir / "root.json", self.trust.root_bytes)
-            release = self._verify(msg.manifest, current)
+            release = self._verify(msg.manifest)
         except VerificationError as e:
             if e.reason == "rollback" and self._is_current(msg.manifest):
                 return self._status(None, "already_installed", "this release is installed")
             return self._status(None, f"rejected:{e.reason}", str(e))
+        try:
+            self._check_compatible(release, current)
+        except VerificationError as e:
+            # The manifest is signed and verified: its counter is the signer's, so the report names it
+            # (a rollout must not take this rejection for that of a later offer).
+            return self._status(release, f"rejected:{e.reason}", str(e))
         event(log, "release_offered", counter=release.counter, model=release.model)
         # A download or install in progress makes a URL offer wait for it (the newest one
         # only); chunks flow now or never, so a chunked offer is refused. A trial does not
@@ -225,7 +231,7 @@ class UpdateAgent:
             return
         _background(self._install_from_url, release, msg, current)
 
-    def _verify(self, manifest: bytes, current: Policy) -> Release:
+    def _verify(self, manifest: bytes) -> Release:
         self.trust.now = self.clock()
         if self.s.role is not None:   # an agent of a site: only site releases, for its role
             release = self.trust.verify_site_release(manifest, role=self.s.role, model=self.s.model,
@@ -236,13 +242,16 @@ class UpdateAgent:
                                                 highest_counter=self.highest_counter,
                                                 sdk_format_version=FORMAT_VERSION, sdk_version=SDK_VERSION)
         self._crash_point("verify")
+        return release
+
+    @staticmethod
+    def _check_compatible(release: Release, current: Policy) -> None:
         c, cfg = release.compat, current.config
         if (c["architecture"] != "lstm-ac" or c["obs_dim"] != cfg.obs_dim
                 or c["action"] != {"kind": cfg.action.kind, "size": cfg.action.size}):
             raise VerificationError("incompatible", f"release needs obs {c['obs_dim']} and actions {c['action']}; "
                                                     f"this device provides obs {cfg.obs_dim}, actions "
                                                     f"{cfg.action.kind} {cfg.action.size}")
-        return release
 
     def _is_current(self, manifest: bytes) -> bool:
         cur = self.state.current
