@@ -6,7 +6,9 @@ decisions, trial, commit). ``swap_pause_us_p99`` is the 99th percentile of decis
 in the windows around the swaps (from install start to 20 decisions after the swap), next to
 the same percentile with no update running; ``commit_pause_us_*`` the same over the trials'
 ends (from the swap's window to 20 decisions after the ``committed`` status); ``failed_decisions``
-counts exceptions and non-finite outputs.
+counts exceptions and non-finite outputs. ``gc_full_collection_ms`` is one full garbage collection
+after the run: the stall Python's own full collections put on a decision whenever they run
+(``DeviceSettings.freeze_gc``; ``--no-freeze-gc`` for the comparison).
 
 rollout: N simulated devices (``cogbert device simulate`` processes) deciding at a modest rate
 on a real mutual-TLS Mosquitto; a signed release is published on the fleet's retained release
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import subprocess
@@ -52,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("swap", help="decision latency while models are hot-swapped")
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--decisions", type=int, default=20000, help="decisions before the first swap (baseline)")
+    p.add_argument("--no-freeze-gc", action="store_true",
+                   help="start the device with freeze_gc=False (compare gc_full_collection_ms)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=swap_main)
     r = sub.add_parser("rollout", help="time from publishing a release to every device committed")
@@ -79,7 +84,7 @@ def swap_main(args: argparse.Namespace) -> dict:
         keys = KeyStore.init(root / "keys")
         bundles = [_bundle(i, config) for i in range(args.swaps + 1)]
         (root / "factory.safetensors").write_bytes(bundles[0])
-        dev = _offline_device(root, keys)
+        dev = _offline_device(root, keys, freeze_gc=not args.no_freeze_gc)
         updater = dev.updater
         assert updater is not None   # a device given a trust root runs an update agent
         rng = np.random.default_rng(0)
@@ -120,6 +125,11 @@ def swap_main(args: argparse.Namespace) -> dict:
             decide(20)
             commit_marks.append((start, len(lat)))
         statuses = [s.status for s in updater.statuses]
+        # What a full collection, which Python starts on its own as long-lived objects grow,
+        # would stall one decision for on this device.
+        t0 = clock()
+        gc.collect()
+        full_gc_ms = (clock() - t0) * 1e3
         dev.close(flush=False)
     around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
     commits = np.concatenate([np.array(lat[a:b]) for a, b in commit_marks]) * 1e6
@@ -130,16 +140,17 @@ def swap_main(args: argparse.Namespace) -> dict:
             "commit_pause_us_p99": round(float(np.percentile(commits, 99)), 1),
             "commit_pause_us_max": round(float(commits.max()), 1),
             "baseline": summary_us(baseline), "baseline_max_us": round(float(baseline.max()) * 1e6, 1),
-            "decisions": len(lat), "failed_decisions": failed}
+            "decisions": len(lat), "failed_decisions": failed,
+            "gc_full_collection_ms": round(full_gc_ms, 2), "gc_frozen_objects": gc.get_freeze_count()}
 
 
-def _offline_device(root: Path, keys: KeyStore) -> Device:
+def _offline_device(root: Path, keys: KeyStore, *, freeze_gc: bool = True) -> Device:
     """A device whose link never connects: releases are handed to its agent directly."""
     pki = PKI.init(root / "pki")
     pki.issue_device("bench", fleet="default")
     return Device(DeviceSettings(device_id="bench", spool=root / "spool", bundle=root / "factory.safetensors",
                                  broker="mqtts://localhost:9", pki=pki.root, trust_root=keys.root / "root.json",
-                                 model_name="bench",
+                                 model_name="bench", freeze_gc=freeze_gc,
                                  update=UpdateSettings(trial_decisions=200, trial_seconds=0.2))).start()
 
 

@@ -19,6 +19,7 @@ full disk and on a bad update.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import secrets
@@ -72,6 +73,12 @@ class DeviceSettings:
     telemetry_interval: float = 10.0        # seconds between telemetry messages
     model_name: str = "cogbert"             # what releases must name to be installed here
     trust_root: Path | None = None          # root.json of the fleet's release keys: enables updates
+    # Python's full collection scans every tracked object under the GIL: over the ~50k objects
+    # of a started device (numpy, cryptography, paho, the SDK) it took 20-30 ms on a 2-core
+    # machine, a stall of one decision whenever it ran (at a trial's end, in cogbert-bench swap).
+    # Freezing what is alive at start takes those objects out of every later collection, as
+    # pre-fork servers do; the cost is that they are never collected (docs/device-sdk.md).
+    freeze_gc: bool = True
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     uploader: UploaderSettings = field(default_factory=UploaderSettings)
     link: LinkSettings = field(default_factory=LinkSettings)
@@ -162,6 +169,9 @@ class Device:
             if self._boot_note:
                 updater._status(None, self._boot_note)
         self._telemetry.start()
+        if s.freeze_gc:
+            gc.collect()        # garbage of the start-up is collected, not frozen
+            gc.freeze()
         self._started = True
         return self
 

@@ -107,3 +107,20 @@ def test_a_device_keeps_deciding_with_the_broker_down_and_its_settings_are_typed
     assert tel.decisions == 200 and tel.outbox.last_seq == 200 and tel.outbox.acked_seq == 0
     assert tel.link != "connected"
     assert (tmp_path / "spool" / "outbox").is_dir()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_started_device_takes_its_start_up_objects_out_of_later_garbage_collections(site, tmp_path, freeze):
+    # A full collection over a started device's objects stalled a decision by 20-40 ms
+    # (cogbert-bench swap: gc_full_collection_ms); the device freezes them unless told not to.
+    import gc
+    gc.unfreeze()
+    s = DeviceSettings(device_id="press-1", fleet="plant", spool=tmp_path / "spool", bundle=site["bundle"],
+                       pki=site["pki"].root, broker="mqtts://localhost:9", backend="numpy", freeze_gc=freeze)
+    try:
+        with Device(s) as dev:
+            dev.act("u", np.zeros(6, np.float32))
+            frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert (frozen > 1000) if freeze else (frozen == 0), frozen
