@@ -74,7 +74,7 @@ class DeviceSettings:
     model_name: str = "cogbert"             # what releases must name to be installed here
     trust_root: Path | None = None          # root.json of the fleet's release keys: enables updates
     # Python's full collection scans every tracked object under the GIL: over the ~50k objects
-    # of a started device (numpy, cryptography, paho, the SDK) it took 20-30 ms on a 2-core
+    # of a started device (numpy, cryptography, paho, the SDK) it took 20-37 ms on a 2-core
     # machine, a stall of one decision whenever it ran (at a trial's end, in cogbert-bench swap).
     # Freezing what is alive at start takes those objects out of every later collection, as
     # pre-fork servers do; the cost is that they are never collected (docs/device-sdk.md).
