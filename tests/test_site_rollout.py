@@ -5,6 +5,7 @@ release that one role's agents reject rolls back the whole site, the agent that 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,12 +20,14 @@ import pytest
 from cogbert_cloud.fleet.broker import LocalBroker
 from cogbert_cloud.fleet.pki import PKI
 from cogbert_cloud.learn.envs.production_line import ProductionLineVecEnv
-from cogbert_cloud.release.rollout.sites import SiteRelease, SiteRollout, canary_sites
+from cogbert_cloud.release.rollout.sites import SiteRelease, SiteRollout, _SiteState, canary_sites
 from cogbert_cloud.release.signing import KeyStore, create_site_release
 from cogbert_edge.errors import ConfigError, VerificationError
 from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params
+from cogbert_edge.link.mqtt import Message
 from cogbert_edge.update.trust import TrustedState
+from cogbert_edge.wire.messages import StatusReport
 
 from .fleet import service_link
 
@@ -113,6 +116,34 @@ class Plant(threading.Thread):
                 self.steps = t
         except BaseException as e:  # surfaced by the test
             self.error = e
+
+
+def test_a_counter_less_rejection_counts_only_for_the_offer_whose_manifest_it_names(tmp_path):
+    # An agent reports a manifest it could not verify without a counter. Arriving after the site's
+    # next offer, a late rejection of the previous one must not fail the new one.
+    keys = KeyStore.init(tmp_path / "keys")
+    v2 = {"head": _bundle(21), "body": _bundle(22)}
+    old = SiteRelease(3, create_site_release(v2, keys, counter=3, model="cogbert", fleet=FLEET), v2)
+    new = SiteRelease(4, create_site_release(v2, keys, counter=4, model="cogbert", fleet=FLEET), v2)
+    rollout = SiteRollout(None, FLEET, SITES)  # type: ignore[arg-type]  # no offers are sent here
+    with rollout._lock:
+        rollout.state["lineA"] = _SiteState(counter=4, release=new, offered_at=time.time() - 1,
+                                            manifest_sha256=hashlib.sha256(new.manifest).hexdigest())
+
+    def report(manifest: bytes | None) -> Message:
+        r = StatusReport.parse("rejected:bad_signature", device="a2", time=time.time(),
+                               manifest=hashlib.sha256(manifest).hexdigest() if manifest else "")
+        return Message(f"cogbert/v1/{FLEET}/a2/status", r.encode(), 1, False, None)
+
+    rollout._on_status(report(old.manifest))
+    assert rollout.verdict("lineA") == "pending" and rollout.reports("lineA") == {}
+    rollout._on_status(report(new.manifest))
+    assert rollout.verdict("lineA") == "failed" and rollout.reports("lineA")["a2"].reason == "bad_signature"
+    # An agent that sends no hash: a rejection after the offer is taken as the offer's.
+    with rollout._lock:
+        rollout.state["lineA"].reports.clear()
+    rollout._on_status(report(None))
+    assert rollout.verdict("lineA") == "failed"
 
 
 def test_a_canary_is_a_whole_site_and_a_failed_release_rolls_back_the_whole_site(tmp_path):

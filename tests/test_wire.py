@@ -44,6 +44,8 @@ MESSAGES = [
     (TELEMETRY, Telemetry.decode),
     (StatusReport.parse("rolled_back:nan_outputs", counter=3, detail="m", time=1.0, device="d", model="m"),
      StatusReport.decode),
+    (StatusReport.parse("rejected:bad_signature", detail="m", time=1.0, device="d", model="m", manifest="ab" * 32),
+     StatusReport.decode),
     (ReleaseOffer(b"{manifest}", url="file:///x", root_chain=(b"r2", b"r3")), decode_release_message),
     (ReleaseOffer(b"{manifest}", chunks=3), decode_release_message),
     (Chunk("ab" * 32, 2, b"\x00\x01"), decode_release_message),

@@ -197,7 +197,9 @@ class UpdateAgent:
         except VerificationError as e:
             if e.reason == "rollback" and self._is_current(msg.manifest):
                 return self._status(None, "already_installed", "this release is installed")
-            return self._status(None, f"rejected:{e.reason}", str(e))
+            # No counter can be trusted here: the manifest's hash says which offer this answers.
+            return self._status(None, f"rejected:{e.reason}", str(e),
+                                manifest=hashlib.sha256(msg.manifest).hexdigest())
         try:
             self._check_compatible(release, current)
         except VerificationError as e:
@@ -450,8 +452,9 @@ class UpdateAgent:
         state.save(self.dir / "state.json")
         self.state = state
 
-    def _status(self, release: Release | None, status: str, detail: str = "") -> None:
-        report = StatusReport.parse(status, counter=release.counter if release else None, detail=detail[:300])
+    def _status(self, release: Release | None, status: str, detail: str = "", *, manifest: str = "") -> None:
+        report = StatusReport.parse(status, counter=release.counter if release else None, detail=detail[:300],
+                                    manifest=manifest)
         self.statuses.append(report)
         event(log, "update_status", level=logging.WARNING if report.failed else logging.INFO,
               status=report.status, counter=report.counter, detail=report.detail)

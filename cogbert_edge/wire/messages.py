@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import msgpack
@@ -299,6 +299,9 @@ class StatusReport:
     device: str = ""
     model: str = ""
     v: int = VERSION
+    # SHA-256 (hex) of the release message's manifest, when the report has no counter (the
+    # manifest failed verification): a rollout attributes the rejection to the offer it answers.
+    manifest: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in _UPDATE_STATUSES:
@@ -325,11 +328,14 @@ class StatusReport:
         return cls(kind, reason[:_MAX_STR], **kw)  # type: ignore[arg-type]
 
     def with_sender(self, device: str, model: str) -> StatusReport:
-        return StatusReport(self.kind, self.reason, self.counter, self.detail, self.time, device, model, self.v)
+        return replace(self, device=device, model=model)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": self.v, "device": self.device, "model": self.model, "status": self.status,
-                "counter": self.counter, "detail": self.detail[:_MAX_STR], "time": self.time}
+        d = {"v": self.v, "device": self.device, "model": self.model, "status": self.status,
+             "counter": self.counter, "detail": self.detail[:_MAX_STR], "time": self.time}
+        if self.manifest:
+            d["manifest"] = self.manifest
+        return d
 
     def encode(self) -> bytes:
         return _dumps(self.to_dict())
@@ -342,7 +348,8 @@ class StatusReport:
     def from_dict(cls, d: dict) -> StatusReport:
         v = _version(d, "status report")
         return cls.parse(_str(d, "status"), counter=_opt_int(d, "counter"), detail=_str(d, "detail", ""),
-                         time=_num(d, "time", 0.0), device=_str(d, "device", ""), model=_str(d, "model", ""), v=v)
+                         time=_num(d, "time", 0.0), device=_str(d, "device", ""), model=_str(d, "model", ""), v=v,
+                         manifest=_str(d, "manifest", "", limit=64))
 
 
 # -- releases (cloud -> device) -----------------------------------------------------------------

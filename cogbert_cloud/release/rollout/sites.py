@@ -17,6 +17,7 @@ as MQTT chunks), follows the agents' status reports, and judges a site:
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class _SiteState:
     counter: int | None = None
     release: SiteRelease | None = None
     offered_at: float = 0.0
+    manifest_sha256: str = ""
     reports: dict[str, StatusReport] = field(default_factory=dict)
 
 
@@ -94,11 +96,15 @@ class SiteRollout:
             st = self.state[site]
             if st.counter is None:
                 return
-            # A manifest the update agent could not verify is reported without a counter: a rejection
-            # that arrives after this site's offer is taken as that offer's (device clocks in NTP sync).
-            # ("rejected:rollback" is a stale offer of an older release, never the current one's failure.)
+            # A manifest the update agent could not verify is reported without a counter but with
+            # the manifest's hash, which names the offer it answers. (From an agent too old to send
+            # the hash, a rejection after this site's offer is taken as that offer's; device clocks
+            # in NTP sync.) "rejected:rollback" is a stale offer of an older release, never the
+            # current one's failure.
+            answers_offer = (report.manifest == st.manifest_sha256 if report.manifest
+                             else report.time >= st.offered_at)
             unattributed = (report.counter is None and report.failed and report.reason != "rollback"
-                            and report.time >= st.offered_at)
+                            and answers_offer)
             if report.counter != st.counter and not unattributed:
                 return
             if report.kind == "rejected" and report.reason == "busy" and st.release is not None:
@@ -126,7 +132,8 @@ class SiteRollout:
         if missing:
             raise ConfigError(f"release {release.counter} has no bundle for the roles {missing} of site {site!r}")
         with self._cv:
-            self.state[site] = _SiteState(counter=release.counter, release=release, offered_at=time.time())
+            self.state[site] = _SiteState(counter=release.counter, release=release, offered_at=time.time(),
+                                          manifest_sha256=hashlib.sha256(release.manifest).hexdigest())
         for device, role in members.items():
             self._offer_one(device, role, release)
         self.audit.append({"site": site, "action": "offer", "counter": release.counter, "devices": sorted(members),
