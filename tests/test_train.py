@@ -78,3 +78,35 @@ def test_vtrace_moves_the_policy_towards_the_action_the_logs_show_pays():
         return float(np.mean(np.asarray(d.action) == 2))
 
     assert p_best(behaviour) < 0.35 and p_best(after) > 0.6
+
+
+def _policy_kl(a: PPOTrainer, b_params: dict, b_norm: dict, obs: np.ndarray) -> float:
+    """Mean KL(a || b) of the first decision on ``obs`` (each policy with its own normalisation)."""
+    from cogbert_edge.inference.model import NumpyMath, step
+    h = np.zeros((len(obs), a.cfg.hidden), np.float32)
+    la, *_ = step(NumpyMath({**a.params, **a.norm.as_params()}), a.model, obs, h, h)
+    lb, *_ = step(NumpyMath({**b_params, **b_norm}), a.model, obs, h, h)
+    pa = np.exp(la - np.logaddexp.reduce(la, axis=-1, keepdims=True))
+    lpb = lb - np.logaddexp.reduce(lb, axis=-1, keepdims=True)
+    return float((pa * (np.log(pa) - lpb)).sum(-1).mean())
+
+
+def test_fine_tuning_keeps_the_starting_normalisation_and_ref_kl_keeps_the_policy_near_it():
+    start = PPOTrainer(_small())
+    start.train(2 * 4 * 16, progress=False)
+    norm = start.norm.as_params()
+    init = {**start.params, **norm}
+    obs = np.random.default_rng(0).standard_normal((64, start.model.obs_dim)).astype(np.float32)
+    runs = {}
+    for name, kw in {"free": {"ref_kl": 0.0}, "near": {"ref_kl": 50.0},
+                     "norm_updates": {"ref_kl": 0.0, "freeze_norm": False}}.items():
+        cfg = PPOConfig(**{**_small().__dict__, "lr": 0.02, "epochs": 4, **kw})
+        t = PPOTrainer(cfg, init=init)
+        t.train(6 * 4 * 16, progress=False)
+        runs[name] = t
+    for k, v in norm.items():       # frozen by default when fine-tuning ...
+        np.testing.assert_allclose(runs["free"].norm.as_params()[k], v, rtol=1e-5, err_msg=k)
+    assert any(not np.allclose(runs["norm_updates"].norm.as_params()[k], v, rtol=1e-3)  # ... or not
+               for k, v in norm.items())
+    free, near = (_policy_kl(runs[n], start.params, norm, obs) for n in ("free", "near"))
+    assert near < 0.5 * free, (near, free)

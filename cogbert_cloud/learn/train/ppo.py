@@ -80,6 +80,13 @@ class PPOConfig:
     env_kwargs: dict = field(default_factory=dict)
     vectorization: str = "auto"       # Gymnasium envs without a same-step vector_entry_point: sync or async
     log_std_init: float = 0.0         # continuous actions: initial log standard deviation
+    # With --from: this times KL(policy || the starting policy) joins the loss, so that a
+    # candidate stays within reach of the fleet's logs (the gate's effective sample size).
+    ref_kl: float = 0.0
+    # With --from: keep the starting policy's observation normalisation. Updating it moves the
+    # policy on every input without a gradient step, outside PPO's clip and the ref_kl penalty
+    # (a fine-tuned candidate's effective sample size on fleet logs fell from ~1,400 to 4-8).
+    freeze_norm: bool = True
     compile: bool = False             # mx.compile the update (same numbers; not measured faster yet, see docs)
 
 
@@ -133,6 +140,12 @@ class PPOTrainer:
                 params["policy.log_std"] = np.full(action.size, cfg.log_std_init, np.float32)
         self.params, norm = split_params(params)
         self.params_mx = to_mx(self.params)
+        if cfg.ref_kl < 0:
+            raise ConfigError(f"ref_kl must be >= 0, got {cfg.ref_kl}")
+        # The policy PPO started from (with --from, the fleet's), for the ref_kl penalty.
+        # It sees observations through its own normalisation, as the fleet's devices do, not
+        # through the statistics this run keeps updating.
+        self.ref_mx = to_mx({**self.params, **norm}) if init is not None and cfg.ref_kl > 0 else None
         self.norm = RunningMeanStd(obs_dim)
         if init is not None:
             self.norm.mean = norm["obs_norm.mean"].astype(np.float64)
@@ -147,6 +160,7 @@ class PPOTrainer:
         self.episode_returns: list[float] = []
         obs, _ = self.env.reset(seed=self.env_seed)
         self.obs = obs
+        self.norm_frozen = init is not None and cfg.freeze_norm
         self._update_norm(obs)
         self.h = np.zeros((n_local, cfg.hidden), np.float32)
         self.c = np.zeros_like(self.h)
@@ -157,6 +171,8 @@ class PPOTrainer:
 
     def _update_norm(self, x: np.ndarray) -> None:
         """Observation statistics over every process's observations."""
+        if self.norm_frozen:
+            return
         x = np.asarray(x, np.float64)
         n = self.dp.sum_array(np.array([x.shape[0]], np.float64))[0]
         total = self.dp.sum_array(x.sum(0))
@@ -168,7 +184,7 @@ class PPOTrainer:
         mx, cfg, model = self.mx, self.cfg, self.model
         from cogbert_edge.inference.backends.mlx_backend import MLXMath
 
-        def loss(params, norm, obs, h0, c0, starts, actions, old_logp, adv, ret, clip):
+        def loss(params, norm, obs, h0, c0, starts, actions, old_logp, adv, ret, clip, ref):
             F = MLXMath({**params, **norm})
             heads, values, _, _ = sequence(F, model, obs, h0, c0, starts, mx.stack)
             onehot = None
@@ -182,9 +198,25 @@ class PPOTrainer:
             vloss = 0.5 * ((values - ret) ** 2).mean()
             ent = entropy(F, model, heads).mean()
             total = pg + cfg.vf_coef * vloss - cfg.ent_coef * ent
+            kl = mx.array(0.0)
+            if ref is not None:
+                # The reference runs its own recurrence from the rollout's states: the two
+                # policies stay close, so their states do too.
+                R = MLXMath(ref)
+                ref_heads, _, _, _ = sequence(R, model, obs, h0, c0, starts, mx.stack)
+                ref_heads = mx.stop_gradient(ref_heads)
+                if model.action.discrete:
+                    logp_all = heads - mx.logsumexp(heads, axis=-1, keepdims=True)
+                    ref_all = ref_heads - mx.logsumexp(ref_heads, axis=-1, keepdims=True)
+                    kl = (mx.exp(logp_all) * (logp_all - ref_all)).sum(-1).mean()
+                else:
+                    ls, rls = params["policy.log_std"], mx.stop_gradient(ref["policy.log_std"])
+                    kl = (rls - ls + (mx.exp(2 * ls) + (heads - ref_heads) ** 2) / (2 * mx.exp(2 * rls))
+                          - 0.5).sum(-1).mean()
+                total = total + cfg.ref_kl * kl
             approx_kl = ((ratio - 1) - (logp - old_logp)).mean()
             clipfrac = (mx.abs(ratio - 1) > clip).astype(mx.float32).mean()
-            return total, (pg, vloss, ent, approx_kl, clipfrac)
+            return total, (pg, vloss, ent, approx_kl, clipfrac, kl)
 
         grad = mx.value_and_grad(loss)
         # Compiled: the update is hundreds of small operations per step of the sequence, and at
@@ -279,7 +311,7 @@ class PPOTrainer:
                 args = [mx.array(buf["obs"][:, idx]), mx.array(buf["h0"][idx]), mx.array(buf["c0"][idx]),
                         mx.array(buf["starts"][:, idx]), mx.array(buf["actions"][:, idx]),
                         mx.array(buf["logp"][:, idx]), mx.array(adv), mx.array(buf["ret"][:, idx]),
-                        mx.array(clip, dtype=mx.float32)]
+                        mx.array(clip, dtype=mx.float32), self.ref_mx]
                 (loss, aux), grads = self._grad_fn(self.params_mx, norm, *args)
                 grads = self.dp.average(grads)
                 grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -289,7 +321,7 @@ class PPOTrainer:
         self.params = to_np(self.params_mx)
         s = np.mean(stats, axis=0)
         return {"loss": s[0], "pg_loss": s[1], "v_loss": s[2], "entropy": s[3], "approx_kl": s[4],
-                "clipfrac": s[5], "lr": lr}
+                "clipfrac": s[5], "ref_kl": s[6], "lr": lr}
 
     def train(self, total_steps: int, *, metrics: Metrics | None = None, progress: bool | None = None) -> dict:
         cfg = self.cfg
@@ -333,7 +365,10 @@ class PPOTrainer:
         env_arrays, env_meta = _env_state(self.env)
         arrays.update(env_arrays)
         arrays.update(obs=self.obs, h=self.h, c=self.c, starts=self.starts, ret_acc=self.ret_acc)
+        if self.ref_mx is not None:     # a resumed fine-tune keeps its reference
+            arrays.update({f"ref.{k}": np.array(v) for k, v in self.ref_mx.items()})
         state = {"config": dataclasses.asdict(self.cfg), "update": self.update_idx, "steps": self.steps,
+                 "norm_frozen": self.norm_frozen,
                  "norm": self.norm.state(), "ret_rms": self.ret_rms.state(), "rng": self.rng.bit_generator.state,
                  "env": env_meta, "episode_returns": self.episode_returns[-100:]}
         return Checkpoint(arrays, state)
@@ -369,6 +404,9 @@ class PPOTrainer:
             t.obs, t.h, t.c = ck.arrays["obs"], ck.arrays["h"], ck.arrays["c"]
             t.starts, t.ret_acc = ck.arrays["starts"], ck.arrays["ret_acc"]
         t.update_idx, t.steps = ck.state["update"], ck.state["steps"]
+        t.norm_frozen = bool(ck.state.get("norm_frozen", False))
+        ref = {k[len("ref."):]: v for k, v in ck.arrays.items() if k.startswith("ref.")}
+        t.ref_mx = to_mx(ref) if ref else None
         t.norm = RunningMeanStd.from_state(ck.state["norm"])
         t.ret_rms = RunningMeanStd.from_state(ck.state["ret_rms"])
         t.rng.bit_generator.state = ck.state["rng"]
