@@ -85,7 +85,8 @@ class PPOConfig:
     ref_kl: float = 0.0
     # With --from: keep the starting policy's observation normalisation. Updating it moves the
     # policy on every input without a gradient step, outside PPO's clip and the ref_kl penalty
-    # (a fine-tuned candidate's effective sample size on fleet logs fell from ~1,400 to 4-8).
+    # (the gate's effective sample size for a fine-tuned candidate on fleet logs: 4-8 with the
+    # statistics updated, 92 frozen, 1,245 frozen with ref_kl 0.3; docs/training.md).
     freeze_norm: bool = True
     compile: bool = False             # mx.compile the update (same numbers; not measured faster yet, see docs)
 
