@@ -110,3 +110,22 @@ def test_fine_tuning_keeps_the_starting_normalisation_and_ref_kl_keeps_the_polic
                for k, v in norm.items())
     free, near = (_policy_kl(runs[n], start.params, norm, obs) for n in ("free", "near"))
     assert near < 0.5 * free, (near, free)
+
+
+def test_a_resumed_fine_tune_keeps_its_reference_and_its_frozen_normalisation(tmp_path):
+    start = PPOTrainer(_small())
+    start.train(2 * 4 * 16, progress=False)
+    init = {**start.params, **start.norm.as_params()}
+    cfg = PPOConfig(**{**_small().__dict__, "ref_kl": 1.0})
+    steps = 4 * 4 * 16
+    straight = PPOTrainer(cfg, init=init)
+    straight.train(steps, progress=False)
+    store = open_store(f"file://{tmp_path}")
+    first = PPOTrainer(PPOConfig(**{**cfg.__dict__, "checkpoint_every": 2}), store=store, prefix="ft", init=init)
+    first.train(steps, progress=False)
+    store.put("ft/latest", b"ft/checkpoint-000002.npz")
+    resumed = PPOTrainer.resume(store, "ft")
+    assert resumed.norm_frozen and resumed.ref_mx is not None
+    resumed.train(steps, progress=False)
+    for k, v in straight.params.items():
+        np.testing.assert_allclose(resumed.params[k], v, rtol=0, atol=1e-6, err_msg=k)
