@@ -421,11 +421,9 @@ class UpdateAgent:
     def _commit(self, t: Trial) -> None:
         self._crash_point("commit")
         with self._state_lock:
-            if self._on_trial(t):
+            committed = self._on_trial(t)
+            if committed:
                 self._save_state(self.state.committed())
-                committed = True
-            else:
-                committed = False
         if committed:
             self._status(t.release, "committed", t.bundle.model_id)
         else:
@@ -441,10 +439,14 @@ class UpdateAgent:
                     return
                 (release, offer, current), self._queued = self._queued, None
                 self._busy = True
-            if release.counter > self.highest_counter:
-                return _background(self._install_from_url, release, offer, current)
-            self._status(release, "rejected:rollback", f"counter {release.counter} is not above "
-                                                       f"{self.highest_counter}, accepted meanwhile")
+            # Verified again as any offer is: a release accepted meanwhile may have raised the
+            # counter, and the manifest may have expired while it waited.
+            try:
+                self._verify(offer.manifest)
+            except VerificationError as e:
+                self._status(release, f"rejected:{e.reason}", f"{e} (checked again after the update in progress)")
+                continue
+            return _background(self._install_from_url, release, offer, current)
 
     # -- persistence and reporting ----------------------------------------------------------
 
