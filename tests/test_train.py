@@ -129,3 +129,47 @@ def test_a_resumed_fine_tune_keeps_its_reference_and_its_frozen_normalisation(tm
     resumed.train(steps, progress=False)
     for k, v in straight.params.items():
         np.testing.assert_allclose(resumed.params[k], v, rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_the_fused_recurrence_computes_the_sequence_and_its_gradient_as_mlx_autodiff_does(discrete):
+    """Every trainer's sequence runs through ``train_sequence``: its values and every parameter's
+    gradient (and the initial state's) must be those of differentiating ``model.sequence`` itself,
+    across episode starts in the middle of the sequence and from a nonzero state."""
+    import mlx.core as mx
+
+    from cogbert_cloud.learn.train._lstm import train_sequence
+    from cogbert_edge.inference.backends.mlx_backend import MLXMath
+    from cogbert_edge.inference.model import sequence
+
+    act = ActionSpace.of_discrete(5) if discrete else ActionSpace.of_continuous(3)
+    cfg = ModelConfig(obs_dim=7, action=act, encoder=(12,), hidden=10)
+    params = {k: mx.array(v) for k, v in init_params(cfg, 11).items()}
+    rng = np.random.default_rng(5)
+    T, B = 9, 4
+    obs = mx.array(rng.normal(size=(T, B, 7)).astype(np.float32))
+    h0 = mx.array(rng.normal(size=(B, 10)).astype(np.float32))
+    c0 = mx.array(rng.normal(size=(B, 10)).astype(np.float32))
+    starts = np.zeros((T, B), np.float32)
+    starts[3, 1] = starts[0, 2] = starts[6, 0] = 1.0
+    starts = mx.array(starts)
+    wh = mx.array(rng.normal(size=(T, B, act.size)).astype(np.float32))
+    wv = mx.array(rng.normal(size=(T, B)).astype(np.float32))
+
+    def loss(fused):
+        def f(p, h, c):
+            head, value, hT, cT = (train_sequence(MLXMath(p), cfg, obs, h, c, starts) if fused else
+                                   sequence(MLXMath(p), cfg, obs, h, c, starts, mx.stack))
+            return (head * wh).sum() + (value * wv).sum() + (mx.tanh(head) ** 2).sum() + hT.sum() + 2 * cT.sum()
+        return mx.value_and_grad(f, argnums=(0, 1, 2))(params, h0, c0)
+
+    (v_ref, g_ref), (v_fused, g_fused) = loss(False), loss(True)
+    assert abs(float(v_ref) - float(v_fused)) <= 1e-4 * abs(float(v_ref))
+    for k in params:
+        if k.startswith("obs_norm"):
+            continue
+        ref, got = np.asarray(g_ref[0][k]), np.asarray(g_fused[0][k])
+        assert k == "policy.log_std" or np.abs(ref).max() > 0, k   # the loss reads only the mean
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=k)
+    for i in (1, 2):
+        np.testing.assert_allclose(np.asarray(g_fused[i]), np.asarray(g_ref[i]), rtol=1e-4, atol=1e-5)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from cogbert_cloud.learn.marl.envs import MultiAgentVecEnv, make_marl_env
+from cogbert_cloud.learn.train._lstm import train_sequence
 from cogbert_cloud.learn.train.common import Metrics, RunningMeanStd, bundle_from, split_params, to_mx, to_np
 from cogbert_edge._internal.mlx import import_mlx
 from cogbert_edge.errors import ConfigError
@@ -263,7 +264,7 @@ class MARLTrainer:
             for k, _r in keys:
                 b = batch[k]
                 F = MLXMath({**params[k], **norms[k]})
-                heads, values, _, _ = sequence(F, actor_model, b["x"], b["h0"], b["c0"], b["starts"], mx.stack)
+                heads, values, _, _ = train_sequence(F, actor_model, b["x"], b["h0"], b["c0"], b["starts"])
                 onehot = (mx.arange(actor_model.action.size)[None, None, :] == b["actions"][..., None])
                 logp = log_prob(F, actor_model, heads, b["actions"], onehot.astype(mx.float32))
                 ratio = mx.exp(logp - b["logp"])
@@ -277,7 +278,7 @@ class MARLTrainer:
             if central:
                 b = batch["critic"]
                 F = MLXMath({**params["critic"], **norms["critic"]})
-                _, values, _, _ = sequence(F, critic_model, b["x"], b["h0"], b["c0"], b["starts"], mx.stack)
+                _, values, _, _ = train_sequence(F, critic_model, b["x"], b["h0"], b["c0"], b["starts"])
                 v_total = huber(values - b["ret"]).mean()
             total = pg_total + cfg.vf_coef * v_total - cfg.ent_coef * ent_total
             return total, (pg_total, v_total, ent_total / n_roles, kl_total / n_roles)

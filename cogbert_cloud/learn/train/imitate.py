@@ -34,13 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from cogbert_cloud.learn.envs import make_vec_env
+from cogbert_cloud.learn.train._lstm import train_sequence
 from cogbert_cloud.learn.train.common import Metrics, Progress, RunningMeanStd, bundle_from, split_params, to_mx, to_np
 from cogbert_cloud.learn.train.ppo import PPOConfig
 from cogbert_edge._internal.mlx import import_mlx
 from cogbert_edge.errors import ConfigError
 from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.bundle import Bundle
-from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params, log_prob, sequence
+from cogbert_edge.inference.model import ActionSpace, ModelConfig, init_params, log_prob
 
 __all__ = ["ImitateConfig", "Demonstrations", "heuristic_demonstrations", "logged_demonstrations", "clone"]
 
@@ -199,7 +200,7 @@ def clone(demos: Demonstrations, model_cfg: PPOConfig, cfg: ImitateConfig | None
     def loss(p, obs, starts, actions, ret, mask):
         F = MLXMath({**p, **norm_mx})
         h0 = mx.zeros((obs.shape[1], model.hidden))
-        heads, values, _, _ = sequence(F, model, obs, h0, h0, starts, mx.stack)
+        heads, values, _, _ = train_sequence(F, model, obs, h0, h0, starts)
         m = mx.maximum(mask.sum(), 1.0)
         if model.action.discrete:
             logp_all = heads - mx.logsumexp(heads, axis=-1, keepdims=True)

@@ -28,6 +28,7 @@ import numpy as np
 
 from cogbert_cloud.data.store import ObjectStore
 from cogbert_cloud.learn.envs import make_vec_env
+from cogbert_cloud.learn.train._lstm import train_sequence
 from cogbert_cloud.learn.train.common import (
     Checkpoint,
     DataParallel,
@@ -50,7 +51,6 @@ from cogbert_edge.inference.model import (
     entropy,
     init_params,
     log_prob,
-    sequence,
     step,
 )
 
@@ -187,7 +187,7 @@ class PPOTrainer:
 
         def loss(params, norm, obs, h0, c0, starts, actions, old_logp, adv, ret, clip, ref):
             F = MLXMath({**params, **norm})
-            heads, values, _, _ = sequence(F, model, obs, h0, c0, starts, mx.stack)
+            heads, values, _, _ = train_sequence(F, model, obs, h0, c0, starts, fused=not cfg.compile)
             onehot = None
             if model.action.discrete:
                 onehot = (mx.arange(model.action.size)[None, None, :] == actions[..., None]).astype(mx.float32)
@@ -204,7 +204,7 @@ class PPOTrainer:
                 # The reference runs its own recurrence from the rollout's states: the two
                 # policies stay close, so their states do too.
                 R = MLXMath(ref)
-                ref_heads, _, _, _ = sequence(R, model, obs, h0, c0, starts, mx.stack)
+                ref_heads, _, _, _ = train_sequence(R, model, obs, h0, c0, starts, fused=not cfg.compile)
                 ref_heads = mx.stop_gradient(ref_heads)
                 if model.action.discrete:
                     logp_all = heads - mx.logsumexp(heads, axis=-1, keepdims=True)

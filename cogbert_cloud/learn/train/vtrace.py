@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cogbert_cloud.data.dataset import Sequence
+from cogbert_cloud.learn.train._lstm import train_sequence
 from cogbert_cloud.learn.train.common import (
     DataParallel,
     Metrics,
@@ -36,7 +37,7 @@ from cogbert_cloud.learn.train.common import (
 from cogbert_edge._internal.mlx import import_mlx
 from cogbert_edge.inference.bounds import ActionBounds
 from cogbert_edge.inference.bundle import Bundle
-from cogbert_edge.inference.model import entropy, log_prob, sequence
+from cogbert_edge.inference.model import entropy, log_prob
 
 __all__ = ["VTraceConfig", "VTraceTrainer", "pad_sequences"]
 
@@ -114,7 +115,7 @@ class VTraceTrainer:
             F = MLXMath({**params, **norm})
             T = obs.shape[0]
             starts = mx.zeros(mask.shape)
-            heads, values, _, _ = sequence(F, model, obs, h0, c0, starts, mx.stack)
+            heads, values, _, _ = train_sequence(F, model, obs, h0, c0, starts)
             onehot = None
             if model.action.discrete:
                 onehot = (mx.arange(model.action.size)[None, None, :] == actions[..., None]).astype(mx.float32)
