@@ -173,3 +173,36 @@ def test_the_fused_recurrence_computes_the_sequence_and_its_gradient_as_mlx_auto
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=k)
     for i in (1, 2):
         np.testing.assert_allclose(np.asarray(g_fused[i]), np.asarray(g_ref[i]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("declared", [None, 4.0])
+def test_vtrace_targets_the_value_units_the_starting_bundle_declares(declared):
+    """PPO and cloning train the value head on rewards divided by the return scale and record it
+    (``x-return-scale``); V-trace continuing from such a bundle must target the same units, or it
+    reads a value off by that factor as an advantage. Reward 1 each step at gamma 0: the value
+    learns 1 / scale."""
+    cfg = ModelConfig(obs_dim=4, action=ActionSpace.of_discrete(4), encoder=(16,), hidden=16)
+    extra = {} if declared is None else {"x-return-scale": repr(declared)}
+    behaviour = Bundle.create(cfg, init_params(cfg, 0, policy_gain=0.01), extra=extra)
+    seqs = _logged(behaviour, 48, 24, seed=1)
+    for s in seqs:
+        s.reward[:] = 1.0
+    trainer = VTraceTrainer(behaviour, VTraceConfig(lr=3e-2, epochs=150, seed=0, burn_in=2, gamma=0.0,
+                                                    max_grad_norm=5.0))
+    trainer.train(seqs, progress=False)
+    after = trainer.bundle()
+    pol = Policy(after, "numpy")
+    probe = np.random.default_rng(9).standard_normal((500, 4)).astype(np.float32)
+    value = float(np.mean(np.asarray(pol.act_batch(probe, pol.initial_state(500)).value)))
+    expected = 1.0 / (declared or 1.0)
+    assert value == pytest.approx(expected, rel=0.2), value
+    assert float(after.extra["x-return-scale"]) == pytest.approx(declared or 1.0)
+
+
+def test_a_ppo_release_records_its_return_scale_and_a_fine_tune_starts_from_it():
+    straight = PPOTrainer(_small())
+    straight.train(4 * 16 * 2, progress=False)
+    scale = float(straight.bundle().extra["x-return-scale"])
+    assert scale == pytest.approx(float(np.sqrt(straight.ret_rms.var[0] + 1e-8))) and scale != 1.0
+    fine = PPOTrainer(_small(), init=straight.bundle().fp32_params(), init_return_scale=scale)
+    assert float(np.sqrt(fine.ret_rms.var[0])) == pytest.approx(scale)

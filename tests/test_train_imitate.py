@@ -25,6 +25,9 @@ def test_the_student_learns_the_heuristic_and_stays_stochastic():
     student, info = clone(demos, PPOConfig(env=ENV, encoder=(32,), hidden=32),
                           ImitateConfig(epochs=10, chunk=32, batch_chunks=16, lr=5e-3), progress=False)
     assert info["agreement"] > 0.8, info
+    # The value head learned returns in units of the demonstrations' return scale: the bundle says so.
+    assert demos.return_scale > 1.0
+    assert float(student.extra["x-return-scale"]) == pytest.approx(demos.return_scale)
     # Fresh episodes (other seeds): the student's greedy choice against the heuristic's.
     env = make_vec_env(ENV, 16, seed=999)
     obs, _ = env.reset(seed=999)

@@ -26,7 +26,7 @@ import yaml
 
 from cogbert_cloud.data.store import open_store
 from cogbert_cloud.learn.envs import import_env_packages, is_own_env, resolve_env_id
-from cogbert_cloud.learn.train.common import Metrics
+from cogbert_cloud.learn.train.common import Metrics, return_scale_of
 from cogbert_cloud.learn.train.config import parse_hp, parse_kv, resolve, to_plain
 from cogbert_edge._internal.fs import atomic_write
 from cogbert_edge.errors import ConfigError
@@ -160,7 +160,8 @@ def run_train(a: argparse.Namespace) -> dict:
                                    flags=dict(seed=a.seed, epochs=a.epochs, lr=a.lr, num_envs=a.num_envs,
                                               checkpoint_every=a.checkpoint_every, env=env,
                                               env_kwargs=env_kwargs or None, vectorization=a.vectorization))
-            trainer = PPOTrainer(cfg, store=store, prefix=a.prefix, init=init.fp32_params() if init else None)
+            trainer = PPOTrainer(cfg, store=store, prefix=a.prefix, init=init.fp32_params() if init else None,
+                                 init_return_scale=return_scale_of(init) if init else None)
         config = to_plain(trainer.cfg)
         record = {"algorithm": "ppo", "config": config, "sources": sources, "steps": a.steps,
                   "parent": init.model_id if init else ""}

@@ -25,9 +25,24 @@ from cogbert_edge.inference.bundle import Bundle
 from cogbert_edge.inference.model import ModelConfig
 
 __all__ = ["RunningMeanStd", "split_params", "to_mx", "to_np", "Checkpoint", "Progress", "Metrics",
-           "DataParallel", "NORM_KEYS"]
+           "DataParallel", "NORM_KEYS", "RETURN_SCALE_KEY", "return_scale_of"]
 
 NORM_KEYS = ("obs_norm.mean", "obs_norm.std")
+# The units of a bundle's value head: PPO and behaviour cloning train it on rewards divided by the
+# standard deviation of the discounted return, and record that divisor here, so that the next
+# trainer (V-trace on fleet logs, PPO continuing from the release) targets the same units instead
+# of reading a value estimate five or ten times off as an advantage.
+RETURN_SCALE_KEY = "x-return-scale"
+
+
+def return_scale_of(bundle: Bundle) -> float | None:
+    """The divisor the bundle's value head was trained with, or None when it does not say."""
+    raw = bundle.extra.get(RETURN_SCALE_KEY)
+    try:
+        scale = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return scale if scale is not None and np.isfinite(scale) and scale > 0 else None
 _log = logging.getLogger("cogbert.train")
 
 

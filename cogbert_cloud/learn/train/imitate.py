@@ -35,7 +35,16 @@ import numpy as np
 
 from cogbert_cloud.learn.envs import make_vec_env
 from cogbert_cloud.learn.train._lstm import train_sequence
-from cogbert_cloud.learn.train.common import Metrics, Progress, RunningMeanStd, bundle_from, split_params, to_mx, to_np
+from cogbert_cloud.learn.train.common import (
+    RETURN_SCALE_KEY,
+    Metrics,
+    Progress,
+    RunningMeanStd,
+    bundle_from,
+    split_params,
+    to_mx,
+    to_np,
+)
 from cogbert_cloud.learn.train.ppo import PPOConfig
 from cogbert_edge._internal.mlx import import_mlx
 from cogbert_edge.errors import ConfigError
@@ -76,11 +85,13 @@ class Demonstrations:
     mask: np.ndarray
     source: str
     teacher_return: float | None = None    # mean undiscounted return of the teacher's complete episodes
+    return_scale: float = 1.0              # the divisor of the rewards in ``returns``
 
 
-def _returns_to_go(rewards: np.ndarray, ends: np.ndarray, mask: np.ndarray, gamma: float) -> np.ndarray:
+def _returns_to_go(rewards: np.ndarray, ends: np.ndarray, mask: np.ndarray,
+                   gamma: float) -> tuple[np.ndarray, float]:
     """Discounted returns within episodes, scaled as PPO scales rewards (by the standard
-    deviation of the running discounted return)."""
+    deviation of the running discounted return), and that scale."""
     T = rewards.shape[0]
     acc = np.zeros(rewards.shape[1])
     disc = np.zeros_like(rewards, dtype=np.float64)
@@ -95,7 +106,7 @@ def _returns_to_go(rewards: np.ndarray, ends: np.ndarray, mask: np.ndarray, gamm
         acc = np.where(ends[t], 0.0, acc)
         acc = rewards[t] / scale + gamma * acc
         out[t] = acc
-    return out.astype(np.float32)
+    return out.astype(np.float32), scale
 
 
 def heuristic_demonstrations(env_id: str, steps: int, *, num_envs: int = 64, seed: int = 0,
@@ -127,8 +138,9 @@ def heuristic_demonstrations(env_id: str, steps: int, *, num_envs: int = 64, see
         if t + 1 < T:
             starts[t + 1] = ends[t]
     mask = np.ones((T, num_envs), np.float32)
-    return Demonstrations(buf_obs, acts, starts, _returns_to_go(rew, ends, mask, gamma), mask, "heuristic",
-                          float(np.mean(finished)) if finished else None)
+    returns, scale = _returns_to_go(rew, ends, mask, gamma)
+    return Demonstrations(buf_obs, acts, starts, returns, mask, "heuristic",
+                          float(np.mean(finished)) if finished else None, scale)
 
 
 def logged_demonstrations(url: str, fleet: str | None, *, gamma: float = 0.99) -> Demonstrations:
@@ -154,7 +166,8 @@ def logged_demonstrations(url: str, fleet: str | None, *, gamma: float = 0.99) -
         obs[:n, b], acts[:n, b], rew[:n, b], mask[:n, b] = s.obs, s.action, s.reward, 1.0
         ends[:n, b] = s.done | s.truncated
         starts[1:n, b] = ends[:n - 1, b]
-    return Demonstrations(obs, acts, starts, _returns_to_go(rew, ends, mask, gamma), mask, url)
+    returns, scale = _returns_to_go(rew, ends, mask, gamma)
+    return Demonstrations(obs, acts, starts, returns, mask, url, return_scale=scale)
 
 
 def clone(demos: Demonstrations, model_cfg: PPOConfig, cfg: ImitateConfig | None = None, *,
@@ -241,7 +254,8 @@ def clone(demos: Demonstrations, model_cfg: PPOConfig, cfg: ImitateConfig | None
             metrics.write(epoch=epoch, chunks=done, loss=stats[0] + cfg.vf_coef * stats[1], pg_loss=stats[0],
                           v_loss=stats[1], agreement=stats[2])
     bar.close()
-    kw = {"extra": bounds.metadata()} if bounds is not None else {}
+    kw = {"extra": {**(bounds.metadata() if bounds is not None else {}),
+                    RETURN_SCALE_KEY: repr(float(demos.return_scale))}}
     trained = to_np(p_mx)
     if model.action.discrete and cfg.temperature != 1.0:
         if cfg.temperature <= 0:

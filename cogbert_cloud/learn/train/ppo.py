@@ -30,6 +30,7 @@ from cogbert_cloud.data.store import ObjectStore
 from cogbert_cloud.learn.envs import make_vec_env
 from cogbert_cloud.learn.train._lstm import train_sequence
 from cogbert_cloud.learn.train.common import (
+    RETURN_SCALE_KEY,
     Checkpoint,
     DataParallel,
     Metrics,
@@ -101,7 +102,7 @@ def preset(env: str, **overrides: object) -> PPOConfig:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, *, store: ObjectStore | None = None, prefix: str = "train",
-                 init: dict[str, np.ndarray] | None = None) -> None:
+                 init: dict[str, np.ndarray] | None = None, init_return_scale: float | None = None) -> None:
         self.mx = import_mlx()
         import mlx.optimizers as optim
         self.cfg = cfg
@@ -155,6 +156,11 @@ class PPOTrainer:
         self.opt.init(self.params_mx)
         self.rng = np.random.default_rng(cfg.seed + 7 * self.dp.rank)
         self.ret_rms = RunningMeanStd(1)
+        if init_return_scale is not None and cfg.normalize_reward:
+            # Continue in the units the release's value head was trained in, weighted as one
+            # update's worth of returns, so the first advantages are not a rescaled guess.
+            self.ret_rms.var[:] = init_return_scale ** 2
+            self.ret_rms.count = float(cfg.num_envs * cfg.rollout)
         self.ret_acc = np.zeros(n_local)
         self.update_idx = 0
         self.steps = 0
@@ -353,8 +359,10 @@ class PPOTrainer:
     # -- evaluation, export, checkpoints ----------------------------------------------------
 
     def bundle(self, **kw):
-        if self.bounds is not None:
-            kw["extra"] = {**self.bounds.metadata(), **kw.get("extra", {})}
+        extra = dict(self.bounds.metadata()) if self.bounds is not None else {}
+        if self.cfg.normalize_reward:
+            extra[RETURN_SCALE_KEY] = repr(float(np.sqrt(self.ret_rms.var[0] + 1e-8)))
+        kw["extra"] = {**extra, **kw.get("extra", {})}
         return bundle_from(self.model, self.params, self.norm, **kw)
 
     def checkpoint(self) -> Checkpoint:

@@ -25,11 +25,13 @@ import numpy as np
 from cogbert_cloud.data.dataset import Sequence
 from cogbert_cloud.learn.train._lstm import train_sequence
 from cogbert_cloud.learn.train.common import (
+    RETURN_SCALE_KEY,
     DataParallel,
     Metrics,
     Progress,
     RunningMeanStd,
     bundle_from,
+    return_scale_of,
     split_params,
     to_mx,
     to_np,
@@ -55,7 +57,9 @@ class VTraceConfig:
     burn_in: int = 8
     epochs: int = 4
     seed: int = 0
-    reward_scale: float = 1.0
+    # Rewards are multiplied by this before the value targets. None: 1 / the starting bundle's
+    # return scale (the units its value head was trained in), else 1.
+    reward_scale: float | None = None
 
 
 def pad_sequences(seqs: list[Sequence], bounds: ActionBounds | None = None) -> dict[str, np.ndarray]:
@@ -104,6 +108,9 @@ class VTraceTrainer:
         self.rng = np.random.default_rng(self.cfg.seed)
         self._grad = self._make_grad()
         self.parent = init.model_id
+        scale = return_scale_of(init)
+        self.reward_scale = (self.cfg.reward_scale if self.cfg.reward_scale is not None
+                             else 1.0 / scale if scale is not None else 1.0)
         self.bounds = (None if self.model.action.discrete else
                        ActionBounds.from_extra(init.extra, self.model.action.size))
 
@@ -163,7 +170,7 @@ class VTraceTrainer:
             order = self.rng.permutation(len(seqs))
             for k in range(0, len(seqs), cfg.batch_sequences):
                 batch = pad_sequences([seqs[i] for i in order[k:k + cfg.batch_sequences]], self.bounds)
-                batch["reward"] = batch["reward"] * cfg.reward_scale
+                batch["reward"] = batch["reward"] * self.reward_scale
                 args = [mx.array(batch[x]) for x in ("obs", "h0", "c0", "actions", "logp", "reward", "done", "mask",
                                                      "log_det")]
                 (loss, aux), grads = self._grad(self.params_mx, norm, *args)
@@ -184,6 +191,9 @@ class VTraceTrainer:
                 "wall_s": round(time.monotonic() - t0, 2), "loss": float(s[0]), "mean_ratio": float(s[4])}
 
     def bundle(self, **kw) -> Bundle:
+        # The value head is now in the units V-trace trained it in: say so for the next trainer.
+        extra = {RETURN_SCALE_KEY: repr(1.0 / self.reward_scale)}
         if self.bounds is not None:
-            kw["extra"] = {**self.bounds.metadata(), **kw.get("extra", {})}
+            extra.update(self.bounds.metadata())
+        kw["extra"] = {**extra, **kw.get("extra", {})}
         return bundle_from(self.model, self.params, self.norm, parent=self.parent, **kw)
