@@ -90,13 +90,14 @@ def test_demo_runs_the_whole_loop_and_rolls_back_the_broken_release(tmp_path):
     # intervals a cohort (measured p 0.001-0.003 for the collapsed policy).
     out = json.loads(run("cogbert", "demo", "--devices", "6", "--rounds", "2", "--initial-steps", "8192",
                          "--train-steps", "8192", "--collect-seconds", "4", "--stage-seconds", "6",
-                         "--eval-episodes", "8", "--workdir", str(tmp_path / "work"), "--report",
-                         str(tmp_path / "report"), "--json").stdout)
+                         "--eval-episodes", "8", "--gate-sim-episodes", "8", "--workdir", str(tmp_path / "work"),
+                         "--report", str(tmp_path / "report"), "--json").stdout)
     r1, r2 = out["rounds"]
     assert r1["decision"] in {"promoted", "rolled_back", "rejected_by_gate", "training_failed"}
     assert r2["injected_fault"] and r2["decision"] == "rolled_back"
     assert out["rolled_back"][-1] == r2["release"] and out["final"]["release"] != r2["release"]
     assert out["lost_records"] == 0 and out["experience"]["duplicates"] == 0 and out["experience"]["logged"] > 0
+    assert out["eval_episodes"] == 8 and out["gain_vs_heuristic_ci95_pct"] > 0
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {"report.md", "metrics.json", "returns.png"}
 
 # -- mistakes are one line and a documented exit code ------------------------------------------

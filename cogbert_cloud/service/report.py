@@ -93,8 +93,10 @@ def _markdown(s: dict) -> str:
         f"#{s['final']['release']}: **{s['final']['mean_return']:.1f}** "
         f"(improvement {s['improvement_pct']:+.1f} %).",
         *([f"- The heuristic the plant runs today: **{s['heuristic_return']:.1f}** on the same seeds; the final "
-           f"release is {s['gain_vs_heuristic_pct']:+.1f} % against it."] if s.get("gain_vs_heuristic_pct") is not None
-          else []),
+           f"release is {s['gain_vs_heuristic_pct']:+.1f} % against it"
+           + (f" (95 % interval ±{s['gain_vs_heuristic_ci95_pct']:.1f} %, {s['eval_episodes']} paired episodes)."
+              if s.get("gain_vs_heuristic_ci95_pct") is not None else ".")]
+          if s.get("gain_vs_heuristic_pct") is not None else []),
         f"- Rolled back automatically: {', '.join(f'#{r}' for r in s['rolled_back']) or 'none'}.",
         f"- Experience: {s['experience']['logged']} records logged by devices, {s['experience']['stored']} stored, "
         f"**{s['lost_records']} lost**, {s['experience']['duplicates']} duplicates, {s['experience']['gaps']} gaps.",
