@@ -80,11 +80,26 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when logging was set
+    up: a host (pytest, a notebook) may swap and close the stream it held at that time."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def setup_logging(level: str | None = None, fmt: str | None = None, stream: TextIO | None = None) -> None:
     """Send every ``cogbert.*`` log to ``stream`` (stderr). ``level`` and ``fmt`` default to
     ``COGBERT_LOG_LEVEL`` (INFO) and ``COGBERT_LOG_FORMAT`` (auto); a bad value is a
     :class:`~cogbert_edge.errors.ConfigError` naming the variable."""
-    stream = stream if stream is not None else sys.stderr
     lvl = (level or os.environ.get("COGBERT_LOG_LEVEL") or "INFO").upper()
     if lvl not in LEVELS:
         src = "level" if level else "COGBERT_LOG_LEVEL"
@@ -94,9 +109,9 @@ def setup_logging(level: str | None = None, fmt: str | None = None, stream: Text
         src = "format" if fmt else "COGBERT_LOG_FORMAT"
         raise ConfigError(f"{src}={form!r}: expected one of {', '.join(FORMATS)}")
     if form == "auto":
-        isatty = getattr(stream, "isatty", None)
+        isatty = getattr(stream if stream is not None else sys.stderr, "isatty", None)
         form = "text" if callable(isatty) and isatty() else "json"
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(TextFormatter() if form == "text" else JsonFormatter())
     root = logging.getLogger("cogbert")
     root.handlers[:] = [handler]
