@@ -95,6 +95,7 @@ def test_demo_runs_the_whole_loop_and_rolls_back_the_broken_release(tmp_path):
     r1, r2 = out["rounds"]
     assert r1["decision"] in {"promoted", "rolled_back", "rejected_by_gate", "training_failed"}
     assert r2["injected_fault"] and r2["decision"] == "rolled_back"
+    assert r2["gate"]["bypassed"]["decision"] == "reject" and r2["gate"]["bypassed"]["reasons"]
     assert out["rolled_back"][-1] == r2["release"] and out["final"]["release"] != r2["release"]
     assert out["lost_records"] == 0 and out["experience"]["duplicates"] == 0 and out["experience"]["logged"] > 0
     assert out["eval_episodes"] == 8 and out["gain_vs_heuristic_ci95_pct"] > 0

@@ -269,7 +269,12 @@ class ContinuousLearner:
         injected = inject is not None
         if inject is not None:
             candidate = inject(candidate)
-            verdict = {"decision": "promote", "reasons": ["fault injected: the gate is bypassed on purpose"]}
+            # The canary is what an injected fault tests, so the gate is bypassed; what it would
+            # have decided is kept beside, as evidence of the layer the fault skipped.
+            with trace.span("release.gate", counter=counter, bypassed=True):
+                would = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)
+            verdict = {"decision": "promote", "reasons": ["fault injected: the gate is bypassed on purpose"],
+                       "bypassed": {"decision": would["decision"], "reasons": would["reasons"]}}
         else:
             with trace.span("release.gate", counter=counter) as g:
                 verdict = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)

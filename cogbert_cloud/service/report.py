@@ -106,7 +106,10 @@ def _markdown(s: dict) -> str:
         ret = "-" if r.get("mean_return") is None else f"{r['mean_return']:.1f}"
         rollout = "; ".join(r.get("rollout_reasons") or []) or r.get("reason") or r.get("rollout", "-")
         release = "-" if r.get("release") is None else f"#{r['release']}"
-        lines.append(f"| {r['round']} | {release} | {r['decision']} | {ret} | {gate.get('decision', '-')} | "
+        verdict = gate.get("decision", "-")
+        if "bypassed" in gate:
+            verdict = f"bypassed (would {gate['bypassed']['decision']})"
+        lines.append(f"| {r['round']} | {release} | {r['decision']} | {ret} | {verdict} | "
                      f"{rollout[:200]} |")
     lines += ["", "![return per release](returns.png)", "", "![decision latency](latency.png)", "",
               "![rollout timeline](rollouts.png)", "", "Full numbers: `metrics.json`."]
