@@ -46,6 +46,7 @@ from cogbert_edge import (
     UpdateSettings,
     init_params,
 )
+from cogbert_edge.inference.quant import plan, quantize_params
 from cogbert_edge.link.mqtt import LinkSettings, MqttLink
 from cogbert_edge.update.agent import golden_outputs
 from cogbert_edge.wire.messages import StatusReport
@@ -55,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("swap", help="decision latency while models are hot-swapped")
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--decisions", type=int, default=20000, help="decisions before the first swap (baseline)")
+    # fp32 by default, as before; int8 is what `cogbert cloud train` exports for devices.
+    p.add_argument("--quant", choices=["fp32", "int8"], default="fp32", help="the releases' weights")
     p.add_argument("--no-freeze-gc", action="store_true",
                    help="start the device with freeze_gc=False (compare gc_full_collection_ms)")
     p.add_argument("--json", action="store_true")
@@ -71,9 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=rollout_main)
 
 
-def _bundle(seed: int, config: ModelConfig) -> bytes:
-    b = Bundle.create(config, init_params(config, seed, policy_gain=1.0), model_id=f"bench-{seed}")
-    return Bundle.create(config, dict(b.tensors), model_id=f"bench-{seed}",
+def _bundle(seed: int, config: ModelConfig, bits: int = 32) -> bytes:
+    params = init_params(config, seed, policy_gain=1.0)
+    layers = plan(config, bits) if bits != 32 else None
+    if layers is not None:
+        params = quantize_params(params, layers)
+    b = Bundle.create(config, params, quant=layers, model_id=f"bench-{seed}")
+    return Bundle.create(config, dict(b.tensors), quant=layers, model_id=f"bench-{seed}",
                          extra={"x-golden": json.dumps(golden_outputs(b))}).to_bytes()
 
 
@@ -82,7 +89,7 @@ def swap_main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         keys = KeyStore.init(root / "keys")
-        bundles = [_bundle(i, config) for i in range(args.swaps + 1)]
+        bundles = [_bundle(i, config, 8 if args.quant == "int8" else 32) for i in range(args.swaps + 1)]
         (root / "factory.safetensors").write_bytes(bundles[0])
         dev = _offline_device(root, keys, freeze_gc=not args.no_freeze_gc)
         updater = dev.updater
@@ -91,6 +98,7 @@ def swap_main(args: argparse.Namespace) -> dict:
         obs = rng.standard_normal((256, config.obs_dim)).astype(np.float32)
         state = dev.policy.initial_state()
         lat, marks, commit_marks, failed = [], [], [], 0
+        swapped_at: list[int] = []
         clock = time.perf_counter
 
         def decide(n: int) -> None:
@@ -116,6 +124,7 @@ def swap_main(args: argparse.Namespace) -> dict:
             updater.on_message(release_message(manifest, url=path.as_uri()), dev.policy)
             while dev.swaps == swaps_before:
                 decide(1)
+            swapped_at.append(len(lat) - 1)     # the decision during which the swap came, or the first after it
             decide(20)
             marks.append((start, len(lat)))
             # The trial's end and commit, until the status is out and 20 decisions after it.
@@ -132,11 +141,20 @@ def swap_main(args: argparse.Namespace) -> dict:
         full_gc_ms = (clock() - t0) * 1e3
         dev.close(flush=False)
     around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
+    # Where in the windows the slow decisions are: while the install runs (before the swap),
+    # or on the new model's first decisions (its weights not yet in this core's caches).
+    before = np.concatenate([np.array(lat[a:k]) for (a, _), k in zip(marks, swapped_at, strict=True)]) * 1e6
+    first = np.array([lat[k:k + 3] for k in swapped_at]) * 1e6
     commits = np.concatenate([np.array(lat[a:b]) for a, b in commit_marks]) * 1e6
-    return {"suite": "swap", "model": "reference (obs 64, LSTM 256, 8 actions), fp32", "backend": dev.policy.backend,
+    return {"suite": "swap", "model": f"reference (obs 64, LSTM 256, 8 actions), {args.quant}",
+            "backend": dev.policy.backend,
             "swaps": args.swaps, "committed": statuses.count("committed"),
             "swap_pause_us_p99": round(float(np.percentile(around, 99)), 1),
             "swap_pause_us_max": round(float(around.max()), 1),
+            "window_decisions": len(around),
+            "install_window_us_p99": round(float(np.percentile(before, 99)), 1) if len(before) else None,
+            "first_three_after_swap_us_p50": [round(float(x), 1) for x in np.percentile(first, 50, axis=0)],
+            "first_three_after_swap_us_max": [round(float(x), 1) for x in first.max(axis=0)],
             "commit_pause_us_p99": round(float(np.percentile(commits, 99)), 1),
             "commit_pause_us_max": round(float(commits.max()), 1),
             "baseline": summary_us(baseline), "baseline_max_us": round(float(baseline.max()) * 1e6, 1),
