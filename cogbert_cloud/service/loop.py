@@ -36,6 +36,7 @@ from cogbert_cloud.release.registry import Registry
 from cogbert_cloud.release.rollout import RolloutController
 from cogbert_edge._internal import trace
 from cogbert_edge._internal.log import event
+from cogbert_edge.errors import CogbertError
 from cogbert_edge.inference.bundle import load_bundle
 
 __all__ = ["LoopSettings", "ContinuousLearner", "LocalTrainer", "KubernetesJobTrainer", "Signer", "KeySigner"]
@@ -271,8 +272,12 @@ class ContinuousLearner:
             candidate = inject(candidate)
             # The canary is what an injected fault tests, so the gate is bypassed; what it would
             # have decided is kept beside, as evidence of the layer the fault skipped.
-            with trace.span("release.gate", counter=counter, bypassed=True):
-                would = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)
+            # A gate that cannot judge (no logs yet, a store error) must not stop the canary's test.
+            try:
+                with trace.span("release.gate", counter=counter, bypassed=True):
+                    would = self.gate(candidate=candidate, baseline=stable_bytes, data_url=data_url, settings=self.s)
+            except CogbertError as e:
+                would = {"decision": "error", "reasons": [f"{type(e).__name__}: {e}"[:300]]}
             verdict = {"decision": "promote", "reasons": ["fault injected: the gate is bypassed on purpose"],
                        "bypassed": {"decision": would["decision"], "reasons": would["reasons"]}}
         else:
