@@ -74,9 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=rollout_main)
 
 
-def _bundle(seed: int, config: ModelConfig, bits: int = 32) -> bytes:
+def _bundle(seed: int, config: ModelConfig, quant: str = "fp32") -> bytes:
     params = init_params(config, seed, policy_gain=1.0)
-    layers = plan(config, bits) if bits != 32 else None
+    layers = plan(config, 8) if quant == "int8" else None
     if layers is not None:
         params = quantize_params(params, layers)
     b = Bundle.create(config, params, quant=layers, model_id=f"bench-{seed}")
@@ -89,7 +89,7 @@ def swap_main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         keys = KeyStore.init(root / "keys")
-        bundles = [_bundle(i, config, 8 if args.quant == "int8" else 32) for i in range(args.swaps + 1)]
+        bundles = [_bundle(i, config, args.quant) for i in range(args.swaps + 1)]
         (root / "factory.safetensors").write_bytes(bundles[0])
         dev = _offline_device(root, keys, freeze_gc=not args.no_freeze_gc)
         updater = dev.updater
@@ -141,8 +141,8 @@ def swap_main(args: argparse.Namespace) -> dict:
         full_gc_ms = (clock() - t0) * 1e3
         dev.close(flush=False)
     around = np.concatenate([np.array(lat[a:b]) for a, b in marks]) * 1e6
-    # Where in the windows the slow decisions are: while the install runs (before the swap),
-    # or on the new model's first decisions (its weights not yet in this core's caches).
+    # Where in the windows the slow decisions are: while the install runs (before the swap), or
+    # right at it (the update thread holds the GIL while it reports the install and the trial).
     before = np.concatenate([np.array(lat[a:k]) for (a, _), k in zip(marks, swapped_at, strict=True)]) * 1e6
     first = np.array([lat[k:k + 3] for k in swapped_at]) * 1e6
     commits = np.concatenate([np.array(lat[a:b]) for a, b in commit_marks]) * 1e6

@@ -27,7 +27,9 @@ class _Trainer:
 
 
 def _learner(tmp_path, gate) -> tuple[ContinuousLearner, Registry]:
-    stable = Bundle.create(CFG, init_params(CFG, 0), model_id="stable").to_bytes()
+    # The stable release says how it was trained, as an exported one does.
+    stable = Bundle.create(CFG, init_params(CFG, 0), model_id="stable",
+                           extra={"x-train": '{"mode": "ppo", "steps": 400000}'}).to_bytes()
     keys = KeyStore.init(tmp_path / "keys")
     store = open_store(f"file://{tmp_path / 'store'}")
     reg = Registry(store)
@@ -80,3 +82,16 @@ def test_without_a_fault_a_gate_error_still_ends_the_round(tmp_path):
     learner, _ = _learner(tmp_path, gate)
     with pytest.raises(StoreError):
         learner.round()
+
+
+def test_a_round_whose_trainer_returns_the_stable_release_records_no_training(tmp_path):
+    # The demo's fault injection breaks a copy of the stable release: the release it makes must
+    # not claim the stable release's training as its own.
+    class Untrained:
+        def train(self, round_dir, init, data_url, steps):
+            return init
+
+    learner, reg = _learner(tmp_path, lambda **kw: {"decision": "promote", "reasons": []})
+    learner.trainer = Untrained()
+    res = learner.round(inject=_break)
+    assert res["train"] is None and not reg.get(res["release"])["train"]

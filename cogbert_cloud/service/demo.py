@@ -268,9 +268,6 @@ def run(s: DemoSettings, *, quiet: bool = False) -> dict:
             res = learner.round(inject=_poison if broken else None)
             res["round"] = r
             if broken:
-                # Its bundle's x-train is the stable release's (the fault is applied to a copy of
-                # it); this round trained nothing.
-                res["train"] = None
                 would = res["gate"]["bypassed"]
                 say(f"round {r}: the bypassed gate would have decided {would['decision']}: "
                     f"{'; '.join(would['reasons'])[:160]}")

@@ -266,7 +266,10 @@ class ContinuousLearner:
             event(log, "round_failed", counter=counter, reason=reason)
             return {"release": None, "stable": stable["counter"], "decision": "training_failed", "reason": reason,
                     "gate": None, "injected_fault": False, "train_s": round(time.time() - t0, 1)}
-        train_info = json.loads(load_bundle(candidate).extra.get("x-train", "{}"))
+        # A trainer that hands back the stable release trained nothing: its x-train is that
+        # release's, not this round's.
+        trained = candidate != stable_bytes
+        train_info = json.loads(load_bundle(candidate).extra.get("x-train", "{}")) if trained else None
         injected = inject is not None
         if inject is not None:
             candidate = inject(candidate)
